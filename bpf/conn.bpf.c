@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * Socket layer: TCP connections, their process and their byte counts.
+ *
+ * Hooks (none are kprobes or fentry, which these kernels refuse):
+ *   tp_btf/inet_sock_set_state   CLOSE->SYN_SENT registers an outgoing connection
+ *                                (runs in the connecting thread), ESTABLISHED marks
+ *                                it, CLOSE ends it (any context).
+ *   syscalls/sys_exit_connect    emits the open event with connect()'s result.
+ *   syscalls/sys_exit_accept(4)  registers an incoming connection from the new fd.
+ *   tp_btf/sock_send_length      bytes of every send on a socket: write, writev,
+ *   tp_btf/sock_recv_length      sendto, sendmsg, sendfile, splice, io_uring (and
+ *                                the receive side alike); keyed by struct sock, so
+ *                                non-socket I/O never reaches these programs.
+ *   tp_btf/sched_process_*       exec (exe and argv for short-lived programs), fork
+ *                                (--pid follows children), exit.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "flowtap.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define EINPROGRESS 115
+#define MSG_PEEK 2
+
+/* x86_64 syscall numbers whose second argument points at the data. */
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+const volatile struct ft_config cfg = {};
+
+/* Connection ids are unique for the life of the loaded object. */
+__u64 next_conn_id = 0;
+
+/* BTF anchors: make clang emit every shared layout so Python can read it. */
+const struct ft_conn_open_event *anchor_open __attribute__((unused));
+const struct ft_conn_close_event *anchor_close __attribute__((unused));
+const struct ft_sniff_event *anchor_sniff __attribute__((unused));
+const struct ft_exec_event *anchor_exec __attribute__((unused));
+const struct ft_exit_event *anchor_exit __attribute__((unused));
+const struct ft_conn_state *anchor_state __attribute__((unused));
+const enum ft_event_kind *anchor_kind __attribute__((unused));
+const enum ft_counter *anchor_counter __attribute__((unused));
+const enum ft_direction *anchor_direction __attribute__((unused));
+const enum ft_flow *anchor_flow __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* struct sock * */
+	__type(value, struct ft_conn_state);
+} conns SEC(".maps");
+
+/* Thread in connect() -> its socket, between SYN_SENT and the syscall's exit. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} connecting SEC(".maps");
+
+/* Processes traced under --pid (with their descendants). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} traced_pids SEC(".maps");
+
+/* The --cgroup directory; a task matches when it is in it or below it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} filter_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FT_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *value = bpf_map_lookup_elem(&counters, &which);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline void *reserve(__u64 size, __u32 kind)
+{
+	struct ft_header *hdr = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!hdr) {
+		count(FT_CNT_RINGBUF_FULL);
+		return NULL;
+	}
+	hdr->kind = kind;
+	hdr->pad = 0;
+	hdr->timestamp_ns = bpf_ktime_get_ns();
+	return hdr;
+}
+
+static __always_inline bool current_is_traced(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (tgid == cfg.self_tgid)
+		return false;
+	if (cfg.filter_pids && !bpf_map_lookup_elem(&traced_pids, &tgid))
+		return false;
+	if (cfg.filter_cgroup && bpf_current_task_under_cgroup(&filter_cgroup, 0) != 1)
+		return false;
+	return true;
+}
+
+static __always_inline void fill_current_task(struct ft_task *task)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	task->pid = pid_tgid >> 32;
+	task->tid = (__u32)pid_tgid;
+	task->uid = (__u32)bpf_get_current_uid_gid();
+	task->pad = 0;
+	bpf_get_current_comm(task->comm, sizeof(task->comm));
+}
+
+/* Fills family, ports and addresses from the socket as it is now. */
+static __always_inline void read_addresses(const struct sock *sk, struct ft_conn *conn)
+{
+	const struct inet_sock *inet = (const struct inet_sock *)sk;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+
+	conn->family = family;
+	/* skc_num is cleared when the port is released at CLOSE; inet_sport is not. */
+	if (!local_port)
+		local_port = bpf_ntohs(BPF_CORE_READ(inet, inet_sport));
+	conn->local_port = local_port;
+	conn->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		__builtin_memset(conn->local_addr, 0, sizeof(conn->local_addr));
+		__builtin_memset(conn->remote_addr, 0, sizeof(conn->remote_addr));
+		__builtin_memcpy(conn->local_addr, &local, sizeof(local));
+		__builtin_memcpy(conn->remote_addr, &remote, sizeof(remote));
+	} else {
+		BPF_CORE_READ_INTO(&conn->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&conn->remote_addr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
+static __always_inline bool is_loopback(const struct ft_conn *conn)
+{
+	const __u8 *a = conn->remote_addr;
+
+	if (conn->family == AF_INET)
+		return a[0] == 127;
+	/* ::1 */
+	if (a[15] == 1) {
+		bool zero = true;
+#pragma unroll
+		for (int i = 0; i < 15; i++)
+			zero = zero && a[i] == 0;
+		if (zero)
+			return true;
+	}
+	/* ::ffff:127.0.0.0/104 */
+	if (a[10] == 0xff && a[11] == 0xff && a[12] == 127) {
+		bool zero = true;
+#pragma unroll
+		for (int i = 0; i < 10; i++)
+			zero = zero && a[i] == 0;
+		return zero;
+	}
+	return false;
+}
+
+static __always_inline bool is_tcp_inet(const struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	if (family != AF_INET && family != AF_INET6)
+		return false;
+	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
+}
+
+/* Starts tracking sk for the current task; false when filtered out or the table is full. */
+static __always_inline struct ft_conn_state *track(const struct sock *sk, __u8 direction)
+{
+	struct ft_conn_state state = {};
+	__u64 key = (__u64)sk;
+
+	fill_current_task(&state.task);
+	read_addresses(sk, &state.conn);
+	if (!cfg.include_loopback && is_loopback(&state.conn))
+		return NULL;
+	state.conn.conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	state.conn.start_ns = bpf_ktime_get_ns();
+	state.conn.protocol = IPPROTO_TCP;
+	state.conn.direction = direction;
+	if (bpf_map_update_elem(&conns, &key, &state, BPF_ANY)) {
+		count(FT_CNT_CONN_TABLE_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&conns, &key);
+}
+
+static __always_inline void emit_open(const struct sock *sk, struct ft_conn_state *state,
+				      __s32 connect_ret)
+{
+	struct ft_conn_open_event *e;
+
+	state->open_emitted = 1;
+	e = reserve(sizeof(*e), FT_EVENT_CONN_OPEN);
+	if (!e)
+		return;
+	e->task = state->task;
+	e->conn = state->conn;
+	e->connect_ret = connect_ret;
+	e->tcp_state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void emit_close(const struct sock *sk, struct ft_conn_state *state,
+				       int old_state)
+{
+	struct ft_conn_close_event *e;
+
+	e = reserve(sizeof(*e), FT_EVENT_CONN_CLOSE);
+	if (!e)
+		return;
+	e->task = state->task;
+	e->conn = state->conn;
+	e->bytes_sent = state->bytes_sent;
+	e->bytes_received = state->bytes_received;
+	e->sock_error = BPF_CORE_READ(sk, sk_err);
+	e->old_state = old_state;
+	e->established = state->established;
+	e->open_emitted = state->open_emitted;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int new_state)
+{
+	__u64 key = (__u64)sk;
+	struct ft_conn_state *state;
+
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+
+	if (new_state == TCP_SYN_SENT && old_state == TCP_CLOSE) {
+		__u64 tid_key = bpf_get_current_pid_tgid();
+		__u32 tid = (__u32)tid_key;
+
+		if (!cfg.trace_egress || !current_is_traced())
+			return 0;
+		if (track(sk, FT_DIR_EGRESS))
+			bpf_map_update_elem(&connecting, &tid, &key, BPF_ANY);
+		return 0;
+	}
+
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (!state)
+		return 0;
+
+	if (new_state == TCP_ESTABLISHED) {
+		state->established = 1;
+		/* The local port is bound by now; refresh what SYN_SENT saw. */
+		read_addresses(sk, &state->conn);
+		return 0;
+	}
+	if (new_state == TCP_CLOSE) {
+		if (!state->conn.local_port)
+			read_addresses(sk, &state->conn);
+		emit_close(sk, state, old_state);
+		bpf_map_delete_elem(&conns, &key);
+	}
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct ft_conn_state *state;
+	const struct sock *sk;
+	__u64 *skp;
+	__u64 key;
+
+	skp = bpf_map_lookup_elem(&connecting, &tid);
+	if (!skp)
+		return 0;
+	key = *skp;
+	bpf_map_delete_elem(&connecting, &tid);
+	state = bpf_map_lookup_elem(&conns, &key);
+	/* Gone already: the connection failed inside connect(); its close event says so. */
+	if (!state || state->open_emitted)
+		return 0;
+	sk = (const struct sock *)key;
+	read_addresses(sk, &state->conn);
+	emit_open(sk, state, (__s32)ctx->ret);
+	return 0;
+}
+
+/* The struct sock behind file descriptor fd of the current task. */
+static __always_inline const struct sock *sock_of_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+	unsigned int max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
+	struct file *file = NULL;
+	struct socket *sock;
+
+	if (fd < 0 || (unsigned int)fd >= max_fds)
+		return NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	if (!sock)
+		return NULL;
+	return BPF_CORE_READ(sock, sk);
+}
+
+static __always_inline int handle_accept_exit(long ret)
+{
+	struct ft_conn_state *state;
+	const struct sock *sk;
+
+	if (ret < 0 || !cfg.trace_ingress || !current_is_traced())
+		return 0;
+	sk = sock_of_fd((int)ret);
+	if (!sk) {
+		count(FT_CNT_FD_LOOKUP_FAILED);
+		return 0;
+	}
+	if (!is_tcp_inet(sk))
+		return 0;
+	state = track(sk, FT_DIR_INGRESS);
+	if (!state)
+		return 0;
+	state->established = 1;
+	emit_open(sk, state, 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int on_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return handle_accept_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return handle_accept_exit(ctx->ret);
+}
+
+/*
+ * The user buffer of the socket syscall in progress, from the syscall's saved
+ * registers. Returns its length, or 0 for paths without one (sendfile, io_uring).
+ */
+static __always_inline __u64 syscall_user_buffer(void **buf)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	long nr = regs->orig_ax;
+	void *arg = (void *)regs->si;
+	__u64 count = regs->dx;
+	struct iovec iov;
+
+	/* Keep the register loads apart from the iovec loads below (verifier). */
+	barrier_var(count);
+	switch (nr) {
+	case NR_READ:
+	case NR_WRITE:
+	case NR_SENDTO:
+	case NR_RECVFROM:
+		*buf = arg;
+		return count;
+	case NR_SENDMSG:
+	case NR_RECVMSG: {
+		struct user_msghdr msg;
+
+		if (bpf_probe_read_user(&msg, sizeof(msg), arg))
+			return 0;
+		arg = msg.msg_iov;
+		break;
+	}
+	case NR_READV:
+	case NR_WRITEV:
+		break;
+	default:
+		return 0;
+	}
+	if (bpf_probe_read_user(&iov, sizeof(iov), arg))
+		return 0;
+	*buf = iov.iov_base;
+	return iov.iov_len;
+}
+
+static __always_inline void emit_sniff(struct ft_conn_state *state, __u32 flow, int ret)
+{
+	struct ft_sniff_event *e;
+	void *buf = NULL;
+	__u64 len = syscall_user_buffer(&buf);
+
+	if (!len || !buf)
+		return;
+	if (len > (__u64)ret)
+		len = ret;
+	if (len > FT_SNIFF_LEN)
+		len = FT_SNIFF_LEN;
+	e = reserve(sizeof(*e), FT_EVENT_SNIFF);
+	if (!e)
+		return;
+	e->conn_id = state->conn.conn_id;
+	e->flow = flow;
+	e->length = len;
+	if (bpf_probe_read_user(e->data, len, buf)) {
+		count(FT_CNT_SNIFF_READ_FAILED);
+		bpf_ringbuf_discard(e, 0);
+		return;
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
+{
+	__u64 key = (__u64)sk;
+	struct ft_conn_state *state;
+
+	if (ret <= 0)
+		return 0;
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (!state)
+		return 0;
+	__sync_fetch_and_add(&state->bytes_sent, ret);
+	if (!state->sniffed_tx) {
+		state->sniffed_tx = 1;
+		emit_sniff(state, FT_FLOW_TX, ret);
+	}
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
+{
+	__u64 key = (__u64)sk;
+	struct ft_conn_state *state;
+
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return 0;
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (!state)
+		return 0;
+	__sync_fetch_and_add(&state->bytes_received, ret);
+	if (!state->sniffed_rx) {
+		state->sniffed_rx = 1;
+		emit_sniff(state, FT_FLOW_RX, ret);
+	}
+	return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 parent_tgid = parent->tgid;
+	__u32 child_tgid = child->tgid;
+	__u8 one = 1;
+
+	if (!cfg.filter_pids || parent_tgid == child_tgid)
+		return 0;
+	if (!bpf_map_lookup_elem(&traced_pids, &parent_tgid))
+		return 0;
+	if (bpf_map_update_elem(&traced_pids, &child_tgid, &one, BPF_ANY))
+		count(FT_CNT_PID_TABLE_FULL);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	struct ft_exec_event *e;
+	unsigned long arg_start, arg_end, len;
+
+	if (!current_is_traced())
+		return 0;
+	e = reserve(sizeof(*e), FT_EVENT_EXEC);
+	if (!e)
+		return 0;
+	fill_current_task(&e->task);
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename));
+	bpf_probe_read_kernel_str(e->cgroup_name, sizeof(e->cgroup_name),
+				  BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, name));
+	arg_start = BPF_CORE_READ(task, mm, arg_start);
+	arg_end = BPF_CORE_READ(task, mm, arg_end);
+	len = arg_end > arg_start ? arg_end - arg_start : 0;
+	if (len > FT_ARGS_LEN)
+		len = FT_ARGS_LEN;
+	if (bpf_probe_read_user(e->args, len, (void *)arg_start))
+		len = 0;
+	e->args_length = len;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(on_exit, struct task_struct *task)
+{
+	struct ft_exit_event *e;
+	__u32 tgid = task->tgid;
+
+	if (task->pid != task->tgid)
+		return 0;
+	if (cfg.filter_pids) {
+		bool traced = bpf_map_lookup_elem(&traced_pids, &tgid) != NULL;
+
+		bpf_map_delete_elem(&traced_pids, &tgid);
+		if (!traced)
+			return 0;
+	} else if (!current_is_traced()) {
+		return 0;
+	}
+	e = reserve(sizeof(*e), FT_EVENT_EXIT);
+	if (!e)
+		return 0;
+	fill_current_task(&e->task);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

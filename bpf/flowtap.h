@@ -1,0 +1,145 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Record layouts shared by the BPF programs and the Python decoder.
+ *
+ * This header is the single source of truth: Python never restates these
+ * layouts, it reads offsets and sizes from the BTF that clang emits for them
+ * into the compiled object (src/flowtap/loader/btf.py). Every struct and enum
+ * here is anchored in conn.bpf.c so that its BTF is always present.
+ */
+#ifndef FLOWTAP_H
+#define FLOWTAP_H
+
+#define FT_COMM_LEN 16
+#define FT_SNIFF_LEN 512
+#define FT_PATH_LEN 256
+#define FT_ARGS_LEN 512
+#define FT_CGROUP_NAME_LEN 128
+
+enum ft_event_kind {
+	FT_EVENT_CONN_OPEN = 1,
+	FT_EVENT_CONN_CLOSE = 2,
+	FT_EVENT_SNIFF = 3,
+	FT_EVENT_EXEC = 4,
+	FT_EVENT_EXIT = 5,
+};
+
+enum ft_direction {
+	FT_DIR_EGRESS = 1,
+	FT_DIR_INGRESS = 2,
+};
+
+enum ft_flow {
+	FT_FLOW_TX = 1,
+	FT_FLOW_RX = 2,
+};
+
+/* Indexes of the per-CPU counters map; userspace sums them across CPUs. */
+enum ft_counter {
+	FT_CNT_RINGBUF_FULL = 0,
+	FT_CNT_CONN_TABLE_FULL = 1,
+	FT_CNT_SNIFF_READ_FAILED = 2,
+	FT_CNT_FD_LOOKUP_FAILED = 3,
+	FT_CNT_PID_TABLE_FULL = 4,
+	FT_CNT_MAX = 5,
+};
+
+/* Settings written by the loader into .rodata before the object is loaded. */
+struct ft_config {
+	__u32 self_tgid;
+	__u8 filter_pids;
+	__u8 filter_cgroup;
+	__u8 trace_egress;
+	__u8 trace_ingress;
+	__u8 include_loopback;
+	__u8 pad[3];
+};
+
+/* Who did it: the thread that opened the connection or ran the exec. */
+struct ft_task {
+	__u32 pid; /* thread group id, i.e. the process */
+	__u32 tid;
+	__u32 uid;
+	__u32 pad;
+	char comm[FT_COMM_LEN];
+};
+
+struct ft_header {
+	__u32 kind; /* enum ft_event_kind */
+	__u32 pad;
+	__u64 timestamp_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+};
+
+/* One TCP connection's identity; addresses are IPv4 in the first 4 bytes or IPv6. */
+struct ft_conn {
+	__u64 conn_id;
+	__u64 start_ns;
+	__u16 family; /* AF_INET or AF_INET6 */
+	__u8 protocol; /* IPPROTO_TCP */
+	__u8 direction; /* enum ft_direction */
+	__u16 local_port;
+	__u16 remote_port;
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+};
+
+struct ft_conn_open_event {
+	struct ft_header hdr;
+	struct ft_task task;
+	struct ft_conn conn;
+	__s32 connect_ret; /* 0, -EINPROGRESS or -errno for egress; 0 for ingress */
+	__u32 tcp_state;
+};
+
+struct ft_conn_close_event {
+	struct ft_header hdr;
+	struct ft_task task;
+	struct ft_conn conn;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__s32 sock_error; /* sk_err at close: ECONNREFUSED, ETIMEDOUT, ECONNRESET, ... */
+	__u8 old_state; /* TCP state before CLOSE */
+	__u8 established; /* reached ESTABLISHED at least once */
+	__u8 open_emitted; /* an open event was sent before this one */
+	__u8 pad;
+};
+
+/* Value of the conns map (key: struct sock pointer); also read at exit for open connections. */
+struct ft_conn_state {
+	struct ft_task task;
+	struct ft_conn conn;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u8 established;
+	__u8 open_emitted;
+	__u8 sniffed_tx;
+	__u8 sniffed_rx;
+	__u32 pad;
+};
+
+/* The first bytes of a connection in one direction, for protocol detection. */
+struct ft_sniff_event {
+	struct ft_header hdr;
+	__u64 conn_id;
+	__u32 flow; /* enum ft_flow */
+	__u32 length; /* bytes valid in data */
+	__u8 data[FT_SNIFF_LEN];
+};
+
+struct ft_exec_event {
+	struct ft_header hdr;
+	struct ft_task task;
+	__u32 ppid;
+	__u32 args_length; /* bytes valid in args: NUL-separated argv */
+	__u64 cgroup_id;
+	char filename[FT_PATH_LEN];
+	char cgroup_name[FT_CGROUP_NAME_LEN];
+	char args[FT_ARGS_LEN];
+};
+
+struct ft_exit_event {
+	struct ft_header hdr;
+	struct ft_task task;
+};
+
+#endif /* FLOWTAP_H */

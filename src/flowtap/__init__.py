@@ -1,0 +1,3 @@
+"""flowtap: every connection on the host, attributed to its process, seen through eBPF."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from flowtap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The `flowtap` command: `flowtap run` (the default) and `flowtap check`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from flowtap import __version__, preflight
+from flowtap.config import ConfigError, SensorConfig
+from flowtap.loader.errors import BpfError
+from flowtap.sensor import Sensor
+from flowtap.sinks.base import Sink, open_private
+from flowtap.sinks.console import ConsoleSink
+from flowtap.sinks.jsonl import JsonLinesSink
+
+log = logging.getLogger("flowtap")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowtap",
+        description="Every TCP connection on this host, attributed to its process (eBPF).",
+    )
+    parser.add_argument("--version", action="version", version=f"flowtap {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check}")
+
+    run = commands.add_parser("run", help="start the sensor (the default command)")
+    add_run_arguments(run)
+    check = commands.add_parser("check", help="report the kernel features flowtap needs")
+    check.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    return parser
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    filters = run.add_argument_group("what to trace (filters combine: all must match)")
+    filters.add_argument(
+        "--pid",
+        type=_positive_int,
+        action="append",
+        default=[],
+        help="trace this process and its descendants (repeatable)",
+    )
+    filters.add_argument("--cgroup", type=Path, help="trace processes in this cgroup v2 directory")
+    filters.add_argument(
+        "--exe",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="glob on the executable path, its file name or the process name (repeatable)",
+    )
+    filters.add_argument("--direction", choices=("egress", "ingress", "all"), default="all")
+    filters.add_argument(
+        "--include-loopback",
+        action="store_true",
+        help="also report connections to 127.0.0.0/8 and ::1 (ignored by default)",
+    )
+    out = run.add_argument_group("output")
+    out.add_argument("--output", choices=("console", "json"), default="console")
+    out.add_argument("--output-file", type=Path, help="append records here (mode 0600)")
+    out.add_argument(
+        "--ready-file", type=Path, help="write this file once every program is attached"
+    )
+    out.add_argument(
+        "--stats-interval", type=float, default=30.0, metavar="SECONDS", help="drop report period"
+    )
+    out.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    out.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def make_sink(args: argparse.Namespace) -> Sink:
+    stream: IO[str] = sys.stdout
+    owned = False
+    if args.output_file is not None:
+        stream = open_private(str(args.output_file))
+        owned = True
+    if args.output == "json":
+        return JsonLinesSink(stream, owned=owned)
+    color = args.color == "always" or (args.color == "auto" and not owned and stream.isatty())
+    return ConsoleSink(stream, color=color, owned=owned)
+
+
+def config_from_args(args: argparse.Namespace) -> SensorConfig:
+    return SensorConfig(
+        pids=tuple(args.pid),
+        cgroup=args.cgroup,
+        exe_patterns=tuple(args.exe),
+        direction=args.direction,
+        include_loopback=args.include_loopback,
+        output=args.output,
+        output_file=args.output_file,
+        ready_file=args.ready_file,
+        stats_interval_s=args.stats_interval,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="flowtap: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    sensor = Sensor(config, make_sink(args))
+    try:
+        sensor.start()
+        sensor.run(stop)
+    except BpfError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        sensor.stop()
+        return EXIT_USAGE if exc.errno_value is None else EXIT_FAILED
+    except BaseException:
+        sensor.stop()
+        raise
+    sensor.stop()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # `flowtap --pid 1` means `flowtap run --pid 1`: run is the default command.
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return preflight.main(["--color", args.color])
+    return run(args)

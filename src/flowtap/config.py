@@ -1,0 +1,65 @@
+"""The sensor's settings, validated with messages that say what to change."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from flowtap.loader.system import cgroup2_mount
+
+Direction = Literal["egress", "ingress", "all"]
+Output = Literal["console", "json"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    pids: tuple[int, ...] = ()
+    cgroup: Path | None = None
+    exe_patterns: tuple[str, ...] = ()
+    direction: Direction = "all"
+    include_loopback: bool = False
+    output: Output = "console"
+    output_file: Path | None = None
+    ready_file: Path | None = None
+    stats_interval_s: float = 30.0
+    ring_buffer_bytes: int = 8 << 20
+    max_connections: int = 65536
+
+    def validate(self) -> None:
+        for pid in self.pids:
+            if pid <= 0:
+                raise ConfigError(f"--pid {pid}: a process id is a positive number")
+            if not Path(f"/proc/{pid}").exists():
+                raise ConfigError(f"--pid {pid}: no such process; check the pid with `ps -p {pid}`")
+        if self.cgroup is not None:
+            self._validate_cgroup(self.cgroup)
+        size = self.ring_buffer_bytes
+        page = os.sysconf("SC_PAGE_SIZE")
+        if size < page or size & (size - 1):
+            raise ConfigError(
+                f"ring buffer size {size}: must be a power of two of at least {page} bytes"
+            )
+        if not 1 <= self.max_connections <= 1 << 22:
+            raise ConfigError(f"max connections {self.max_connections}: use 1 to 4194304")
+        if self.stats_interval_s <= 0:
+            raise ConfigError("stats interval must be positive (seconds)")
+
+    @staticmethod
+    def _validate_cgroup(path: Path) -> None:
+        root = cgroup2_mount()
+        if root is None:
+            raise ConfigError("--cgroup needs cgroup v2, and no cgroup2 filesystem is mounted")
+        resolved = path.resolve()
+        if not resolved.is_dir():
+            raise ConfigError(f"--cgroup {path}: not a directory")
+        if resolved != root and root not in resolved.parents:
+            raise ConfigError(
+                f"--cgroup {path}: not inside the cgroup v2 hierarchy at {root} "
+                f"(give a directory such as {root}/system.slice)"
+            )

@@ -1,0 +1,251 @@
+"""Kernel events: raw ring-buffer records decoded into typed values.
+
+The layouts come from the BPF object's BTF (loader/btf.py), so this module only names
+fields; their offsets and sizes live in bpf/flowtap.h alone.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from flowtap.loader.btf import Btf, StructLayout
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+
+Direction = Literal["egress", "ingress"]
+Flow = Literal["tx", "rx"]
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+class DecodeError(ValueError):
+    """A ring-buffer record that does not match any known layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Conn:
+    conn_id: int
+    start_ns: int
+    family: Literal["ipv4", "ipv6"]
+    direction: Direction
+    local: Endpoint
+    remote: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ConnOpen:
+    timestamp_ns: int
+    task: Task
+    conn: Conn
+    connect_ret: int
+    tcp_state: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnClose:
+    timestamp_ns: int
+    task: Task
+    conn: Conn
+    bytes_sent: int
+    bytes_received: int
+    sock_error: int
+    old_state: int
+    established: bool
+    open_emitted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sniff:
+    timestamp_ns: int
+    conn_id: int
+    flow: Flow
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    timestamp_ns: int
+    task: Task
+    ppid: int
+    cgroup_id: int
+    filename: str
+    cgroup_name: str
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    timestamp_ns: int
+    task: Task
+
+
+Event = ConnOpen | ConnClose | Sniff | Exec | Exit
+
+
+def c_string(raw: bytes) -> str:
+    """A NUL-terminated C char array as text (undecodable bytes escaped, never an error)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def format_ip(family: int, raw: bytes) -> tuple[Literal["ipv4", "ipv6"], str]:
+    """Address bytes as text; IPv4-mapped IPv6 addresses are shown as IPv4."""
+    if family == AF_INET:
+        return "ipv4", socket.inet_ntop(AF_INET, raw[:4])
+    if family == AF_INET6:
+        if raw[:12] == _V4_MAPPED_PREFIX:
+            return "ipv4", socket.inet_ntop(AF_INET, raw[12:16])
+        return "ipv6", socket.inet_ntop(AF_INET6, raw[:16])
+    raise DecodeError(f"unknown address family {family}")
+
+
+class EventDecoder:
+    """Turns ring-buffer bytes into events, using layouts read from BTF once."""
+
+    def __init__(self, btf: Btf) -> None:
+        kinds = btf.enum_values("ft_event_kind")
+        directions = btf.enum_values("ft_direction")
+        flows = btf.enum_values("ft_flow")
+        self._header = btf.struct_layout("ft_header")
+        self._direction: dict[int, Direction] = {
+            directions["FT_DIR_EGRESS"]: "egress",
+            directions["FT_DIR_INGRESS"]: "ingress",
+        }
+        self._flow: dict[int, Flow] = {flows["FT_FLOW_TX"]: "tx", flows["FT_FLOW_RX"]: "rx"}
+        self._layouts: dict[int, StructLayout] = {
+            kinds["FT_EVENT_CONN_OPEN"]: btf.struct_layout("ft_conn_open_event"),
+            kinds["FT_EVENT_CONN_CLOSE"]: btf.struct_layout("ft_conn_close_event"),
+            kinds["FT_EVENT_SNIFF"]: btf.struct_layout("ft_sniff_event"),
+            kinds["FT_EVENT_EXEC"]: btf.struct_layout("ft_exec_event"),
+            kinds["FT_EVENT_EXIT"]: btf.struct_layout("ft_exit_event"),
+        }
+        self._decoders: dict[int, Callable[[dict[str, int | bytes]], Event]] = {
+            kinds["FT_EVENT_CONN_OPEN"]: self._open,
+            kinds["FT_EVENT_CONN_CLOSE"]: self._close,
+            kinds["FT_EVENT_SNIFF"]: self._sniff,
+            kinds["FT_EVENT_EXEC"]: self._exec,
+            kinds["FT_EVENT_EXIT"]: self._exit,
+        }
+        self.state_layout = btf.struct_layout("ft_conn_state")
+
+    def layout(self, kind_name: str) -> StructLayout:
+        """The layout of one event kind, for tests that build records from bytes."""
+        for layout in self._layouts.values():
+            if layout.name == kind_name:
+                return layout
+        raise KeyError(kind_name)
+
+    def decode(self, data: bytes) -> Event:
+        if len(data) < self._header.size:
+            raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
+        kind = int.from_bytes(data[:4], "little")
+        layout = self._layouts.get(kind)
+        if layout is None:
+            raise DecodeError(f"unknown event kind {kind}")
+        if len(data) < layout.size:
+            raise DecodeError(f"{layout.name}: {len(data)} bytes, need {layout.size}")
+        fields = layout.unpack(data)
+        return self._decoders[kind](fields)
+
+    @staticmethod
+    def task(fields: dict[str, int | bytes], prefix: str = "task.") -> Task:
+        return Task(
+            pid=_int(fields, prefix + "pid"),
+            tid=_int(fields, prefix + "tid"),
+            uid=_int(fields, prefix + "uid"),
+            comm=c_string(_bytes(fields, prefix + "comm")),
+        )
+
+    def conn(self, fields: dict[str, int | bytes], prefix: str = "conn.") -> Conn:
+        family_value = _int(fields, prefix + "family")
+        family, local_ip = format_ip(family_value, _bytes(fields, prefix + "local_addr"))
+        _, remote_ip = format_ip(family_value, _bytes(fields, prefix + "remote_addr"))
+        direction = self._direction.get(_int(fields, prefix + "direction"))
+        if direction is None:
+            raise DecodeError(f"unknown direction {fields[prefix + 'direction']!r}")
+        return Conn(
+            conn_id=_int(fields, prefix + "conn_id"),
+            start_ns=_int(fields, prefix + "start_ns"),
+            family=family,
+            direction=direction,
+            local=Endpoint(local_ip, _int(fields, prefix + "local_port")),
+            remote=Endpoint(remote_ip, _int(fields, prefix + "remote_port")),
+        )
+
+    def _open(self, f: dict[str, int | bytes]) -> ConnOpen:
+        return ConnOpen(
+            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            task=self.task(f),
+            conn=self.conn(f),
+            connect_ret=_int(f, "connect_ret"),
+            tcp_state=_int(f, "tcp_state"),
+        )
+
+    def _close(self, f: dict[str, int | bytes]) -> ConnClose:
+        return ConnClose(
+            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            task=self.task(f),
+            conn=self.conn(f),
+            bytes_sent=_int(f, "bytes_sent"),
+            bytes_received=_int(f, "bytes_received"),
+            sock_error=_int(f, "sock_error"),
+            old_state=_int(f, "old_state"),
+            established=bool(f["established"]),
+            open_emitted=bool(f["open_emitted"]),
+        )
+
+    def _sniff(self, f: dict[str, int | bytes]) -> Sniff:
+        data = _bytes(f, "data")
+        length = _int(f, "length")
+        if length > len(data):
+            raise DecodeError(f"sniff length {length} exceeds buffer of {len(data)}")
+        flow = self._flow.get(_int(f, "flow"))
+        if flow is None:
+            raise DecodeError(f"unknown flow {f['flow']!r}")
+        return Sniff(_int(f, "hdr.timestamp_ns"), _int(f, "conn_id"), flow, data[:length])
+
+    def _exec(self, f: dict[str, int | bytes]) -> Exec:
+        args = _bytes(f, "args")[: _int(f, "args_length")]
+        argv = tuple(a.decode("utf-8", "backslashreplace") for a in args.rstrip(b"\0").split(b"\0"))
+        return Exec(
+            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            task=self.task(f),
+            ppid=_int(f, "ppid"),
+            cgroup_id=_int(f, "cgroup_id"),
+            filename=c_string(_bytes(f, "filename")),
+            cgroup_name=c_string(_bytes(f, "cgroup_name")),
+            argv=argv if args else (),
+        )
+
+    def _exit(self, f: dict[str, int | bytes]) -> Exit:
+        return Exit(_int(f, "hdr.timestamp_ns"), self.task(f))
+
+
+def _int(fields: dict[str, int | bytes], name: str) -> int:
+    value = fields[name]
+    if not isinstance(value, int):
+        raise DecodeError(f"field {name} is not an integer")
+    return value
+
+
+def _bytes(fields: dict[str, int | bytes], name: str) -> bytes:
+    value = fields[name]
+    if not isinstance(value, bytes):
+        raise DecodeError(f"field {name} is not a byte array")
+    return value

@@ -1,0 +1,278 @@
+"""The sensor: loads the socket-layer programs, consumes their events, emits records."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from flowtap.config import SensorConfig
+from flowtap.events import ConnClose, ConnOpen, DecodeError, Event, EventDecoder, Exec, Exit, Sniff
+from flowtap.loader.btf import Btf
+from flowtap.loader.libbpf import BpfLink, BpfObject, RingBuffer
+from flowtap.loader.system import ensure_tracefs, require_btf, require_root
+from flowtap.records.connection import Record
+from flowtap.sinks.base import Sink
+from flowtap.tracking.connections import ConnectionTracker
+from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
+
+log = logging.getLogger("flowtap")
+
+_POLL_MS = 100
+
+
+def bpf_object_path(name: str) -> Path:
+    """A BPF object shipped as package data (built by `make bpf`)."""
+    return Path(str(resources.files("flowtap") / "bpf" / name))
+
+
+@dataclass(slots=True)
+class UserCounters:
+    events: int = 0
+    decode_errors: int = 0
+    records: int = 0
+    sink_errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def exe_matcher(patterns: tuple[str, ...]) -> Callable[[ProcessInfo], bool]:
+    """--exe: a glob on the executable's path, its file name or the process name."""
+
+    def matches(info: ProcessInfo) -> bool:
+        names = [info.comm]
+        if info.exe:
+            names += [info.exe, os.path.basename(info.exe)]
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+    return matches if patterns else (lambda _info: True)
+
+
+class Sensor:
+    def __init__(self, config: SensorConfig, sink: Sink) -> None:
+        self.config = config
+        self._sink = sink
+        self._obj: BpfObject | None = None
+        self._links: list[BpfLink] = []
+        self._ring: RingBuffer | None = None
+        self._cgroup_fd: int | None = None
+        self.registry = ProcessRegistry()
+        self.counters = UserCounters()
+        self.tracker = ConnectionTracker(
+            self.registry, self._emit, accept_process=exe_matcher(config.exe_patterns)
+        )
+        self._decoder: EventDecoder | None = None
+        self._kernel_counter_names: dict[int, str] = {}
+        self._last_kernel_counters: dict[str, int] = {}
+
+    # --- start-up -------------------------------------------------------------------
+
+    def start(self) -> None:
+        require_root()
+        require_btf()
+        log.info("%s", ensure_tracefs())
+        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+        self._obj = obj
+        btf = Btf(obj)
+        self._decoder = EventDecoder(btf)
+        counters = btf.enum_values("ft_counter")
+        self._kernel_counter_names = {
+            value: name.removeprefix("FT_CNT_").lower()
+            for name, value in counters.items()
+            if name != "FT_CNT_MAX"
+        }
+        self._write_config(obj, btf)
+        obj.map("events").set_max_entries(self.config.ring_buffer_bytes)
+        obj.map("conns").set_max_entries(self.config.max_connections)
+        obj.load()
+        self._fill_filters(obj)
+        found = self.registry.scan()
+        log.info("attributed %d processes already running", found)
+        for program in obj.programs():
+            link = program.attach()
+            self._links.append(link)
+            log.debug("attached %s", link.description)
+        self._ring = RingBuffer(obj.map("events"), self._on_record)
+        log.info("ready: %d programs attached", len(self._links))
+        if self.config.ready_file is not None:
+            self.config.ready_file.write_text(f"{os.getpid()}\n")
+
+    def _write_config(self, obj: BpfObject, btf: Btf) -> None:
+        cfg = self.config
+        layout = btf.struct_layout("ft_config")
+        image = layout.pack(
+            {
+                "self_tgid": os.getpid(),
+                "filter_pids": int(bool(cfg.pids)),
+                "filter_cgroup": int(cfg.cgroup is not None),
+                "trace_egress": int(cfg.direction in ("egress", "all")),
+                "trace_ingress": int(cfg.direction in ("ingress", "all")),
+                "include_loopback": int(cfg.include_loopback),
+            }
+        )
+        offset, size = btf.variable_offset(".rodata", "cfg")
+        if size != len(image):
+            raise RuntimeError(f"cfg is {size} bytes in .rodata, layout says {len(image)}")
+        obj.map(".rodata").write_initial_value(offset, image)
+
+    def _fill_filters(self, obj: BpfObject) -> None:
+        traced = obj.map("traced_pids")
+        for pid in self.config.pids:
+            # The process and the descendants it already has; later ones follow in the kernel.
+            for member in sorted(self.registry.children(pid)):
+                traced.update(struct.pack("<I", member), b"\x01")
+        if self.config.cgroup is not None:
+            self._cgroup_fd = os.open(self.config.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            obj.map("filter_cgroup").update(
+                struct.pack("<I", 0), struct.pack("<I", self._cgroup_fd)
+            )
+
+    # --- event loop -----------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        if self._ring is None:
+            raise RuntimeError("start() the sensor before run()")
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        while not stop.is_set():
+            self._ring.poll(_POLL_MS)
+            if time.monotonic() >= next_stats:
+                self.report_drops(final=False)
+                next_stats = time.monotonic() + self.config.stats_interval_s
+
+    def _on_record(self, data: bytes) -> None:
+        self.counters.events += 1
+        try:
+            event = self._decode(data)
+        except DecodeError as exc:
+            self.counters.decode_errors += 1
+            log.debug("undecodable event: %s", exc)
+            return
+        kind = type(event).__name__
+        self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
+        self._dispatch(event)
+
+    def _decode(self, data: bytes) -> Event:
+        if self._decoder is None:
+            raise DecodeError("decoder not ready")
+        return self._decoder.decode(data)
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case ConnOpen():
+                self.tracker.on_open(event)
+            case ConnClose():
+                self.tracker.on_close(event)
+            case Sniff():
+                self.tracker.on_sniff(event)
+            case Exec():
+                self.registry.on_exec(event)
+            case Exit():
+                self.registry.on_exit(event)
+
+    def _emit(self, record: Record) -> None:
+        try:
+            self._sink.write(record)
+        except (OSError, ValueError) as exc:
+            self.counters.sink_errors += 1
+            log.warning("could not write a record: %s", exc)
+            return
+        self.counters.records += 1
+
+    # --- accounting -----------------------------------------------------------------
+
+    def kernel_counters(self) -> dict[str, int]:
+        """Drops and failures counted in the kernel, summed over CPUs."""
+        if self._obj is None:
+            return {}
+        counters = self._obj.map("counters")
+        per_cpu = counters.value_size // 8
+        totals: dict[str, int] = {}
+        for index, name in self._kernel_counter_names.items():
+            raw = counters.lookup(struct.pack("<I", index)) or b""
+            totals[name] = sum(struct.unpack(f"<{per_cpu}Q", raw)) if raw else 0
+        return totals
+
+    def drop_report(self) -> dict[str, int]:
+        report = self.kernel_counters()
+        report["decode_errors"] = self.counters.decode_errors
+        report["sink_errors"] = self.counters.sink_errors
+        report["late_events"] = self.tracker.stats.late_events
+        report["tracker_evicted"] = self.tracker.stats.evicted
+        return report
+
+    def report_drops(self, *, final: bool) -> dict[str, int]:
+        report = self.drop_report()
+        lost = {name: value for name, value in report.items() if value}
+        changed = report != self._last_kernel_counters
+        self._last_kernel_counters = report
+        summary = (
+            f"events {self.counters.events}, records {self.counters.records}, "
+            f"open connections {self.tracker.open_count}"
+        )
+        if final or (changed and lost):
+            details = ", ".join(f"{k}={v}" for k, v in sorted(lost.items())) or "nothing lost"
+            level = logging.WARNING if lost else logging.INFO
+            log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
+        return report
+
+    # --- shutdown -------------------------------------------------------------------
+
+    def _remaining(self) -> list[ConnClose]:
+        """Close events for connections the kernel still tracks, built from its table."""
+        if self._obj is None or self._decoder is None:
+            return []
+        conns = self._obj.map("conns")
+        layout = self._decoder.state_layout
+        now = time.monotonic_ns()
+        remaining = []
+        for key in list(conns.keys()):
+            raw = conns.lookup(key)
+            if raw is None:
+                continue
+            fields = layout.unpack(raw)
+            remaining.append(
+                ConnClose(
+                    timestamp_ns=now,
+                    task=self._decoder.task(fields),
+                    conn=self._decoder.conn(fields),
+                    bytes_sent=int(fields["bytes_sent"]),
+                    bytes_received=int(fields["bytes_received"]),
+                    sock_error=0,
+                    old_state=0,
+                    established=bool(fields["established"]),
+                    open_emitted=bool(fields["open_emitted"]),
+                )
+            )
+        return sorted(remaining, key=lambda event: event.conn.conn_id)
+
+    def stop(self) -> dict[str, int]:
+        """Drains events, closes what is still open, detaches everything; returns drops."""
+        report: dict[str, int] = {}
+        try:
+            if self._ring is not None:
+                for _ in range(100):  # bounded drain
+                    if self._ring.poll(0) == 0:
+                        break
+                self.tracker.close_remaining(self._remaining())
+                report = self.report_drops(final=True)
+        finally:
+            for link in self._links:
+                link.destroy()
+            self._links.clear()
+            if self._ring is not None:
+                self._ring.free()
+                self._ring = None
+            if self._obj is not None:
+                self._obj.close()
+                self._obj = None
+            if self._cgroup_fd is not None:
+                os.close(self._cgroup_fd)
+                self._cgroup_fd = None
+            self._sink.close()
+        return report

@@ -1,0 +1,21 @@
+"""Where records go: a sink takes JSON-ready records one at a time."""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Protocol
+
+from flowtap.records.connection import Record
+
+
+class Sink(Protocol):
+    def write(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_private(path: str) -> IO[str]:
+    """Opens path for appending, created owner-only (0600) from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps no wider mode than ours
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)

@@ -1,0 +1,181 @@
+"""Connection table: kernel open/close/sniff events in, connection records out.
+
+Events may arrive out of order (an open and a close from different CPUs) or not at all
+(ring buffer full, counted in the kernel): a close always produces a complete pair of
+records, synthesizing the open when it was never seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flowtap.events import Conn, ConnClose, ConnOpen, Sniff, Task
+from flowtap.protocols.sniff import describe_sni, guess_l7
+from flowtap.records.connection import (
+    Record,
+    WallClock,
+    close_record,
+    close_status,
+    errno_name,
+    open_record,
+    open_state,
+    process_record,
+)
+from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
+
+log = logging.getLogger("flowtap.connections")
+
+_MAX_OPEN = 65536
+_RECENTLY_CLOSED = 4096
+
+
+@dataclass(slots=True)
+class _Entry:
+    opened: Record | None
+    visible: bool
+    first_tx: bytes | None = None
+    first_rx: bytes | None = None
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    opened: int = 0
+    closed: int = 0
+    opens_synthesized: int = 0
+    late_events: int = 0
+    evicted: int = 0
+    filtered: int = 0
+
+
+class ConnectionTracker:
+    def __init__(
+        self,
+        registry: ProcessRegistry,
+        emit: Callable[[Record], None],
+        *,
+        accept_process: Callable[[ProcessInfo], bool] = lambda _info: True,
+        clock: WallClock | None = None,
+    ) -> None:
+        self._registry = registry
+        self._emit = emit
+        self._accept = accept_process
+        self._clock = clock or WallClock()
+        self._open: OrderedDict[int, _Entry] = OrderedDict()
+        self._closed_order: deque[int] = deque()
+        self._closed: set[int] = set()
+        self.stats = TrackerStats()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def on_open(self, event: ConnOpen) -> None:
+        conn_id = event.conn.conn_id
+        if conn_id in self._closed or conn_id in self._open:
+            self.stats.late_events += 1
+            return
+        entry = self._start(event.task, event.conn, event.timestamp_ns, event)
+        if entry.visible and entry.opened is not None:
+            self._emit(entry.opened)
+
+    def on_sniff(self, event: Sniff) -> None:
+        entry = self._open.get(event.conn_id)
+        if entry is None:
+            if event.conn_id not in self._closed:
+                self.stats.late_events += 1
+            return
+        if event.flow == "tx" and entry.first_tx is None:
+            entry.first_tx = event.data
+        elif event.flow == "rx" and entry.first_rx is None:
+            entry.first_rx = event.data
+
+    def on_close(self, event: ConnClose, *, status: str | None = None) -> None:
+        """Emits the close record; status overrides the one derived from the socket."""
+        conn = event.conn
+        entry = self._open.pop(conn.conn_id, None)
+        if entry is None:
+            if conn.conn_id in self._closed:
+                self.stats.late_events += 1
+                return
+            # Never saw the open: it failed inside connect() or its event was lost.
+            self.stats.opens_synthesized += 1
+            entry = self._start(event.task, conn, conn.start_ns, event, register=False)
+            if entry.visible and entry.opened is not None:
+                self._emit(entry.opened)
+        self._remember_closed(conn.conn_id)
+        self.stats.closed += 1
+        if not entry.visible or entry.opened is None:
+            return
+        error = errno_name(event.sock_error)
+        self._emit(
+            close_record(
+                entry.opened,
+                conn,
+                self._clock.rfc3339(event.timestamp_ns),
+                bytes_sent=event.bytes_sent,
+                bytes_received=event.bytes_received,
+                duration_ns=max(event.timestamp_ns - conn.start_ns, 0),
+                status=status or close_status(event.sock_error, event.established),
+                error=error,
+                l7_protocol=guess_l7(
+                    entry.first_tx,
+                    entry.first_rx,
+                    remote_port=conn.remote.port,
+                    local_port=conn.local.port,
+                ),
+                sni=describe_sni(entry.first_tx, entry.first_rx),
+            )
+        )
+
+    def close_remaining(self, remaining: list[ConnClose]) -> None:
+        """Closes connections still open when the sensor stops (status open_at_exit)."""
+        for event in remaining:
+            entry = self._open.get(event.conn.conn_id)
+            if entry is None and event.open_emitted:
+                continue  # its open event was filtered out in userspace
+            self.on_close(event, status="open_at_exit")
+
+    def _start(
+        self,
+        task: Task,
+        conn: Conn,
+        timestamp_ns: int,
+        event: ConnOpen | ConnClose,
+        *,
+        register: bool = True,
+    ) -> _Entry:
+        info = self._registry.lookup(task)
+        visible = self._accept(info)
+        if not visible:
+            self.stats.filtered += 1
+        if isinstance(event, ConnOpen):
+            state = open_state(event.connect_ret, event.tcp_state)
+            error = errno_name(event.connect_ret) if state == "failed" else None
+        elif event.established:
+            state, error = "established", None
+        else:
+            state, error = "failed", errno_name(event.sock_error)
+        opened = open_record(
+            conn,
+            process_record(info, task.tid),
+            self._clock.rfc3339(timestamp_ns),
+            state=state,
+            error=error,
+        )
+        entry = _Entry(opened=opened, visible=visible)
+        self.stats.opened += 1
+        if register:
+            self._open[conn.conn_id] = entry
+            if len(self._open) > _MAX_OPEN:
+                self._open.popitem(last=False)
+                self.stats.evicted += 1
+        return entry
+
+    def _remember_closed(self, conn_id: int) -> None:
+        self._closed.add(conn_id)
+        self._closed_order.append(conn_id)
+        if len(self._closed_order) > _RECENTLY_CLOSED:
+            self._closed.discard(self._closed_order.popleft())

@@ -1,0 +1,193 @@
+"""Process registry: pid -> exe, cmdline, user and container, however short the process lived.
+
+Filled from a /proc scan at start, from exec events (which carry exe and argv, so a
+process that exits before we look is still named), and lazily from /proc for anything
+else. Exited processes are kept for a grace period so late connection records resolve.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowtap.events import Exec, Exit, Task
+
+# 64 hex digits in a cgroup path: docker-<id>.scope, cri-containerd-<id>.scope,
+# crio-<id>.scope, libpod-<id>.scope, /docker/<id>, /kubepods/.../<id>.
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+_EXITED_GRACE_S = 30.0
+_MAX_PROCESSES = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    exe: str | None
+    comm: str
+    cmdline: tuple[str, ...]
+    uid: int
+    user: str | None
+    container_id: str | None
+    ppid: int | None = None
+
+
+def container_id_from_cgroup(text: str) -> str | None:
+    """The container id in a /proc/PID/cgroup file or a cgroup path, None on the host."""
+    for line in text.splitlines():
+        path = line.rsplit(":", 1)[-1]
+        match = _CONTAINER_ID.search(path)
+        if match:
+            return match.group(1)
+    return None
+
+
+class UserNames:
+    def __init__(self) -> None:
+        self._cache: dict[int, str | None] = {}
+
+    def name(self, uid: int) -> str | None:
+        if uid not in self._cache:
+            try:
+                self._cache[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._cache[uid] = None
+        return self._cache[uid]
+
+
+class ProcessRegistry:
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self._known: OrderedDict[int, ProcessInfo] = OrderedDict()
+        self._exited: dict[int, float] = {}
+        self._users = UserNames()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def scan(self) -> int:
+        """Reads every process already running; returns how many were found."""
+        found = 0
+        for entry in self._proc.iterdir():
+            if entry.name.isdigit():
+                info = self._read_proc(int(entry.name))
+                if info is not None:
+                    self._remember(info)
+                    found += 1
+        return found
+
+    def children(self, pid: int) -> set[int]:
+        """pid and every descendant now running (for --pid on a process tree)."""
+        parents: dict[int, int] = {}
+        for entry in self._proc.iterdir():
+            if entry.name.isdigit():
+                ppid = self._read_ppid(int(entry.name))
+                if ppid is not None:
+                    parents[int(entry.name)] = ppid
+        tree = {pid}
+        for _ in range(64):  # bounded depth
+            grown = {child for child, parent in parents.items() if parent in tree} | tree
+            if grown == tree:
+                break
+            tree = grown
+        return tree
+
+    def on_exec(self, event: Exec) -> ProcessInfo:
+        info = ProcessInfo(
+            pid=event.task.pid,
+            exe=self._readlink_exe(event.task.pid) or event.filename or None,
+            comm=event.task.comm,
+            cmdline=event.argv,
+            uid=event.task.uid,
+            user=self._users.name(event.task.uid),
+            container_id=self._read_container(event.task.pid)
+            or container_id_from_cgroup(event.cgroup_name),
+            ppid=event.ppid,
+        )
+        self._exited.pop(info.pid, None)
+        self._remember(info)
+        return info
+
+    def on_exit(self, event: Exit) -> None:
+        self._exited[event.task.pid] = time.monotonic()
+        self._expire()
+
+    def lookup(self, task: Task) -> ProcessInfo:
+        """The process behind a task; falls back to what the event itself carries."""
+        info = self._known.get(task.pid)
+        if info is not None:
+            return info
+        info = self._read_proc(task.pid)
+        if info is None:
+            info = ProcessInfo(
+                pid=task.pid,
+                exe=None,
+                comm=task.comm,
+                cmdline=(),
+                uid=task.uid,
+                user=self._users.name(task.uid),
+                container_id=None,
+            )
+        self._remember(info)
+        return info
+
+    def _remember(self, info: ProcessInfo) -> None:
+        self._known[info.pid] = info
+        self._known.move_to_end(info.pid)
+        while len(self._known) > _MAX_PROCESSES:
+            self._known.popitem(last=False)
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - _EXITED_GRACE_S
+        for pid, when in list(self._exited.items()):
+            if when < deadline:
+                del self._exited[pid]
+                self._known.pop(pid, None)
+
+    def _read_proc(self, pid: int) -> ProcessInfo | None:
+        base = self._proc / str(pid)
+        try:
+            status = (base / "status").read_text()
+            raw_cmdline = (base / "cmdline").read_bytes()
+        except OSError:
+            return None
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        uid = int(fields.get("Uid", "0").split()[0])
+        cmdline = tuple(
+            part.decode("utf-8", "backslashreplace") for part in raw_cmdline.split(b"\0") if part
+        )
+        return ProcessInfo(
+            pid=pid,
+            exe=self._readlink_exe(pid),
+            comm=fields.get("Name", "").strip(),
+            cmdline=cmdline,
+            uid=uid,
+            user=self._users.name(uid),
+            container_id=self._read_container(pid),
+            ppid=int(fields["PPid"]) if "PPid" in fields else None,
+        )
+
+    def _read_ppid(self, pid: int) -> int | None:
+        try:
+            stat = (self._proc / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+        # comm may hold spaces and parentheses: the fields after the last ')' are fixed.
+        rest = stat.rsplit(")", 1)[-1].split()
+        return int(rest[1]) if len(rest) > 1 else None
+
+    def _readlink_exe(self, pid: int) -> str | None:
+        try:
+            return os.readlink(self._proc / str(pid) / "exe")
+        except OSError:
+            return None
+
+    def _read_container(self, pid: int) -> str | None:
+        try:
+            return container_id_from_cgroup((self._proc / str(pid) / "cgroup").read_text())
+        except OSError:
+            return None
