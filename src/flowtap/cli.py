@@ -81,6 +81,9 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--ready-file", type=Path, help="write this file once every program is attached"
     )
     out.add_argument(
+        "--stats-file", type=Path, help="write counters and drops here as JSON at exit"
+    )
+    out.add_argument(
         "--stats-interval", type=float, default=30.0, metavar="SECONDS", help="drop report period"
     )
     out.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -110,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         output_file=args.output_file,
         ready_file=args.ready_file,
         stats_interval_s=args.stats_interval,
+        stats_file=args.stats_file,
     )
 
 

@@ -27,6 +27,7 @@ class SensorConfig:
     output: Output = "console"
     output_file: Path | None = None
     ready_file: Path | None = None
+    stats_file: Path | None = None
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import struct
@@ -19,7 +20,7 @@ from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfLink, BpfObject, RingBuffer
 from flowtap.loader.system import ensure_tracefs, require_btf, require_root
 from flowtap.records.connection import Record
-from flowtap.sinks.base import Sink
+from flowtap.sinks.base import Sink, open_private
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
 
@@ -221,6 +222,22 @@ class Sensor:
             log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
         return report
 
+    def _write_stats(self, drops: dict[str, int]) -> None:
+        if self.config.stats_file is None:
+            return
+        stats = {
+            "events": self.counters.events,
+            "events_by_kind": self.counters.by_kind,
+            "records": self.counters.records,
+            "connections_opened": self.tracker.stats.opened,
+            "connections_closed": self.tracker.stats.closed,
+            "opens_synthesized": self.tracker.stats.opens_synthesized,
+            "filtered_in_userspace": self.tracker.stats.filtered,
+            "drops": drops,
+        }
+        with open_private(str(self.config.stats_file), append=False) as stream:
+            stream.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
     # --- shutdown -------------------------------------------------------------------
 
     def _remaining(self) -> list[ConnClose]:
@@ -261,6 +278,7 @@ class Sensor:
                         break
                 self.tracker.close_remaining(self._remaining())
                 report = self.report_drops(final=True)
+                self._write_stats(report)
         finally:
             for link in self._links:
                 link.destroy()

@@ -14,8 +14,9 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def open_private(path: str) -> IO[str]:
-    """Opens path for appending, created owner-only (0600) from the first byte on."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+def open_private(path: str, *, append: bool = True) -> IO[str]:
+    """Opens path for writing, created owner-only (0600) from the first byte on."""
+    mode = os.O_APPEND if append else os.O_TRUNC
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)  # an existing file keeps no wider mode than ours
-    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+    return os.fdopen(fd, "a" if append else "w", encoding="utf-8", buffering=1)
