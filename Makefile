@@ -11,7 +11,7 @@ CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
 
-.PHONY: all setup deps venv bpf run test lint clean
+.PHONY: all setup deps venv bpf test-bpf run test lint clean
 
 all: setup
 
@@ -41,6 +41,15 @@ $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/flowtap.h $(BUILD)/vmlinux.h
 		-I$(BUILD) -Ibpf -c $< -o $@.tmp
 	mv $@.tmp $@
 
+# Test-only BPF objects (loader tests); never shipped in the package.
+TEST_BPF_OBJ := $(patsubst tests/bpf/%.bpf.c,$(BUILD)/tests/%.bpf.o,$(wildcard tests/bpf/*.bpf.c))
+test-bpf: $(TEST_BPF_OBJ)
+$(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
+	@mkdir -p $(BUILD)/tests
+	$(CLANG) -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) \
+		-I$(BUILD) -c $< -o $@.tmp
+	mv $@.tmp $@
+
 run: setup
 	$(VENV)/bin/flowtap run $(FLOWTAP_ARGS)
 
@@ -49,7 +58,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-test: setup lint
+test: setup test-bpf lint
 	$(VENV)/bin/pytest -ra tests
 
 clean:

@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ _PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
 _SAMPLE_FN = ctypes.CFUNCTYPE(_c_int, _c_void_p, _c_void_p, ctypes.c_size_t)
 
 _LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = 0, 1, 2
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
 
 
 def _load_library() -> ctypes.CDLL:
@@ -381,7 +383,17 @@ class BpfObject:
         return found
 
     def load(self) -> None:
-        _check_ret(lib().bpf_object__load(self.ptr), "load BPF programs from", str(self.path))
+        ret: int = lib().bpf_object__load(self.ptr)
+        if ret >= 0:
+            return
+        err = ctypes.get_errno() if ret == -1 else -ret
+        lines = _messages.take()
+        subject = str(self.path)
+        # Name the program the kernel refused, with its section (its hook type).
+        failed = next((m.group(1) for line in lines if (m := _FAILED_PROG.search(line))), None)
+        if failed is not None:
+            subject = f"{failed} ({self.program(failed).section}) from {self.path}"
+        raise explain("load BPF program", err, subject=subject, libbpf_log=lines)
 
     def close(self) -> None:
         if self._ptr is not None:
