@@ -17,6 +17,18 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message says which and how to fix it."""
 
 
+def _thread_group(pid: int) -> int | None:
+    """The process a task id belongs to (itself for a process), None if there is none."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    return None
+
+
 @dataclass(frozen=True)
 class SensorConfig:
     pids: tuple[int, ...] = ()
@@ -36,8 +48,13 @@ class SensorConfig:
         for pid in self.pids:
             if pid <= 0:
                 raise ConfigError(f"--pid {pid}: a process id is a positive number")
-            if not Path(f"/proc/{pid}").exists():
+            tgid = _thread_group(pid)
+            if tgid is None:
                 raise ConfigError(f"--pid {pid}: no such process; check the pid with `ps -p {pid}`")
+            if tgid != pid:
+                raise ConfigError(
+                    f"--pid {pid}: that is a thread of process {tgid}; use --pid {tgid}"
+                )
         if self.cgroup is not None:
             self._validate_cgroup(self.cgroup)
         size = self.ring_buffer_bytes

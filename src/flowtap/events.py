@@ -104,15 +104,21 @@ def c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
-def format_ip(family: int, raw: bytes) -> tuple[Literal["ipv4", "ipv6"], str]:
-    """Address bytes as text; IPv4-mapped IPv6 addresses are shown as IPv4."""
+def format_ips(
+    family: int, local: bytes, remote: bytes
+) -> tuple[Literal["ipv4", "ipv6"], str, str]:
+    """Both addresses as text. An IPv6 socket whose addresses are IPv4-mapped (or not yet
+    bound, ::) carries IPv4 traffic, so it is shown as IPv4 and :: as 0.0.0.0."""
     if family == AF_INET:
-        return "ipv4", socket.inet_ntop(AF_INET, raw[:4])
-    if family == AF_INET6:
-        if raw[:12] == _V4_MAPPED_PREFIX:
-            return "ipv4", socket.inet_ntop(AF_INET, raw[12:16])
-        return "ipv6", socket.inet_ntop(AF_INET6, raw[:16])
-    raise DecodeError(f"unknown address family {family}")
+        return "ipv4", socket.inet_ntop(AF_INET, local[:4]), socket.inet_ntop(AF_INET, remote[:4])
+    if family != AF_INET6:
+        raise DecodeError(f"unknown address family {family}")
+    local, remote = local[:16], remote[:16]
+    mapped = [a[:12] == _V4_MAPPED_PREFIX for a in (local, remote)]
+    unspecified = [a == bytes(16) for a in (local, remote)]
+    if any(mapped) and all(m or u for m, u in zip(mapped, unspecified, strict=True)):
+        return "ipv4", socket.inet_ntop(AF_INET, local[12:]), socket.inet_ntop(AF_INET, remote[12:])
+    return "ipv6", socket.inet_ntop(AF_INET6, local), socket.inet_ntop(AF_INET6, remote)
 
 
 class EventDecoder:
@@ -173,9 +179,11 @@ class EventDecoder:
         )
 
     def conn(self, fields: dict[str, int | bytes], prefix: str = "conn.") -> Conn:
-        family_value = _int(fields, prefix + "family")
-        family, local_ip = format_ip(family_value, _bytes(fields, prefix + "local_addr"))
-        _, remote_ip = format_ip(family_value, _bytes(fields, prefix + "remote_addr"))
+        family, local_ip, remote_ip = format_ips(
+            _int(fields, prefix + "family"),
+            _bytes(fields, prefix + "local_addr"),
+            _bytes(fields, prefix + "remote_addr"),
+        )
         direction = self._direction.get(_int(fields, prefix + "direction"))
         if direction is None:
             raise DecodeError(f"unknown direction {fields[prefix + 'direction']!r}")
@@ -221,7 +229,11 @@ class EventDecoder:
         return Sniff(_int(f, "hdr.timestamp_ns"), _int(f, "conn_id"), flow, data[:length])
 
     def _exec(self, f: dict[str, int | bytes]) -> Exec:
-        args = _bytes(f, "args")[: _int(f, "args_length")]
+        args_buffer = _bytes(f, "args")
+        args_length = _int(f, "args_length")
+        if args_length > len(args_buffer):
+            raise DecodeError(f"args length {args_length} exceeds buffer of {len(args_buffer)}")
+        args = args_buffer[:args_length]
         argv = tuple(a.decode("utf-8", "backslashreplace") for a in args.rstrip(b"\0").split(b"\0"))
         return Exec(
             timestamp_ns=_int(f, "hdr.timestamp_ns"),

@@ -19,11 +19,12 @@ def human_bytes(count: int) -> str:
     if count < 1024:
         return f"{count} B"
     value = float(count)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB")
+    for unit in units:
         value /= 1024
-        if value < 1024:
+        if round(value, 1) < 1024 or unit == units[-1]:
             return f"{value:.1f} {unit}"
-    return f"{value:.1f} PiB"
+    raise AssertionError("unreachable")
 
 
 def endpoint(ep: dict[str, Any]) -> str:

@@ -66,6 +66,8 @@ class ConnectionTracker:
         self._open: OrderedDict[int, _Entry] = OrderedDict()
         self._closed_order: deque[int] = deque()
         self._closed: set[int] = set()
+        # Evicted from a full table after their open record was emitted; bounded like it.
+        self._evicted: set[int] = set()
         self.stats = TrackerStats()
 
     @property
@@ -100,11 +102,14 @@ class ConnectionTracker:
             if conn.conn_id in self._closed:
                 self.stats.late_events += 1
                 return
-            # Never saw the open: it failed inside connect() or its event was lost.
-            self.stats.opens_synthesized += 1
             entry = self._start(event.task, conn, conn.start_ns, event, register=False)
-            if entry.visible and entry.opened is not None:
-                self._emit(entry.opened)
+            if conn.conn_id in self._evicted:
+                self._evicted.discard(conn.conn_id)  # its open record went out already
+            else:
+                # Never saw the open: it failed inside connect() or its event was lost.
+                self.stats.opens_synthesized += 1
+                if entry.visible and entry.opened is not None:
+                    self._emit(entry.opened)
         self._remember_closed(conn.conn_id)
         self.stats.closed += 1
         if not entry.visible or entry.opened is None:
@@ -133,9 +138,6 @@ class ConnectionTracker:
     def close_remaining(self, remaining: list[ConnClose]) -> None:
         """Closes connections still open when the sensor stops (status open_at_exit)."""
         for event in remaining:
-            entry = self._open.get(event.conn.conn_id)
-            if entry is None and event.open_emitted:
-                continue  # its open event was filtered out in userspace
             self.on_close(event, status="open_at_exit")
 
     def _start(
@@ -170,7 +172,10 @@ class ConnectionTracker:
         if register:
             self._open[conn.conn_id] = entry
             if len(self._open) > _MAX_OPEN:
-                self._open.popitem(last=False)
+                evicted, _ = self._open.popitem(last=False)
+                self._evicted.add(evicted)
+                if len(self._evicted) > _MAX_OPEN:
+                    self._evicted.pop()
                 self.stats.evicted += 1
         return entry
 

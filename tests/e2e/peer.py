@@ -1,0 +1,290 @@
+"""The processes the e2e tests trace: a loopback server, a client and a parent process.
+
+Run as a script (standard library only): ``python peer.py server|client|parent ...``.
+Each prints JSON status lines on stdout that the test reads live, and kills itself after
+LIFETIME_S whatever it is waiting for.
+
+server  Binds HOST port 0, prints "listening" with the port, then serves CONNECTIONS
+        connections one after the other, accepting in a worker thread (so the test can
+        check the accepting thread's id). raw mode reads exactly --read bytes and replies
+        --reply bytes of pattern(); http mode reads a request head and replies a minimal
+        HTTP/1.1 response with a --reply byte body. Then prints "replied" (peer address,
+        counts, tid), reads until the peer closes, closes, and prints "served".
+client  Connects (blocking connect() unless --how nonblock), sends --send bytes of
+        pattern() the way --how says, reads exactly --expect bytes, then closes. Prints
+        "connected" (local address, tid), "exchanged" (counts), "done".
+parent  PARENT GO URL CHILD_ARGV...: starts CHILD_ARGV at once (a descendant that exists
+        before the sensor does), waits for GO, then runs curl on URL; prints "child" and
+        "curl" with their pids, then "done".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+LIFETIME_S = 30
+CURL = "/usr/bin/curl"
+# Uneven buffers for sendmsg/writev: several iovecs, none a multiple of another.
+SPLITS = (1, 100, 4093, 65536 + 17)
+
+
+def say(event: str, **fields: object) -> None:
+    """One JSON status line on stdout, flushed at once."""
+    sys.stdout.write(json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def pattern(size: int) -> bytes:
+    """`size` bytes of 00 01 02 ... ff 00 01 ...: the sensor guesses l7 "other" for it."""
+    block = bytes(range(256))
+    return (block * (size // len(block) + 1))[:size]
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def recv_exact(conn: socket.socket, size: int) -> int:
+    """Reads exactly `size` bytes (fewer only at EOF); returns how many."""
+    got = 0
+    while got < size:
+        chunk = conn.recv(min(1 << 16, size - got))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+def recv_until_eof(conn: socket.socket) -> int:
+    got = 0
+    while chunk := conn.recv(1 << 16):
+        got += len(chunk)
+    return got
+
+
+def wait_for_file(path: str) -> None:
+    deadline = time.monotonic() + LIFETIME_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+
+
+# --- server --------------------------------------------------------------------------
+
+
+def http_exchange(conn: socket.socket, body_size: int) -> tuple[int, int]:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            break
+        head += chunk
+    body = b"x" * body_size
+    reply = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+        + f"Content-Length: {len(body)}\r\n".encode()
+        + b"Connection: close\r\n\r\n"
+        + body
+    )
+    conn.sendall(reply)
+    return len(head), len(reply)
+
+
+def accept_plain(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    """accept(2) itself (Python's own accept uses accept4)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.accept(listener.fileno(), None, None)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "accept")
+    conn = socket.socket(fileno=fd)
+    return conn, conn.getpeername()
+
+
+def serve(listener: socket.socket, args: argparse.Namespace) -> None:
+    for _ in range(args.connections):
+        conn, peer = accept_plain(listener) if args.plain_accept else listener.accept()
+        with conn:
+            if args.mode == "http":
+                received, sent = http_exchange(conn, args.reply)
+            else:
+                received = recv_exact(conn, args.read)
+                reply = pattern(args.reply)
+                conn.sendall(reply)
+                sent = len(reply)
+            where = {"peer_ip": peer[0], "peer_port": peer[1], "tid": threading.get_native_id()}
+            say("replied", received=received, sent=sent, **where)
+            received += recv_until_eof(conn)
+        say("served", received=received, sent=sent, **where)
+
+
+def server(args: argparse.Namespace) -> None:
+    with socket.socket(family_of(args.host), socket.SOCK_STREAM) as listener:
+        listener.bind((args.host, 0))
+        listener.listen(16)
+        say("listening", port=listener.getsockname()[1])
+        worker = threading.Thread(target=serve, args=(listener, args))
+        worker.start()
+        worker.join()
+    say("exiting")
+
+
+# --- client --------------------------------------------------------------------------
+
+
+def split(payload: bytes) -> list[bytes]:
+    """`payload` as several buffers (the last one takes the remainder)."""
+    parts, start = [], 0
+    for size in SPLITS:
+        parts.append(payload[start : start + size])
+        start += size
+    parts.append(payload[start:])
+    return [part for part in parts if part]
+
+
+def send_vectored(sock: socket.socket, payload: bytes, *, use_writev: bool) -> None:
+    """sendmsg or writev with several buffers, resuming after partial writes."""
+    buffers = [memoryview(part) for part in split(payload)]
+    while buffers:
+        sent = os.writev(sock.fileno(), buffers) if use_writev else sock.sendmsg(buffers)
+        while buffers and sent >= len(buffers[0]):
+            sent -= len(buffers[0])
+            buffers.pop(0)
+        if buffers and sent:
+            buffers[0] = buffers[0][sent:]
+
+
+def send_file(sock: socket.socket, payload: bytes) -> None:
+    with tempfile.TemporaryFile() as file:
+        file.write(payload)
+        file.flush()
+        file.seek(0)
+        sent = sock.sendfile(file)
+    if sent != len(payload):
+        raise RuntimeError(f"sendfile sent {sent} of {len(payload)} bytes")
+
+
+def connect_nonblocking(sock: socket.socket, address: tuple[str, int]) -> None:
+    sock.setblocking(False)
+    code = sock.connect_ex(address)
+    say("connect_ex", code=code, name=errno.errorcode.get(code, str(code)))
+    if code not in (0, errno.EINPROGRESS):
+        raise OSError(code, os.strerror(code))
+    _, writable, _ = select.select([], [sock], [], LIFETIME_S)
+    if not writable:
+        raise TimeoutError("non-blocking connect did not complete")
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+    sock.setblocking(True)
+
+
+def client(args: argparse.Namespace) -> None:
+    if args.go:
+        wait_for_file(args.go)
+    if args.in_thread:
+        worker = threading.Thread(target=connections, args=(args,))
+        worker.start()
+        worker.join()
+    else:
+        connections(args)
+
+
+def connections(args: argparse.Namespace) -> None:
+    for _ in range(args.repeat):
+        connection(args)
+
+
+def connection(args: argparse.Namespace) -> None:
+    address = (args.host, args.port)
+    if args.how == "refused":
+        try:
+            socket.create_connection(address).close()
+        except ConnectionRefusedError as exc:
+            say("refused", errno=exc.errno)
+            return
+        raise SystemExit("the connection was not refused")
+    with socket.socket(family_of(args.host), socket.SOCK_STREAM) as sock:
+        if args.how == "nonblock":
+            connect_nonblocking(sock, address)
+        else:
+            sock.connect(address)  # blocking: connect() itself returns 0
+        local = sock.getsockname()
+        say("connected", local_ip=local[0], local_port=local[1], tid=threading.get_native_id())
+        payload = pattern(args.send)
+        if args.how in ("sendmsg", "writev"):
+            send_vectored(sock, payload, use_writev=args.how == "writev")
+        elif args.how == "sendfile":
+            send_file(sock, payload)
+        else:
+            sock.sendall(payload)
+        if args.half_close:
+            # Our FIN goes first; read the reply only once the server has closed as well.
+            sock.shutdown(socket.SHUT_WR)
+            wait_for_file(args.half_close)
+        received = recv_exact(sock, args.expect)
+        say("exchanged", sent=len(payload), received=received)
+        if args.hold:
+            wait_for_file(args.hold)
+    say("done")
+
+
+# --- parent --------------------------------------------------------------------------
+
+
+def parent(args: argparse.Namespace) -> None:
+    child = subprocess.Popen(args.child_argv)
+    say("child", child_pid=child.pid)
+    wait_for_file(args.go)
+    curl_argv = [CURL, "-sS", "--noproxy", "*", "--max-time", "10", "-o", "/dev/null", args.url]
+    curl = subprocess.Popen(curl_argv)
+    say("curl", curl_pid=curl.pid)
+    say("done", curl_rc=curl.wait(timeout=LIFETIME_S), child_rc=child.wait(timeout=LIFETIME_S))
+
+
+def main() -> None:
+    signal.alarm(LIFETIME_S)  # default action: terminate; no peer outlives its test
+    parser = argparse.ArgumentParser()
+    roles = parser.add_subparsers(dest="role", required=True)
+    srv = roles.add_parser("server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--mode", choices=("raw", "http"), default="raw")
+    srv.add_argument("--read", type=int, default=0)
+    srv.add_argument("--reply", type=int, default=0)
+    srv.add_argument("--connections", type=int, default=1)
+    srv.add_argument("--plain-accept", action="store_true", help="accept(2), not accept4(2)")
+    cli = roles.add_parser("client")
+    cli.add_argument("--host", default="127.0.0.1")
+    cli.add_argument("--port", type=int, required=True)
+    hows = ("sendall", "sendmsg", "writev", "sendfile", "nonblock", "refused")
+    cli.add_argument("--how", choices=hows, default="sendall")
+    cli.add_argument("--send", type=int, default=0)
+    cli.add_argument("--expect", type=int, default=0)
+    cli.add_argument("--go", metavar="FILE", help="wait for FILE before connecting")
+    cli.add_argument("--hold", metavar="FILE", help="wait for FILE before closing")
+    cli.add_argument("--half-close", metavar="FILE", help="shutdown(WR), wait for FILE, read")
+    cli.add_argument("--in-thread", action="store_true", help="connect from a second thread")
+    cli.add_argument("--repeat", type=int, default=1, help="this many connections in a row")
+    cli.add_argument("--tag", default="", help="ignored (makes the command line longer)")
+    par = roles.add_parser("parent")
+    par.add_argument("go")
+    par.add_argument("url")
+    par.add_argument("child_argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    {"server": server, "client": client, "parent": parent}[args.role](args)
+
+
+if __name__ == "__main__":
+    main()
