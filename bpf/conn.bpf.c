@@ -25,6 +25,8 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
 #define EINPROGRESS 115
 #define MSG_PEEK 2
 
@@ -76,6 +78,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } connecting SEC(".maps");
+
+/* Processes owning tracked UDP (DNS) sockets -> how many, so close() stays cheap for others. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u32);
+} udp_owners SEC(".maps");
 
 /* Processes traced under --pid (with their descendants). */
 struct {
@@ -208,25 +218,32 @@ static __always_inline bool is_tcp_inet(const struct sock *sk)
 	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
 }
 
-/* Starts tracking sk for the current task; false when filtered out or the table is full. */
-static __always_inline struct ft_conn_state *track(const struct sock *sk, __u8 direction)
+/* Starts tracking sk for the current task; NULL when filtered out or the table is full. */
+static __always_inline struct ft_conn_state *track(const struct sock *sk, struct ft_conn_state *state,
+						   __u8 protocol, __u8 direction)
 {
-	struct ft_conn_state state = {};
 	__u64 key = (__u64)sk;
 
-	fill_current_task(&state.task);
-	read_addresses(sk, &state.conn);
-	if (!cfg.include_loopback && is_loopback(&state.conn))
+	if (!cfg.include_loopback && is_loopback(&state->conn))
 		return NULL;
-	state.conn.conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
-	state.conn.start_ns = bpf_ktime_get_ns();
-	state.conn.protocol = IPPROTO_TCP;
-	state.conn.direction = direction;
-	if (bpf_map_update_elem(&conns, &key, &state, BPF_ANY)) {
+	fill_current_task(&state->task);
+	state->conn.conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	state->conn.start_ns = bpf_ktime_get_ns();
+	state->conn.protocol = protocol;
+	state->conn.direction = direction;
+	if (bpf_map_update_elem(&conns, &key, state, BPF_ANY)) {
 		count(FT_CNT_CONN_TABLE_FULL);
 		return NULL;
 	}
 	return bpf_map_lookup_elem(&conns, &key);
+}
+
+static __always_inline struct ft_conn_state *track_tcp(const struct sock *sk, __u8 direction)
+{
+	struct ft_conn_state state = {};
+
+	read_addresses(sk, &state.conn);
+	return track(sk, &state, IPPROTO_TCP, direction);
 }
 
 static __always_inline void emit_open(const struct sock *sk, struct ft_conn_state *state,
@@ -280,7 +297,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 
 		if (!cfg.trace_egress || !current_is_traced())
 			return 0;
-		if (track(sk, FT_DIR_EGRESS))
+		if (track_tcp(sk, FT_DIR_EGRESS))
 			bpf_map_update_elem(&connecting, &tid, &key, BPF_ANY);
 		return 0;
 	}
@@ -361,7 +378,7 @@ static __always_inline int handle_accept_exit(long ret)
 	}
 	if (!is_tcp_inet(sk))
 		return 0;
-	state = track(sk, FT_DIR_INGRESS);
+	state = track_tcp(sk, FT_DIR_INGRESS);
 	if (!state)
 		return 0;
 	state->established = 1;
@@ -449,6 +466,75 @@ static __always_inline void emit_sniff(struct ft_conn_state *state, __u32 flow, 
 	bpf_ringbuf_submit(e, 0);
 }
 
+/*
+ * Where an unconnected UDP send goes: the sockaddr argument of sendto(), or msg_name of
+ * sendmsg(), read from the syscall's saved registers. False when there is none.
+ */
+static __always_inline bool syscall_destination(struct ft_conn *conn)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	long nr = regs->orig_ax;
+	void *addr = (void *)regs->r8;
+	struct sockaddr_in6 sa = {};
+
+	barrier_var(addr);
+	if (nr == NR_SENDMSG) {
+		struct user_msghdr msg;
+
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)regs->si))
+			return false;
+		addr = msg.msg_name;
+	} else if (nr != NR_SENDTO) {
+		return false;
+	}
+	if (!addr || bpf_probe_read_user(&sa, sizeof(sa), addr))
+		return false;
+	conn->remote_port = bpf_ntohs(sa.sin6_port);
+	if (sa.sin6_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
+
+		__builtin_memset(conn->remote_addr, 0, sizeof(conn->remote_addr));
+		__builtin_memcpy(conn->remote_addr, &sin->sin_addr, 4);
+		/* An IPv6 socket sending to an IPv4 sockaddr is not possible; keep families aligned. */
+		return conn->family == AF_INET;
+	}
+	if (sa.sin6_family == AF_INET6) {
+		__builtin_memcpy(conn->remote_addr, &sa.sin6_addr, 16);
+		return conn->family == AF_INET6;
+	}
+	return false;
+}
+
+/* A UDP socket that sends to port 53 becomes a DNS "connection" until it is closed. */
+static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
+{
+	struct ft_conn_state state = {};
+	struct ft_conn_state *tracked;
+	__u32 tgid, one = 1, *owned;
+
+	if (!cfg.trace_egress || !current_is_traced())
+		return NULL;
+	read_addresses(sk, &state.conn);
+	if (state.conn.family != AF_INET && state.conn.family != AF_INET6)
+		return NULL;
+	if (!state.conn.remote_port && !syscall_destination(&state.conn))
+		return NULL;
+	if (state.conn.remote_port != DNS_PORT)
+		return NULL;
+	state.established = 1;
+	tracked = track(sk, &state, IPPROTO_UDP, FT_DIR_EGRESS);
+	if (!tracked)
+		return NULL;
+	tgid = tracked->task.pid;
+	owned = bpf_map_lookup_elem(&udp_owners, &tgid);
+	if (owned)
+		__sync_fetch_and_add(owned, 1);
+	else if (bpf_map_update_elem(&udp_owners, &tgid, &one, BPF_NOEXIST))
+		count(FT_CNT_PID_TABLE_FULL);
+	emit_open(sk, tracked, 0);
+	return tracked;
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
@@ -458,13 +544,64 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 	if (ret <= 0)
 		return 0;
 	state = bpf_map_lookup_elem(&conns, &key);
-	if (!state)
-		return 0;
+	if (!state) {
+		if (sk->sk_protocol != IPPROTO_UDP)
+			return 0;
+		state = track_dns(sk);
+		if (!state)
+			return 0;
+	}
 	__sync_fetch_and_add(&state->bytes_sent, ret);
 	if (!state->sniffed_tx) {
 		state->sniffed_tx = 1;
 		emit_sniff(state, FT_FLOW_TX, ret);
 	}
+	return 0;
+}
+
+static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state)
+{
+	__u32 tgid = state->task.pid;
+	__u32 *owned = bpf_map_lookup_elem(&udp_owners, &tgid);
+	__u64 key = (__u64)sk;
+
+	emit_close(sk, state, 0);
+	bpf_map_delete_elem(&conns, &key);
+	if (owned && __sync_fetch_and_add(owned, -1) == 1)
+		bpf_map_delete_elem(&udp_owners, &tgid);
+}
+
+/* close() of a tracked UDP socket ends its DNS flow; one hash lookup for everyone else. */
+SEC("tracepoint/syscalls/sys_enter_close")
+int on_close_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct ft_conn_state *state;
+	const struct sock *sk;
+	__u64 key;
+
+	if (!bpf_map_lookup_elem(&udp_owners, &tgid))
+		return 0;
+	sk = sock_of_fd((int)ctx->args[0]);
+	if (!sk)
+		return 0;
+	key = (__u64)sk;
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (!state || state->conn.protocol != IPPROTO_UDP || state->task.pid != tgid)
+		return 0;
+	untrack_udp(sk, state);
+	return 0;
+}
+
+struct exit_ctx {
+	__u32 tgid;
+};
+
+static long close_udp_of_process(struct bpf_map *map, __u64 *key, struct ft_conn_state *state,
+				 struct exit_ctx *ctx)
+{
+	if (state->conn.protocol == IPPROTO_UDP && state->task.pid == ctx->tgid)
+		untrack_udp((const struct sock *)*key, state);
 	return 0;
 }
 
@@ -538,6 +675,14 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	struct ft_exit_event *e;
 	__u32 tgid = task->tgid;
 
+	if (BPF_CORE_READ(task, signal, live.counter) == 0 &&
+	    bpf_map_lookup_elem(&udp_owners, &tgid)) {
+		struct exit_ctx ctx = { .tgid = tgid };
+
+		/* Its sockets are closed by exit, not by close(): end its DNS flows here. */
+		bpf_for_each_map_elem(&conns, close_udp_of_process, &ctx, 0);
+		bpf_map_delete_elem(&udp_owners, &tgid);
+	}
 	if (task->pid != task->tgid)
 		return 0;
 	if (cfg.filter_pids) {

@@ -70,12 +70,15 @@ struct ft_header {
 	__u64 timestamp_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 };
 
-/* One TCP connection's identity; addresses are IPv4 in the first 4 bytes or IPv6. */
+/*
+ * One connection's identity: a TCP connection, or the UDP socket a program sends DNS
+ * queries from. Addresses are IPv4 in the first 4 bytes, or IPv6.
+ */
 struct ft_conn {
 	__u64 conn_id;
 	__u64 start_ns;
 	__u16 family; /* AF_INET or AF_INET6 */
-	__u8 protocol; /* IPPROTO_TCP */
+	__u8 protocol; /* IPPROTO_TCP, or IPPROTO_UDP for DNS */
 	__u8 direction; /* enum ft_direction */
 	__u16 local_port;
 	__u16 remote_port;

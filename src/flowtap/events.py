@@ -39,11 +39,16 @@ class Endpoint:
     port: int
 
 
+Protocol = Literal["tcp", "udp"]
+_PROTOCOLS: dict[int, Protocol] = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+
+
 @dataclass(frozen=True, slots=True)
 class Conn:
     conn_id: int
     start_ns: int
     family: Literal["ipv4", "ipv6"]
+    protocol: Protocol
     direction: Direction
     local: Endpoint
     remote: Endpoint
@@ -187,10 +192,14 @@ class EventDecoder:
         direction = self._direction.get(_int(fields, prefix + "direction"))
         if direction is None:
             raise DecodeError(f"unknown direction {fields[prefix + 'direction']!r}")
+        protocol = _PROTOCOLS.get(_int(fields, prefix + "protocol"))
+        if protocol is None:
+            raise DecodeError(f"unknown protocol {fields[prefix + 'protocol']!r}")
         return Conn(
             conn_id=_int(fields, prefix + "conn_id"),
             start_ns=_int(fields, prefix + "start_ns"),
             family=family,
+            protocol=protocol,
             direction=direction,
             local=Endpoint(local_ip, _int(fields, prefix + "local_port")),
             remote=Endpoint(remote_ip, _int(fields, prefix + "remote_port")),

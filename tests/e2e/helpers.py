@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from jsonschema import Draft202012Validator
+
 Record = dict[str, Any]
 Message = dict[str, Any]
 T = TypeVar("T")
@@ -29,6 +31,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().with_name("peer.py")
 BPF_OBJECT = REPO / "src" / "flowtap" / "bpf" / "conn.bpf.o"
+SCHEMA = REPO / "docs" / "schema" / "connection.schema.json"
 CURL = "/usr/bin/curl"
 BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
@@ -290,8 +293,30 @@ def find_pairs(records: list[Record], **criteria: Any) -> list[tuple[Record, Rec
     return found
 
 
+def only_pair(records: list[Record], **criteria: Any) -> tuple[Record, Record]:
+    """The open and close records of the one connection matching criteria."""
+    pairs = find_pairs(records, **criteria)
+    assert len(pairs) == 1, f"expected one connection with {criteria}, got {pairs}"
+    opened, closed = pairs[0]
+    assert closed is not None, f"no close record for {opened}"
+    return opened, closed
+
+
+def schema_errors(records: list[Record]) -> list[str]:
+    """Violations of docs/schema/connection.schema.json (none checked if it is absent)."""
+    if not SCHEMA.exists():
+        return []
+    validator = Draft202012Validator(json.loads(SCHEMA.read_text()))
+    return [
+        f"connection {record.get('connection_id')} {record.get('event')}: {error.message}"
+        for record in records
+        for error in validator.iter_errors(record)
+    ]
+
+
 def assert_well_formed(records: list[Record]) -> None:
-    """Per connection: exactly one open, then at most one close repeating its fields."""
+    """Per connection: exactly one open, then at most one close repeating its fields; and
+    every record valid against the documented JSON schema."""
     for conn_id, group in connections(records).items():
         events = [r["event"] for r in group]
         assert events in (["open"], ["open", "close"]), f"connection {conn_id}: {events}"
@@ -299,6 +324,15 @@ def assert_well_formed(records: list[Record]) -> None:
             opened, closed = group
             for key in ("process", "family", "socket_protocol", "direction", "remote"):
                 assert closed[key] == opened[key], f"connection {conn_id}: {key} differs"
+            assert closed["timestamp"] >= opened["timestamp"], f"connection {conn_id}"
+    errors = schema_errors(records)
+    assert not errors, "\n".join(errors)
+
+
+def assert_no_drops(stats: dict[str, Any]) -> None:
+    drops = stats["drops"]
+    assert drops, stats
+    assert {name: n for name, n in drops.items() if n} == {}, stats
 
 
 class Sensor:
@@ -408,6 +442,14 @@ class Sensor:
         stats: dict[str, Any] = json.loads(self.stats_file.read_text())
         self.stats = stats
         return stats
+
+    def finish(self) -> list[Record]:
+        """stop(), then every record: well formed, schema-valid, and nothing dropped."""
+        stats = self.stop()
+        records = self.records()
+        assert_well_formed(records)
+        assert_no_drops(stats)
+        return records
 
     def kill(self) -> None:
         if self.popen.poll() is None:

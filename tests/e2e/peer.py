@@ -9,10 +9,14 @@ server  Binds HOST port 0, prints "listening" with the port, then serves CONNECT
         check the accepting thread's id). raw mode reads exactly --read bytes and replies
         --reply bytes of pattern(); http mode reads a request head and replies a minimal
         HTTP/1.1 response with a --reply byte body. Then prints "replied" (peer address,
-        counts, tid), reads until the peer closes, closes, and prints "served".
+        counts, tid), reads until the peer closes, closes, and prints "served" (with
+        --reset-after FILE: waits for FILE and aborts the connection with a RST instead).
+        stall mode listens with backlog 0 and never accepts.
 client  Connects (blocking connect() unless --how nonblock), sends --send bytes of
         pattern() the way --how says, reads exactly --expect bytes, then closes. Prints
-        "connected" (local address, tid), "exchanged" (counts), "done".
+        "connected" (local address, tid), "exchanged" (counts), "done". --how refused,
+        timeout or abort: a connect that fails (prints "connect_failed" with the errno)
+        or is closed while pending.
 parent  PARENT GO URL CHILD_ARGV...: starts CHILD_ARGV at once (a descendant that exists
         before the sensor does), waits for GO, then runs curl on URL; prints "child" and
         "curl" with their pids, then "done".
@@ -28,6 +32,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -126,13 +131,25 @@ def serve(listener: socket.socket, args: argparse.Namespace) -> None:
                 sent = len(reply)
             where = {"peer_ip": peer[0], "peer_port": peer[1], "tid": threading.get_native_id()}
             say("replied", received=received, sent=sent, **where)
-            received += recv_until_eof(conn)
+            if args.reset_after:
+                # Abortive close: SO_LINGER 0 makes close() send a RST, not a FIN.
+                wait_for_file(args.reset_after)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                received += recv_until_eof(conn)
         say("served", received=received, sent=sent, **where)
 
 
 def server(args: argparse.Namespace) -> None:
     with socket.socket(family_of(args.host), socket.SOCK_STREAM) as listener:
         listener.bind((args.host, 0))
+        if args.mode == "stall":
+            # Backlog 0: one connection fills the accept queue, nobody accepts it, and
+            # the SYNs of any further connect() are dropped (it stays in SYN_SENT).
+            listener.listen(0)
+            say("listening", port=listener.getsockname()[1])
+            time.sleep(LIFETIME_S)
+            return
         listener.listen(16)
         say("listening", port=listener.getsockname()[1])
         worker = threading.Thread(target=serve, args=(listener, args))
@@ -207,15 +224,32 @@ def connections(args: argparse.Namespace) -> None:
         connection(args)
 
 
-def connection(args: argparse.Namespace) -> None:
+def failing_connect(args: argparse.Namespace) -> None:
+    """--how refused|timeout|abort: connections that never carry data."""
     address = (args.host, args.port)
-    if args.how == "refused":
-        try:
-            socket.create_connection(address).close()
-        except ConnectionRefusedError as exc:
-            say("refused", errno=exc.errno)
+    with socket.socket(family_of(args.host), socket.SOCK_STREAM) as sock:
+        if args.how == "abort":
+            # A non-blocking connect, closed while the handshake is still pending.
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            say("connect_ex", code=code, name=errno.errorcode.get(code, str(code)))
             return
-        raise SystemExit("the connection was not refused")
+        if args.how == "timeout":
+            # One SYN retransmission, then ETIMEDOUT (about 3 s) instead of two minutes.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+        try:
+            sock.connect(address)  # blocking
+        except OSError as exc:
+            say("connect_failed", errno=exc.errno, name=errno.errorcode.get(exc.errno or 0))
+            return
+    raise SystemExit(f"connect to {address} did not fail")
+
+
+def connection(args: argparse.Namespace) -> None:
+    if args.how in ("refused", "timeout", "abort"):
+        failing_connect(args)
+        return
+    address = (args.host, args.port)
     with socket.socket(family_of(args.host), socket.SOCK_STREAM) as sock:
         if args.how == "nonblock":
             connect_nonblocking(sock, address)
@@ -260,15 +294,16 @@ def main() -> None:
     roles = parser.add_subparsers(dest="role", required=True)
     srv = roles.add_parser("server")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--mode", choices=("raw", "http"), default="raw")
+    srv.add_argument("--mode", choices=("raw", "http", "stall"), default="raw")
     srv.add_argument("--read", type=int, default=0)
     srv.add_argument("--reply", type=int, default=0)
     srv.add_argument("--connections", type=int, default=1)
     srv.add_argument("--plain-accept", action="store_true", help="accept(2), not accept4(2)")
+    srv.add_argument("--reset-after", metavar="FILE", help="after replying, wait, send a RST")
     cli = roles.add_parser("client")
     cli.add_argument("--host", default="127.0.0.1")
     cli.add_argument("--port", type=int, required=True)
-    hows = ("sendall", "sendmsg", "writev", "sendfile", "nonblock", "refused")
+    hows = ("sendall", "sendmsg", "writev", "sendfile", "nonblock", "refused", "timeout", "abort")
     cli.add_argument("--how", choices=hows, default="sendall")
     cli.add_argument("--send", type=int, default=0)
     cli.add_argument("--expect", type=int, default=0)

@@ -1,25 +1,17 @@
-"""curl and HTTP/1.1 on 127.0.0.1: both ends of the connection, attributed and counted."""
+"""curl and HTTP/1.1 on 127.0.0.1: both ends of a connection, attributed and counted."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 
-from .helpers import CURL, Lab, Record, assert_well_formed, find_pairs
+from .helpers import CURL, Lab, only_pair
 
 pytestmark = pytest.mark.e2e
 
 BODY = 4321
-
-
-def only_pair(records: list[Record], **criteria: Any) -> tuple[Record, Record]:
-    pairs = find_pairs(records, **criteria)
-    assert len(pairs) == 1, f"expected one connection with {criteria}, got {pairs}"
-    opened, closed = pairs[0]
-    assert closed is not None, f"no close record for {opened}"
-    return opened, closed
+NOBODY = 65534
 
 
 def test_curl_get_both_ends(e2e: Lab) -> None:
@@ -30,12 +22,10 @@ def test_curl_get_both_ends(e2e: Lab) -> None:
     served = server.peer.wait_message("served")
     sensor.wait_for_closed(pid=curl.pid, direction="egress")
     sensor.wait_for_closed(pid=server.pid, direction="ingress")
-    sensor.stop()
-    records = sensor.records()
-    assert_well_formed(records)
+    records = sensor.finish()
     assert len(records) == 4, records
 
-    # The client side: curl's own pid, exe and ports, exact byte counts.
+    # The client end: curl's own pid, exe and ports, exact byte counts.
     opened, closed = only_pair(records, pid=curl.pid, direction="egress")
     for record in (opened, closed):
         process = record["process"]
@@ -62,7 +52,7 @@ def test_curl_get_both_ends(e2e: Lab) -> None:
     assert closed["sni"] is None
     assert closed["duration_ms"] >= 0
 
-    # The server side: the accepting thread of the Python server, counts mirrored.
+    # The server end: the accepting thread of the Python server, counts mirrored.
     s_open, s_close = only_pair(records, pid=server.pid, direction="ingress")
     for record in (s_open, s_close):
         process = record["process"]
@@ -87,21 +77,19 @@ def test_short_lived_curl_under_sh(e2e: Lab) -> None:
     """sh forks, the child execs curl, curl exits at once: still named curl, not sh."""
     server = e2e.server(mode="http", reply=10)
     sensor = e2e.sensor()
-    sh = e2e.spawn(
-        ["/bin/sh", "-c", f"curl -s http://127.0.0.1:{server.port}/ >/dev/null"],
-        cgroup=e2e.cgroup,
-        stem="sh",
-    )
+    command = f"curl -s http://127.0.0.1:{server.port}/ >/dev/null"
+    sh = e2e.spawn(["/bin/sh", "-c", command], cgroup=e2e.cgroup, stem="sh")
     sh.finish()
     served = server.peer.wait_message("served")
-    closed = sensor.wait_for_closed(direction="egress", local_port=served["peer_port"])
-    sensor.stop()
+    sensor.wait_for_closed(direction="egress", local_port=served["peer_port"])
+    records = sensor.finish()
+    _, closed = only_pair(records, direction="egress")
     process = closed["process"]
     assert process["pid"] != sh.pid
     assert process["exe"] in (CURL, os.path.realpath(CURL))
     assert process["comm"] == "curl"
-    assert process["cmdline"][0] == "curl"
-    assert process["cmdline"][1:] == ["-s", f"http://127.0.0.1:{server.port}/"]
+    assert process["cmdline"] == ["curl", "-s", f"http://127.0.0.1:{server.port}/"]
+    assert closed["local"]["port"] == served["peer_port"]
     assert closed["remote"]["port"] == server.port
     assert closed["bytes_sent"] == served["received"]
     assert closed["bytes_received"] == served["sent"]
@@ -113,18 +101,38 @@ def test_process_started_before_the_sensor(e2e: Lab) -> None:
     server = e2e.server(read=300, reply=200)
     go = e2e.file("go")
     client = e2e.client(server, send=300, expect=200, go=go)
-    exe = client.exe
-    assert exe is not None
+    assert client.exe is not None
     sensor = e2e.sensor()
     go.touch()
     connected = client.wait_message("connected")
     client.finish()
-    closed = sensor.wait_for_closed(pid=client.pid, direction="egress")
-    sensor.stop()
+    sensor.wait_for_closed(pid=client.pid, direction="egress")
+    records = sensor.finish()
+    _, closed = only_pair(records, pid=client.pid, direction="egress")
     process = closed["process"]
-    assert process["exe"] == exe
+    assert process["exe"] == client.exe
     assert process["cmdline"] == client.argv
     assert process["comm"] == os.path.basename(client.argv[0])[:15]
     assert closed["local"]["port"] == connected["local_port"]
-    assert closed["bytes_sent"] == 300
-    assert closed["bytes_received"] == 200
+    assert (closed["bytes_sent"], closed["bytes_received"]) == (300, 200)
+
+
+def test_unprivileged_client_is_attributed_to_its_user(e2e: Lab) -> None:
+    """curl run as nobody (setpriv execs it in the same process): uid and user name."""
+    server = e2e.server(mode="http", reply=1)
+    sensor = e2e.sensor()
+    url = f"http://127.0.0.1:{server.port}/"
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv = [CURL, "-sS", "--noproxy", "*", "--max-time", "10", "-o", "/dev/null", url]
+    curl = e2e.spawn([*drop, *argv], cgroup=e2e.cgroup, stem="curl-nobody")
+    curl.finish()
+    sensor.wait_for_closed(pid=curl.pid, direction="egress")
+    records = sensor.finish()
+    _, closed = only_pair(records, pid=curl.pid, direction="egress")
+    process = closed["process"]
+    assert process["uid"] == NOBODY
+    assert process["user"] == "nobody"
+    assert process["exe"] == CURL
+    assert process["comm"] == "curl"
+    assert process["cmdline"] == argv
+    assert closed["status"] == "closed"

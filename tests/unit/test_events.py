@@ -149,6 +149,7 @@ def test_open_ipv4_egress(
             conn_id=7,
             start_ns=1_000_000,
             family="ipv4",
+            protocol="tcp",
             direction="egress",
             local=Endpoint("10.0.0.1", 51234),
             remote=Endpoint("93.184.216.34", 443),
@@ -233,6 +234,7 @@ def test_close_all_fields(
             conn_id=7,
             start_ns=1_000_000,
             family="ipv4",
+            protocol="tcp",
             direction="egress",
             local=Endpoint("10.0.0.1", 51234),
             remote=Endpoint("93.184.216.34", 443),
@@ -522,3 +524,24 @@ def test_family_agrees_with_both_addresses(
     wanted = socket.AF_INET if event.conn.family == "ipv4" else socket.AF_INET6
     for ip in (event.conn.local.ip, event.conn.remote.ip):
         socket.inet_pton(wanted, ip)  # raises OSError when the text is of the other family
+
+
+def test_udp_dns_flow_is_decoded_as_udp(
+    decoder: EventDecoder, pack_event: PackEvent, directions: dict[str, int]
+) -> None:
+    fields = {**TASK_FIELDS, **conn_fields(directions), "conn.protocol": socket.IPPROTO_UDP}
+    fields["conn.remote_port"] = 53
+    event = decoder.decode(pack_event("ft_conn_open_event", fields))
+
+    assert isinstance(event, ConnOpen)
+    assert event.conn.protocol == "udp"
+    assert event.conn.remote == Endpoint("93.184.216.34", 53)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 132, 255])
+def test_unknown_protocol(
+    decoder: EventDecoder, pack_event: PackEvent, directions: dict[str, int], protocol: int
+) -> None:
+    fields = {**TASK_FIELDS, **conn_fields(directions), "conn.protocol": protocol}
+    with pytest.raises(DecodeError, match=f"unknown protocol {protocol}"):
+        decoder.decode(pack_event("ft_conn_close_event", fields))

@@ -56,6 +56,7 @@ def conn(
         conn_id=7,
         start_ns=0,
         family=family,
+        protocol="tcp",
         direction=direction,
         local=Endpoint(*local),
         remote=Endpoint(*remote),

@@ -39,6 +39,7 @@ def conn(conn_id: int = 1, *, start_ns: int = 10 * MS, local_port: int = 51234) 
         conn_id=conn_id,
         start_ns=start_ns,
         family="ipv4",
+        protocol="tcp",
         direction="egress",
         local=Endpoint("10.0.0.1", local_port),
         remote=Endpoint("93.184.216.34", 443),

@@ -83,7 +83,7 @@ def open_record(
         "timestamp": timestamp,
         "process": process,
         "family": conn.family,
-        "socket_protocol": "tcp",
+        "socket_protocol": conn.protocol,
         "direction": conn.direction,
         "local": {"ip": conn.local.ip, "port": conn.local.port},
         "remote": {"ip": conn.remote.ip, "port": conn.remote.port},
