@@ -33,6 +33,7 @@ from typing import Any
 from bench.common import (
     BenchError,
     BpfStats,
+    CpuWindow,
     JsonDict,
     ProgStats,
     RecordCounts,
@@ -41,6 +42,7 @@ from bench.common import (
     bpf_prog_stats,
     command_line,
     compile_loadgen,
+    foreign_sensors,
     host_facts,
     markdown_table,
     median,
@@ -53,6 +55,7 @@ from bench.common import (
     summarize_records,
     total_drops,
     total_ns,
+    wait_for_quiet,
     write_results,
 )
 
@@ -84,6 +87,8 @@ class Step:
     unclosed_opens: int
     closes_with_exact_bytes: int
     programs: ProgStats
+    foreign_cores: float  # CPU used by processes other than the benchmark's, during the load
+    foreign_sensors: list[int]  # other `flowtap run` processes seen around the step
     stats: JsonDict
     records_summary: JsonDict
 
@@ -117,6 +122,8 @@ class PingPong:
     drop_detail: str | None = None
     sensor_cpu_s: float | None = None
     programs: ProgStats | None = None
+    foreign_cores: float = 0.0
+    foreign_sensors: list[int] | None = None
 
 
 class Bench:
@@ -162,10 +169,12 @@ class Bench:
     def generator_ceiling(self) -> JsonDict:
         """What the load reaches on its CPU without the sensor (rate 0: as fast as it can)."""
         seconds = min(self.args.step_seconds, 3.0)
+        wait_for_quiet(set(), self.args.wait_quiet)
         return run_loadgen(self._conn_command(0, seconds), timeout_s=seconds + 60)
 
     def step(self, rate: int) -> Step:
         args = self.args
+        others = wait_for_quiet(set(), args.wait_quiet)
         workdir = scratch_dir("flowtap-capacity.")
         try:
             sensor = self._sensor(workdir)
@@ -174,12 +183,14 @@ class Bench:
                 cpu0 = sensor.cpu_seconds()
                 progs0 = bpf_prog_stats(sensor.pid)
                 t0 = time.monotonic()
-                result = run_loadgen(
-                    self._conn_command(rate, args.step_seconds),
-                    timeout_s=args.step_seconds + 60,
-                )
+                with CpuWindow([sensor.pid]) as window:
+                    result = run_loadgen(
+                        self._conn_command(rate, args.step_seconds),
+                        timeout_s=args.step_seconds + 60,
+                    )
                 load_s = time.monotonic() - t0
                 cpu1 = sensor.cpu_seconds()
+                others += foreign_sensors({sensor.pid})
                 at_end = counts.count_new()
                 expected = RECORDS_PER_CONNECTION * int(result["ok"])
                 catch_up = counts.wait_until(expected, idle_s=1.0, limit_s=60.0)
@@ -210,6 +221,8 @@ class Bench:
             unclosed_opens=sum(summary["open"].values()) - sum(summary["close"].values()),
             closes_with_exact_bytes=summary["bytes_sent/received"].get(f"{MESSAGE}/{MESSAGE}", 0),
             programs=prog_delta(progs0, progs1),
+            foreign_cores=window.foreign_cores,
+            foreign_sensors=sorted(set(others)),
             stats=stats,
             records_summary=summary,
         )
@@ -233,14 +246,18 @@ class Bench:
 
     def pingpong(self, *, with_sensor: bool) -> PingPong:
         timeout = self.args.ops_seconds + 60
+        others = wait_for_quiet(set(), self.args.wait_quiet)
         if not with_sensor:
-            result = run_loadgen(self._pingpong_command(), timeout_s=timeout)
+            with CpuWindow([]) as window:
+                result = run_loadgen(self._pingpong_command(), timeout_s=timeout)
             return PingPong(
                 with_sensor=False,
                 round_trips=int(result["round_trips"]),
                 elapsed_s=float(result["elapsed_s"]),
                 ops_per_s=4 * int(result["round_trips"]) / float(result["elapsed_s"]),
                 bytes_each_way=int(result["bytes_each_way"]),
+                foreign_cores=window.foreign_cores,
+                foreign_sensors=sorted(set(others + foreign_sensors(set()))),
             )
         workdir = scratch_dir("flowtap-dataops.")
         try:
@@ -249,7 +266,9 @@ class Bench:
                 counts = RecordCounts(sensor.output)
                 cpu0 = sensor.cpu_seconds()
                 progs0 = bpf_prog_stats(sensor.pid)
-                result = run_loadgen(self._pingpong_command(), timeout_s=timeout)
+                with CpuWindow([sensor.pid]) as window:
+                    result = run_loadgen(self._pingpong_command(), timeout_s=timeout)
+                others += foreign_sensors({sensor.pid})
                 counts.wait_until(RECORDS_PER_CONNECTION, idle_s=2.0, limit_s=30.0)
                 progs1 = bpf_prog_stats(sensor.pid)
                 cpu1 = sensor.cpu_seconds()
@@ -285,6 +304,8 @@ class Bench:
             drop_detail=nonzero_drops(stats),
             sensor_cpu_s=cpu1 - cpu0,
             programs=prog_delta(progs0, progs1) if self.bpf_stats.enabled else None,
+            foreign_cores=window.foreign_cores,
+            foreign_sensors=sorted(set(others)),
         )
 
     def data_ops(self) -> list[PingPong]:
@@ -345,6 +366,13 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def interference(cores: float, sensors: list[int]) -> str:
+    text = f"{cores:.2f}"
+    if sensors:
+        text += f" + other flowtap {','.join(map(str, sensors))}"
+    return text
+
+
 def step_table(steps: list[Step]) -> str:
     headers = [
         "target conn/s",
@@ -353,10 +381,11 @@ def step_table(steps: list[Step]) -> str:
         "records / expected",
         "drops (sensor stats)",
         "opens left without close",
-        "sensor consumed conn/s during load",
+        "records out when the load ended",
         "catch-up after load (s)",
         "sensor CPU (cores)",
         "BPF µs/conn (load's CPU)",
+        "other processes' CPU (cores)",
     ]
     rows = [
         [
@@ -366,10 +395,11 @@ def step_table(steps: list[Step]) -> str:
             f"{s.records:,} / {s.expected_records:,}",
             s.drop_detail,
             f"{s.unclosed_opens:,}",
-            fmt(s.consumed_rate),
+            f"{100 * s.records_at_load_end / max(s.expected_records, 1):.0f}%",
             fmt(s.catch_up_s, 2),
             fmt(s.sensor_cpu_load, 2),
             fmt(s.bpf_ns_per_connection / 1000 if s.bpf_ns_per_connection else None, 1),
+            interference(s.foreign_cores, s.foreign_sensors),
         ]
         for s in sorted(steps, key=lambda s: (s.target_rate, s.achieved_rate))
     ]
@@ -405,11 +435,12 @@ def data_ops_table(runs: list[PingPong], size: int) -> str:
                 label,
                 f"{run.round_trips:,} x {size} B",
                 fmt(run.ops_per_s),
-                "-" if run.client_bytes is None else f"{run.client_bytes} | {run.server_bytes}",
+                "-" if run.client_bytes is None else f"{run.client_bytes}, {run.server_bytes}",
                 "-" if run.bytes_exact is None else ("yes" if run.bytes_exact else "NO"),
                 "-" if run.connection_events is None else str(run.connection_events),
                 "-" if run.drop_detail is None else run.drop_detail,
                 fmt(run.sensor_cpu_s, 2),
+                interference(run.foreign_cores, run.foreign_sensors or []),
             ]
         )
     headers = [
@@ -417,11 +448,12 @@ def data_ops_table(runs: list[PingPong], size: int) -> str:
         "sensor",
         "round trips",
         "data ops/s",
-        "close records sent/received (client | server)",
+        "close records: client sent/received, server sent/received",
         "bytes exact",
         "conn events to userspace",
         "drops",
         "sensor CPU s",
+        "other processes' CPU (cores)",
     ]
     return markdown_table(headers, rows)
 
@@ -447,6 +479,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops-size", type=int, default=64, help="bytes per ping and per pong")
     parser.add_argument("--ops-seconds", type=float, default=20.0, help="time bound per run")
     parser.add_argument("--ops-pairs", type=int, help="without/with pairs (default 3)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="before each run, wait this long at most for other flowtap sensors to exit",
+    )
     parser.add_argument(
         "--no-bpf-stats",
         action="store_true",

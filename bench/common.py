@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -218,6 +220,81 @@ class BpfStats:
             self._fd = None
 
 
+def foreign_sensors(own: set[int]) -> list[int]:
+    """Pids of `flowtap run` processes that this benchmark did not start."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        names = [os.path.basename(arg) for arg in argv[:3]]
+        if b"flowtap" in names and b"run" in argv:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def wait_for_quiet(own: set[int], limit_s: float) -> list[int]:
+    """Waits up to limit_s for other flowtap sensors to exit; returns those still running."""
+    deadline = time.monotonic() + limit_s
+    others = foreign_sensors(own)
+    while others and time.monotonic() < deadline:
+        time.sleep(0.25)
+        others = foreign_sensors(own)
+    return others
+
+
+def _busy_seconds() -> float:
+    """user + nice + system time of all CPUs (no irq/softirq, no idle, no steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / CLK_TCK
+
+
+def _rusage_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class CpuWindow:
+    """CPU use over a window: the host's, ours (this process, children, watched pids)."""
+
+    watched: list[int]
+    start_wall: float = 0.0
+    start_busy: float = 0.0
+    start_ours: float = 0.0
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+    ours_s: float = 0.0
+
+    def _ours(self) -> float:
+        total = _rusage_seconds(resource.RUSAGE_SELF) + _rusage_seconds(resource.RUSAGE_CHILDREN)
+        for pid in self.watched:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += cpu_seconds(pid)
+        return total
+
+    def __enter__(self) -> CpuWindow:
+        self.start_wall = time.monotonic()
+        self.start_busy = _busy_seconds()
+        self.start_ours = self._ours()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.wall_s = time.monotonic() - self.start_wall
+        self.busy_s = _busy_seconds() - self.start_busy
+        self.ours_s = self._ours() - self.start_ours
+
+    @property
+    def foreign_cores(self) -> float:
+        """CPU that neither the benchmark nor its processes used, per second of wall time."""
+        if self.wall_s <= 0:
+            return 0.0
+        return max(self.busy_s - self.ours_s, 0.0) / self.wall_s
+
+
 @dataclass
 class RecordCounts:
     """What a JSON-lines output file holds, counted incrementally."""
@@ -401,8 +478,26 @@ def write_results(name: str, payload: JsonDict) -> Path:
     return path
 
 
+def _git(*args: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+    return ""
+
+
 def host_facts() -> JsonDict:
+    """What was measured, where: the sensor's revision (and local edits) and the host."""
+    objects = sorted((REPO / "src" / "flowtap" / "bpf").glob("*.bpf.o"))
     return {
+        "git_head": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted_sensor_changes": _git(
+            "status", "--porcelain", "--", "src", "bpf"
+        ).splitlines(),
+        "bpf_objects_sha256": {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in objects
+        },
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],

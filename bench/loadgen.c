@@ -9,6 +9,9 @@
  *                               conn/s in total (0: as fast as possible) for SECONDS,
  *                               against SERVERS accepting processes on PORTS ports.
  *   loadgen pingpong [options]  one connection, COUNT round trips of SIZE bytes.
+ *   loadgen syscalls [options]  COUNT getppid() system calls (no socket at all): what
+ *                               any process pays per system call while syscall
+ *                               tracepoints are attached.
  *
  * Options: -r RATE -d SECONDS -c CLIENTS -s SERVERS -p PORTS -b SIZE -n COUNT
  *          -m MAX_CONNS (total bound) -g CGROUP_PROCS_FILE (join before forking)
@@ -27,6 +30,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -330,6 +334,23 @@ static int run_pingpong(const struct options *o)
 	return 0;
 }
 
+static int run_syscalls(const struct options *o)
+{
+	double t0 = now_s(), t1, end = t0 + o->seconds;
+	long done = 0;
+
+	while (done < o->count) {
+		if ((done & 4095) == 0 && now_s() >= end)
+			break;
+		syscall(SYS_getppid);
+		done++;
+	}
+	t1 = now_s();
+	printf("{\"mode\": \"syscalls\", \"calls\": %ld, \"elapsed_s\": %.6f, \"rate\": %.1f}\n",
+	       done, t1 - t0, (double)done / (t1 - t0));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o = {.rate = 0, .seconds = 5, .clients = 1, .servers = 1, .ports = 1,
@@ -371,6 +392,8 @@ int main(int argc, char **argv)
 		return run_conn(&o);
 	if (strcmp(mode, "pingpong") == 0)
 		return run_pingpong(&o);
+	if (strcmp(mode, "syscalls") == 0)
+		return run_syscalls(&o);
 	fprintf(stderr, "loadgen: unknown mode %s\n", mode);
 	return 2;
 }

@@ -5,7 +5,10 @@
  * Hooks (none are kprobes or fentry, which these kernels refuse):
  *   tp_btf/inet_sock_set_state   CLOSE->SYN_SENT registers an outgoing connection
  *                                (runs in the connecting thread), ESTABLISHED marks
- *                                it, CLOSE ends it (any context).
+ *                                it, CLOSE ends it (any context), or, when received
+ *                                data is still queued, once the program has read it
+ *                                (sock_recv_length) or released the socket:
+ *   tp_btf/tcp_destroy_sock      ends a closed connection whose data was never read.
  *   syscalls/sys_exit_connect    emits the open event with connect()'s result.
  *   syscalls/sys_exit_accept(4)  registers an incoming connection from the new fd.
  *   tp_btf/sock_send_length      bytes of every send on a socket: write, writev,
@@ -262,24 +265,46 @@ static __always_inline void emit_open(const struct sock *sk, struct ft_conn_stat
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline void emit_close(const struct sock *sk, struct ft_conn_state *state,
-				       int old_state)
+/* The close event, with what CLOSE recorded (TCP) or the socket's state now (UDP). */
+static __always_inline void emit_close(const struct sock *sk, struct ft_conn_state *state)
 {
 	struct ft_conn_close_event *e;
 
 	e = reserve(sizeof(*e), FT_EVENT_CONN_CLOSE);
 	if (!e)
 		return;
+	if (state->closed) {
+		e->hdr.timestamp_ns = state->close_ns;
+		e->sock_error = state->sock_error;
+		e->old_state = state->close_old_state;
+	} else {
+		e->sock_error = BPF_CORE_READ(sk, sk_err);
+		e->old_state = 0;
+	}
 	e->task = state->task;
 	e->conn = state->conn;
 	e->bytes_sent = state->bytes_sent;
 	e->bytes_received = state->bytes_received;
-	e->sock_error = BPF_CORE_READ(sk, sk_err);
-	e->old_state = old_state;
 	e->established = state->established;
 	e->open_emitted = state->open_emitted;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void untrack(const struct sock *sk, struct ft_conn_state *state)
+{
+	__u64 key = (__u64)sk;
+
+	emit_close(sk, state);
+	bpf_map_delete_elem(&conns, &key);
+}
+
+/* Bytes the peer sent that the program has not read yet. */
+static __always_inline __u32 unread_bytes(const struct sock *sk)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	return BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -295,6 +320,10 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		__u64 tid_key = bpf_get_current_pid_tgid();
 		__u32 tid = (__u32)tid_key;
 
+		/* connect() again on a socket whose last connection ended: that one is over. */
+		state = bpf_map_lookup_elem(&conns, &key);
+		if (state)
+			untrack(sk, state);
 		if (!cfg.trace_egress || !current_is_traced())
 			return 0;
 		if (track_tcp(sk, FT_DIR_EGRESS))
@@ -313,11 +342,35 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		return 0;
 	}
 	if (new_state == TCP_CLOSE) {
-		if (!state->conn.local_port)
-			read_addresses(sk, &state->conn);
-		emit_close(sk, state, old_state);
-		bpf_map_delete_elem(&conns, &key);
+		if (!state->conn.local_port) {
+			/* Never established: take the local end only, the peer's may be reset. */
+			struct ft_conn now = {};
+
+			read_addresses(sk, &now);
+			state->conn.local_port = now.local_port;
+			__builtin_memcpy(state->conn.local_addr, now.local_addr, sizeof(now.local_addr));
+		}
+		/* Reading sk_err later is too late: the program's recv() clears it. */
+		state->sock_error = BPF_CORE_READ(sk, sk_err);
+		state->close_old_state = old_state;
+		state->close_ns = bpf_ktime_get_ns();
+		state->closed = 1;
+		/* Data still queued will be read (and counted) later: close after that. */
+		if (!unread_bytes(sk))
+			untrack(sk, state);
 	}
+	return 0;
+}
+
+/* Released with data never read: the close event goes out now. */
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(on_tcp_destroy, struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &key);
+
+	if (state)
+		untrack(sk, state);
 	return 0;
 }
 
@@ -336,11 +389,12 @@ int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	key = *skp;
 	bpf_map_delete_elem(&connecting, &tid);
 	state = bpf_map_lookup_elem(&conns, &key);
-	/* Gone already: the connection failed inside connect(); its close event says so. */
 	if (!state || state->open_emitted)
 		return 0;
 	sk = (const struct sock *)key;
-	read_addresses(sk, &state->conn);
+	/* A connection that already failed has its addresses reset: keep what we saw. */
+	if (!state->closed)
+		read_addresses(sk, &state->conn);
 	emit_open(sk, state, (__s32)ctx->ret);
 	return 0;
 }
@@ -563,10 +617,8 @@ static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_st
 {
 	__u32 tgid = state->task.pid;
 	__u32 *owned = bpf_map_lookup_elem(&udp_owners, &tgid);
-	__u64 key = (__u64)sk;
 
-	emit_close(sk, state, 0);
-	bpf_map_delete_elem(&conns, &key);
+	untrack(sk, state);
 	if (owned && __sync_fetch_and_add(owned, -1) == 1)
 		bpf_map_delete_elem(&udp_owners, &tgid);
 }
@@ -611,16 +663,21 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
 
-	if (ret <= 0 || (flags & MSG_PEEK))
+	if (flags & MSG_PEEK)
 		return 0;
 	state = bpf_map_lookup_elem(&conns, &key);
 	if (!state)
 		return 0;
-	__sync_fetch_and_add(&state->bytes_received, ret);
-	if (!state->sniffed_rx) {
-		state->sniffed_rx = 1;
-		emit_sniff(state, FT_FLOW_RX, ret);
+	if (ret > 0) {
+		__sync_fetch_and_add(&state->bytes_received, ret);
+		if (!state->sniffed_rx) {
+			state->sniffed_rx = 1;
+			emit_sniff(state, FT_FLOW_RX, ret);
+		}
 	}
+	/* A connection that ended with data queued: done once the program has it all. */
+	if (state->closed && (ret <= 0 || !unread_bytes(sk)))
+		untrack(sk, state);
 	return 0;
 }
 

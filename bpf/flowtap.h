@@ -107,17 +107,25 @@ struct ft_conn_close_event {
 	__u8 pad;
 };
 
-/* Value of the conns map (key: struct sock pointer); also read at exit for open connections. */
+/*
+ * Value of the conns map (key: struct sock pointer); also read at exit for open
+ * connections. A TCP socket that reached CLOSE stays here, with closed set, until the
+ * kernel destroys it: the program may still read data that arrived before the end.
+ */
 struct ft_conn_state {
 	struct ft_task task;
 	struct ft_conn conn;
 	__u64 bytes_sent;
 	__u64 bytes_received;
+	__u64 close_ns; /* when TCP reached CLOSE; 0 while open */
+	__s32 sock_error; /* sk_err at CLOSE */
 	__u8 established;
 	__u8 open_emitted;
 	__u8 sniffed_tx;
 	__u8 sniffed_rx;
-	__u32 pad;
+	__u8 closed;
+	__u8 close_old_state; /* TCP state before CLOSE */
+	__u8 pad[6];
 };
 
 /* The first bytes of a connection in one direction, for protocol detection. */

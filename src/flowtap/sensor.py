@@ -93,13 +93,15 @@ class Sensor:
         obj.map("conns").set_max_entries(self.config.max_connections)
         obj.load()
         self._fill_filters(obj)
-        found = self.registry.scan()
-        log.info("attributed %d processes already running", found)
+        self._ring = RingBuffer(obj.map("events"), self._on_record)
         for program in obj.programs():
             link = program.attach()
             self._links.append(link)
             log.debug("attached %s", link.description)
-        self._ring = RingBuffer(obj.map("events"), self._on_record)
+        # After attaching: children forked from now on are followed by the kernel.
+        self._add_existing_descendants(obj)
+        found = self.registry.scan()
+        log.info("attributed %d processes already running", found)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
@@ -125,14 +127,30 @@ class Sensor:
     def _fill_filters(self, obj: BpfObject) -> None:
         traced = obj.map("traced_pids")
         for pid in self.config.pids:
-            # The process and the descendants it already has; later ones follow in the kernel.
-            for member in sorted(self.registry.children(pid)):
-                traced.update(struct.pack("<I", member), b"\x01")
+            traced.update(struct.pack("<I", pid), b"\x01")
         if self.config.cgroup is not None:
             self._cgroup_fd = os.open(self.config.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             obj.map("filter_cgroup").update(
                 struct.pack("<I", 0), struct.pack("<I", self._cgroup_fd)
             )
+
+    def _add_existing_descendants(self, obj: BpfObject) -> None:
+        """--pid: descendants forked before the fork hook was attached. A child forked by
+        one of them during a scan is found by the next scan, so repeat until stable."""
+        if not self.config.pids:
+            return
+        traced = obj.map("traced_pids")
+        known: set[int] = set(self.config.pids)
+        for _ in range(8):
+            found: set[int] = set()
+            for pid in self.config.pids:
+                found |= self.registry.children(pid)
+            new = found - known
+            if not new:
+                return
+            for member in sorted(new):
+                traced.update(struct.pack("<I", member), b"\x01")
+            known |= new
 
     # --- event loop -----------------------------------------------------------------
 
@@ -240,33 +258,37 @@ class Sensor:
 
     # --- shutdown -------------------------------------------------------------------
 
-    def _remaining(self) -> list[ConnClose]:
-        """Close events for connections the kernel still tracks, built from its table."""
+    def _remaining(self) -> tuple[list[ConnClose], list[ConnClose]]:
+        """Connections the kernel still tracks, as close events built from its table:
+        (still open, ended but not yet released by their program)."""
         if self._obj is None or self._decoder is None:
-            return []
+            return [], []
         conns = self._obj.map("conns")
         layout = self._decoder.state_layout
         now = time.monotonic_ns()
-        remaining = []
+        still_open: list[ConnClose] = []
+        ended: list[ConnClose] = []
         for key in list(conns.keys()):
             raw = conns.lookup(key)
             if raw is None:
                 continue
             fields = layout.unpack(raw)
-            remaining.append(
-                ConnClose(
-                    timestamp_ns=now,
-                    task=self._decoder.task(fields),
-                    conn=self._decoder.conn(fields),
-                    bytes_sent=int(fields["bytes_sent"]),
-                    bytes_received=int(fields["bytes_received"]),
-                    sock_error=0,
-                    old_state=0,
-                    established=bool(fields["established"]),
-                    open_emitted=bool(fields["open_emitted"]),
-                )
+            closed = bool(fields["closed"])
+            event = ConnClose(
+                timestamp_ns=int(fields["close_ns"]) if closed else now,
+                task=self._decoder.task(fields),
+                conn=self._decoder.conn(fields),
+                bytes_sent=int(fields["bytes_sent"]),
+                bytes_received=int(fields["bytes_received"]),
+                sock_error=int(fields["sock_error"]),
+                old_state=int(fields["close_old_state"]),
+                established=bool(fields["established"]),
+                open_emitted=bool(fields["open_emitted"]),
             )
-        return sorted(remaining, key=lambda event: event.conn.conn_id)
+            (ended if closed else still_open).append(event)
+        ended.sort(key=lambda event: event.conn.conn_id)
+        still_open.sort(key=lambda event: event.conn.conn_id)
+        return still_open, ended
 
     def stop(self) -> dict[str, int]:
         """Drains events, closes what is still open, detaches everything; returns drops."""
@@ -276,7 +298,10 @@ class Sensor:
                 for _ in range(100):  # bounded drain
                     if self._ring.poll(0) == 0:
                         break
-                self.tracker.close_remaining(self._remaining())
+                still_open, ended = self._remaining()
+                for event in ended:
+                    self.tracker.on_close(event)
+                self.tracker.close_remaining(still_open)
                 report = self.report_drops(final=True)
                 self._write_stats(report)
         finally:

@@ -170,15 +170,19 @@ class Peer:
             return None
 
     def _read(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._cond:
-                self._lines.append(line)
-                with contextlib.suppress(ValueError):
-                    message = json.loads(line)
-                    if isinstance(message, dict):
-                        self._messages.append(message)
-                self._cond.notify_all()
+        """Collects stdout lines until EOF (every holder of the pipe has exited)."""
+        with stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip("\n")
+                with self._cond:
+                    self._lines.append(line)
+                    with contextlib.suppress(ValueError):
+                        message = json.loads(line)
+                        if isinstance(message, dict):
+                            self._messages.append(message)
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
     def messages(self, event: str) -> list[Message]:
         with self._cond:
@@ -236,8 +240,6 @@ class Peer:
                 os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
 
 
 @dataclass
@@ -264,7 +266,8 @@ def connections(records: list[Record]) -> dict[int, list[Record]]:
 
 
 def matches(record: Record, criteria: dict[str, Any]) -> bool:
-    """pid, tid, direction, family, local_port, remote_port, local_ip, remote_ip, status."""
+    """Criteria: pid, tid, direction, family, local_port, remote_port, local_ip, remote_ip,
+    event (of the record given)."""
     view = {
         "pid": record["process"]["pid"],
         "tid": record["process"]["tid"],

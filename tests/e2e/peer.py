@@ -1,8 +1,8 @@
-"""The processes the e2e tests trace: a loopback server, a client and a parent process.
+"""The processes the e2e tests trace: loopback server, client, process trees.
 
-Run as a script (standard library only): ``python peer.py server|client|parent ...``.
-Each prints JSON status lines on stdout that the test reads live, and kills itself after
-LIFETIME_S whatever it is waiting for.
+Run as a script (standard library only): ``python peer.py ROLE ...``. Each prints JSON
+status lines on stdout that the test reads live, and kills itself after LIFETIME_S
+whatever it is waiting for. The roles:
 
 server  Binds HOST port 0, prints "listening" with the port, then serves CONNECTIONS
         connections one after the other, accepting in a worker thread (so the test can
@@ -20,11 +20,14 @@ client  Connects (blocking connect() unless --how nonblock), sends --send bytes 
 parent  PARENT GO URL CHILD_ARGV...: starts CHILD_ARGV at once (a descendant that exists
         before the sensor does), waits for GO, then runs curl on URL; prints "child" and
         "curl" with their pids, then "done".
+forker  Forks children at a steady pace until GO exists; then each child connects once
+        to PORT and exits. Prints "forked" with each child's pid, then "done".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -32,6 +35,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -160,6 +164,38 @@ def server(args: argparse.Namespace) -> None:
 
 # --- client --------------------------------------------------------------------------
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def tls_client_hello(server_name: str) -> bytes:
+    """The ClientHello Python's ssl (OpenSSL) sends for server_name, without a server."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def dns_query(name: str) -> bytes:
+    """A DNS-over-TCP query (2-byte length prefix) for the A record of name."""
+    header = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00"
+    message = header + labels + struct.pack("!HH", 1, 1)
+    return struct.pack("!H", len(message)) + message
+
+
+def first_bytes(kind: str, size: int) -> bytes:
+    """What the client sends: pattern(size), or the opening of a known protocol."""
+    if kind == "tls":
+        return tls_client_hello("flowtap.example")
+    if kind == "http2":
+        return H2_PREFACE + H2_EMPTY_SETTINGS
+    if kind == "dns":
+        return dns_query("flowtap.example")
+    return pattern(size)
+
 
 def split(payload: bytes) -> list[bytes]:
     """`payload` as several buffers (the last one takes the remainder)."""
@@ -257,7 +293,7 @@ def connection(args: argparse.Namespace) -> None:
             sock.connect(address)  # blocking: connect() itself returns 0
         local = sock.getsockname()
         say("connected", local_ip=local[0], local_port=local[1], tid=threading.get_native_id())
-        payload = pattern(args.send)
+        payload = first_bytes(args.protocol, args.send)
         if args.how in ("sendmsg", "writev"):
             send_vectored(sock, payload, use_writev=args.how == "writev")
         elif args.how == "sendfile":
@@ -288,6 +324,32 @@ def parent(args: argparse.Namespace) -> None:
     say("done", curl_rc=curl.wait(timeout=LIFETIME_S), child_rc=child.wait(timeout=LIFETIME_S))
 
 
+# --- forker --------------------------------------------------------------------------
+
+
+def forker(args: argparse.Namespace) -> None:
+    """Forks a child every --interval seconds until GO exists (at most --max). Each child
+    blocks on a pipe; once the parent stops forking it closes the pipe, and every child
+    makes one connection to 127.0.0.1:PORT (refused is fine) and exits."""
+    gate_read, gate_write = os.pipe()
+    children: list[int] = []
+    while not os.path.exists(args.go) and len(children) < args.max:
+        pid = os.fork()
+        if pid == 0:
+            os.close(gate_write)
+            os.read(gate_read, 1)  # EOF once the parent closes its end
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", args.port)).close()
+            os._exit(0)
+        children.append(pid)
+        say("forked", child_pid=pid)
+        time.sleep(args.interval)
+    os.close(gate_write)
+    for pid in children:
+        os.waitpid(pid, 0)
+    say("done", children=len(children))
+
+
 def main() -> None:
     signal.alarm(LIFETIME_S)  # default action: terminate; no peer outlives its test
     parser = argparse.ArgumentParser()
@@ -313,12 +375,25 @@ def main() -> None:
     cli.add_argument("--in-thread", action="store_true", help="connect from a second thread")
     cli.add_argument("--repeat", type=int, default=1, help="this many connections in a row")
     cli.add_argument("--tag", default="", help="ignored (makes the command line longer)")
+    cli.add_argument(
+        "--protocol",
+        choices=("raw", "tls", "http2", "dns"),
+        default="raw",
+        help="send a TLS ClientHello (SNI flowtap.example), an HTTP/2 preface or a DNS "
+        "query instead of --send bytes of pattern()",
+    )
     par = roles.add_parser("parent")
     par.add_argument("go")
     par.add_argument("url")
     par.add_argument("child_argv", nargs=argparse.REMAINDER)
+    frk = roles.add_parser("forker")
+    frk.add_argument("--port", type=int, required=True)
+    frk.add_argument("--go", required=True)
+    frk.add_argument("--interval", type=float, default=0.002)
+    frk.add_argument("--max", type=int, default=1000)
     args = parser.parse_args()
-    {"server": server, "client": client, "parent": parent}[args.role](args)
+    roles_run = {"server": server, "client": client, "parent": parent, "forker": forker}
+    roles_run[args.role](args)
 
 
 if __name__ == "__main__":

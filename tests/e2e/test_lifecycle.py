@@ -8,7 +8,16 @@ import stat
 
 import pytest
 
-from .helpers import Lab, Record, assert_well_formed, bpftool_programs, find_pairs, wait_until
+from .helpers import (
+    Lab,
+    Record,
+    assert_no_drops,
+    assert_well_formed,
+    bpftool_programs,
+    find_pairs,
+    only_pair,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,11 +42,10 @@ def test_sigint_closes_open_connections_and_reports_no_drops(e2e: Lab) -> None:
 
     records = sensor.records()
     assert_well_formed(records)
+    assert_no_drops(stats)
     assert len(records) == 4, records
-    (c_open, c_close), *_ = find_pairs(records, pid=client.pid, direction="egress")
-    (s_open, s_close), *_ = find_pairs(records, pid=server.pid, direction="ingress")
-    assert c_close is not None
-    assert s_close is not None
+    c_open, c_close = only_pair(records, pid=client.pid, direction="egress")
+    s_open, s_close = only_pair(records, pid=server.pid, direction="ingress")
     assert records.index(c_close) > records.index(c_open)
     assert records.index(s_close) > records.index(s_open)
     assert c_close["status"] == s_close["status"] == "open_at_exit"
@@ -47,8 +55,6 @@ def test_sigint_closes_open_connections_and_reports_no_drops(e2e: Lab) -> None:
     assert (s_close["bytes_sent"], s_close["bytes_received"]) == (222, 111)
     assert c_close["l7_protocol"] == s_close["l7_protocol"] == "other"
 
-    assert stats["drops"], stats
-    assert set(stats["drops"].values()) == {0}, stats["drops"]
     assert stats["records"] == 4
     assert stats["connections_opened"] == stats["connections_closed"] == 2
     for path in (sensor.output, sensor.stats_file):
@@ -67,6 +73,7 @@ def test_sigterm_is_a_clean_stop(e2e: Lab) -> None:
         lambda: not ours & {p["id"] for p in bpftool_programs()},
         10,
         "the sensor's programs to be unloaded",
+        interval=0.1,
     )
 
 
@@ -93,5 +100,6 @@ def test_kill_9_leaves_no_programs(e2e: Lab) -> None:
         lambda: not ours & {p["id"] for p in bpftool_programs()},
         10,
         "the killed sensor's programs to be freed",
+        interval=0.1,
     )
     assert not mine & tcp_state_ids()

@@ -121,12 +121,6 @@ def test_reset_by_peer(e2e: Lab) -> None:
     assert (s_close["bytes_sent"], s_close["bytes_received"]) == (20, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sensor bug: the close record is built when the socket enters TCP_CLOSE, so bytes "
-    "the process reads from its receive queue after that (FIN_WAIT2 -> TIME_WAIT, or a RST) "
-    "are never counted in bytes_received",
-)
 @pytest.mark.parametrize("ending", ["fin", "rst"])
 def test_reply_read_after_the_socket_closed(e2e: Lab, ending: str) -> None:
     """The client sends 100 bytes and shuts down its side (FIN); the server replies 5000

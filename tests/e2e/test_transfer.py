@@ -152,3 +152,28 @@ def test_many_connections_in_a_row(e2e: Lab) -> None:
             50,
             "closed",
         )
+
+
+@pytest.mark.parametrize(
+    ("protocol", "sni"), [("tls", "flowtap.example"), ("http2", None), ("dns", None)]
+)
+def test_protocol_guessed_from_the_first_bytes(e2e: Lab, protocol: str, sni: str | None) -> None:
+    """The client opens with a TLS ClientHello, an HTTP/2 preface or a DNS query (on an
+    arbitrary port); both ends' close records name the protocol (and the SNI)."""
+    server = e2e.server(read=1 << 20, reply=0)  # reads until the client closes
+    sensor = e2e.sensor()
+    client = e2e.client(server, extra=["--protocol", protocol])
+    client.finish()
+    sent = client.wait_message("exchanged")["sent"]
+    served = server.peer.wait_message("served")
+    assert served["received"] == sent
+    sensor.wait_for_closed(pid=client.pid, direction="egress")
+    sensor.wait_for_closed(pid=server.pid, direction="ingress")
+    records = sensor.finish()
+    _, closed = only_pair(records, pid=client.pid, direction="egress")
+    _, s_close = only_pair(records, pid=server.pid, direction="ingress")
+    assert (closed["bytes_sent"], closed["bytes_received"]) == (sent, 0)
+    assert (s_close["bytes_sent"], s_close["bytes_received"]) == (0, sent)
+    for record in (closed, s_close):
+        assert record["l7_protocol"] == protocol
+        assert record["sni"] == sni

@@ -121,7 +121,7 @@ def test_open_then_close(tracker: ConnectionTracker, records: list[Record]) -> N
     assert opened["connection_id"] == closed["connection_id"] == 1
     assert opened["state"] == "established"
     assert opened["error"] is None
-    assert opened["timestamp"] == "2023-11-14T22:13:20.134456Z"  # fixed clock + 11 ms
+    assert opened["timestamp"] == "2023-11-14T22:13:20.133456Z"  # fixed clock + start_ns
     assert opened["process"] == {
         "pid": PID,
         "tid": 4243,

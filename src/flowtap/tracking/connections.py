@@ -79,7 +79,7 @@ class ConnectionTracker:
         if conn_id in self._closed or conn_id in self._open:
             self.stats.late_events += 1
             return
-        entry = self._start(event.task, event.conn, event.timestamp_ns, event)
+        entry = self._start(event.task, event.conn, event)
         if entry.visible and entry.opened is not None:
             self._emit(entry.opened)
 
@@ -102,7 +102,7 @@ class ConnectionTracker:
             if conn.conn_id in self._closed:
                 self.stats.late_events += 1
                 return
-            entry = self._start(event.task, conn, conn.start_ns, event, register=False)
+            entry = self._start(event.task, conn, event, register=False)
             if conn.conn_id in self._evicted:
                 self._evicted.discard(conn.conn_id)  # its open record went out already
             else:
@@ -144,7 +144,6 @@ class ConnectionTracker:
         self,
         task: Task,
         conn: Conn,
-        timestamp_ns: int,
         event: ConnOpen | ConnClose,
         *,
         register: bool = True,
@@ -163,7 +162,8 @@ class ConnectionTracker:
         opened = open_record(
             conn,
             process_record(info, task.tid),
-            self._clock.rfc3339(timestamp_ns),
+            # When the connection began (connect() or accept()), so open <= close always.
+            self._clock.rfc3339(conn.start_ns),
             state=state,
             error=error,
         )

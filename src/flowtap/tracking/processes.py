@@ -97,11 +97,16 @@ class ProcessRegistry:
         return tree
 
     def on_exec(self, event: Exec) -> ProcessInfo:
+        # The event's argv is capped (512 bytes); /proc has it whole while the process
+        # lives, and it is this exec's if its first argument agrees.
+        cmdline = self._read_cmdline(event.task.pid)
+        if cmdline is None or cmdline[:1] != event.argv[:1]:
+            cmdline = event.argv
         info = ProcessInfo(
             pid=event.task.pid,
             exe=self._readlink_exe(event.task.pid) or event.filename or None,
             comm=event.task.comm,
-            cmdline=event.argv,
+            cmdline=cmdline,
             uid=event.task.uid,
             user=self._users.name(event.task.uid),
             container_id=self._read_container(event.task.pid)
@@ -152,14 +157,13 @@ class ProcessRegistry:
         base = self._proc / str(pid)
         try:
             status = (base / "status").read_text()
-            raw_cmdline = (base / "cmdline").read_bytes()
         except OSError:
+            return None
+        cmdline = self._read_cmdline(pid)
+        if cmdline is None:
             return None
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         uid = int(fields.get("Uid", "0").split()[0])
-        cmdline = tuple(
-            part.decode("utf-8", "backslashreplace") for part in raw_cmdline.split(b"\0") if part
-        )
         return ProcessInfo(
             pid=pid,
             exe=self._readlink_exe(pid),
@@ -170,6 +174,13 @@ class ProcessRegistry:
             container_id=self._read_container(pid),
             ppid=int(fields["PPid"]) if "PPid" in fields else None,
         )
+
+    def _read_cmdline(self, pid: int) -> tuple[str, ...] | None:
+        try:
+            raw = (self._proc / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None
+        return tuple(part.decode("utf-8", "backslashreplace") for part in raw.split(b"\0") if part)
 
     def _read_ppid(self, pid: int) -> int | None:
         try:
