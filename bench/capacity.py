@@ -384,6 +384,7 @@ def step_table(steps: list[Step]) -> str:
         "records out when the load ended",
         "catch-up after load (s)",
         "sensor CPU (cores)",
+        "sensor CPU µs/conn",
         "BPF µs/conn (load's CPU)",
         "other processes' CPU (cores)",
     ]
@@ -398,6 +399,7 @@ def step_table(steps: list[Step]) -> str:
             f"{100 * s.records_at_load_end / max(s.expected_records, 1):.0f}%",
             fmt(s.catch_up_s, 2),
             fmt(s.sensor_cpu_load, 2),
+            fmt(1e6 * s.sensor_cpu_total_s / s.connections if s.connections else None),
             fmt(s.bpf_ns_per_connection / 1000 if s.bpf_ns_per_connection else None, 1),
             interference(s.foreign_cores, s.foreign_sensors),
         ]
@@ -525,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capacity: {exc}", file=sys.stderr)
         return 2
     facts = host_facts()
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     bpf_stats = BpfStats()
     accounting = not args.no_bpf_stats and bpf_stats.enable()
     build = scratch_dir("flowtap-loadgen.")
@@ -639,6 +643,12 @@ def report(
         )
     print(markdown_table(["data ops (send or recv calls, both ends)", "value"], rows))
     print()
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}")
+    print(
+        f"sensor: git {facts['git_head']}, uncommitted changes in src/ or bpf/: "
+        f"{len(facts['uncommitted_sensor_changes'])}, objects {facts['bpf_objects_sha256']}"
+    )
     print(f"command: {command}")
     path = write_results(
         "capacity",

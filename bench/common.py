@@ -61,6 +61,17 @@ def require_sensor() -> None:
         raise BenchError("no compiled BPF object: run `make bpf` first")
 
 
+def sensor_warnings() -> list[str]:
+    """What makes a measurement unrepresentative of the sources: a stale BPF object."""
+    warnings = []
+    sources = list((REPO / "bpf").glob("*.[ch]"))
+    newest_source = max((path.stat().st_mtime for path in sources), default=0.0)
+    for obj in (REPO / "src" / "flowtap" / "bpf").glob("*.bpf.o"):
+        if obj.stat().st_mtime < newest_source:
+            warnings.append(f"{obj.relative_to(REPO)} is older than bpf/: run `make bpf`")
+    return warnings
+
+
 def scratch_dir(prefix: str) -> Path:
     """A private directory on tmpfs (so the sensor's output never waits on a disk)."""
     base = SHM if SHM.is_dir() else None
@@ -498,6 +509,7 @@ def host_facts() -> JsonDict:
         "bpf_objects_sha256": {
             path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in objects
         },
+        "warnings": sensor_warnings(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],

@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slowdown: {exc}", file=sys.stderr)
         return 2
     facts = host_facts()
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     workdir = scratch_dir("flowtap-slowdown-tools.")
     runs: list[Run] = []
     summaries: list[Summary] = []
@@ -599,6 +601,12 @@ def report(
     print()
     print(runs_table(runs, units))
     print()
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}")
+    print(
+        f"sensor: git {facts['git_head']}, uncommitted changes in src/ or bpf/: "
+        f"{len(facts['uncommitted_sensor_changes'])}, objects {facts['bpf_objects_sha256']}"
+    )
     print(f"command: {command}")
     path = write_results(
         "slowdown",

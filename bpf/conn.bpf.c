@@ -31,6 +31,8 @@
 #define IPPROTO_UDP 17
 #define DNS_PORT 53
 #define EINPROGRESS 115
+#define EAGAIN 11
+#define EINTR 4
 #define MSG_PEEK 2
 
 /* x86_64 syscall numbers whose second argument points at the data. */
@@ -278,7 +280,7 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 		e->sock_error = state->sock_error;
 		e->old_state = state->close_old_state;
 	} else {
-		e->sock_error = BPF_CORE_READ(sk, sk_err);
+		e->sock_error = state->sock_error ?: BPF_CORE_READ(sk, sk_err);
 		e->old_state = 0;
 	}
 	e->task = state->task;
@@ -289,6 +291,17 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->open_emitted = state->open_emitted;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
+}
+
+/*
+ * A UDP socket reports an ICMP error (port unreachable: ECONNREFUSED) once, to the next
+ * send or recv, which clears it: keep it for the close event.
+ */
+static __always_inline void note_udp_error(struct ft_conn_state *state, int ret)
+{
+	if (ret < 0 && state->conn.protocol == IPPROTO_UDP && !state->sock_error &&
+	    ret != -EAGAIN && ret != -EINTR)
+		state->sock_error = -ret;
 }
 
 static __always_inline void untrack(const struct sock *sk, struct ft_conn_state *state)
@@ -595,9 +608,11 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
 
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (state && ret <= 0)
+		note_udp_error(state, ret);
 	if (ret <= 0)
 		return 0;
-	state = bpf_map_lookup_elem(&conns, &key);
 	if (!state) {
 		if (sk->sk_protocol != IPPROTO_UDP)
 			return 0;
@@ -668,6 +683,7 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 	state = bpf_map_lookup_elem(&conns, &key);
 	if (!state)
 		return 0;
+	note_udp_error(state, ret);
 	if (ret > 0) {
 		__sync_fetch_and_add(&state->bytes_received, ret);
 		if (!state->sniffed_rx) {
