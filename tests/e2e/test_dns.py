@@ -45,11 +45,7 @@ def test_dns_queries_over_udp(e2e: Lab, netns: str) -> None:
     assert nobody["outcome"] == "refused"
     pid = int(unconnected["pid"])
     for port in (unconnected["port"], connected["port"], nobody["port"]):
-        sensor.wait_for(
-            lambda records, port=port: any(
-                r["event"] == "close" and r["local"]["port"] == port for r in records
-            )
-        )
+        sensor.wait_for_closed(local_port=port)
     records = sensor.finish()
     assert {r["socket_protocol"] for r in records} == {"udp"}
 
