@@ -588,11 +588,11 @@ def report(
     kept = [s.achieved_rate for s in steps if s.kept_up]
     clean = [s.achieved_rate for s in steps if s.clean]
     dropping = [s.achieved_rate for s in steps if s.drops]
-    saturated = [s.consumed_rate for s in steps if s.sensor_cpu_load >= 0.9]
     sustained = max(kept, default=None)
     zero_drop = max(clean, default=None)
     first_drop = min(dropping, default=None)
-    consumption = max(saturated, default=None)
+    best = max((s for s in steps if s.clean), key=lambda s: s.achieved_rate, default=None)
+    cpu_us = 1e6 * best.sensor_cpu_total_s / best.connections if best else None
     pin = (
         f"sensor pinned to CPU {args.sensor_cpu}, load to CPU {args.load_cpu}"
         if args.sensor_cpu is not None
@@ -615,8 +615,11 @@ def report(
         ["sustained: zero drops, every record, caught up within 0.5 s", fmt(sustained)],
         ["zero drops within a step (the 8 MiB ring buffer absorbs a backlog)", fmt(zero_drop)],
         ["lowest rate with drops", fmt(first_drop)],
-        ["consumed by the sensor with its core saturated (CPU >= 0.9)", fmt(consumption)],
-        ["  = records/s written at saturation", fmt(consumption * 4 if consumption else None)],
+        [
+            "one core's worth: 1 s / sensor CPU per connection at the fastest zero-drop step"
+            f" ({fmt(cpu_us)} µs)",
+            fmt(1e6 / cpu_us if cpu_us else None),
+        ],
     ]
     print(markdown_table(["capacity (client connections/s = 4 records each)", "conn/s"], summary))
     if accounting and steps:
@@ -636,13 +639,17 @@ def report(
         ["zero drops and exact byte counts in every traced run", "yes" if ops_ok else "NO"],
     ]
     if accounted is not None and accounted.programs:
-        runs = sum(n for _, n in accounted.programs.values())
-        spent = sum(ns for ns, _ in accounted.programs.values())
-        rows.append(
-            ["BPF ns per program run (accounting run)", fmt(spent / runs if runs else None)]
-        )
+        spent = total_ns(accounted.programs)
+        data_ops = 4 * accounted.round_trips
+        rows.append(["BPF ns per data op (accounting run)", fmt(spent / data_ops)])
     print(markdown_table(["data ops (send or recv calls, both ends)", "value"], rows))
     print()
+    now = host_facts()
+    if now["bpf_objects_sha256"] != facts["bpf_objects_sha256"]:
+        facts["warnings"].append(
+            f"the BPF object changed during the run: {facts['bpf_objects_sha256']} -> "
+            f"{now['bpf_objects_sha256']} (someone ran `make bpf`): steps measured different code"
+        )
     for warning in facts["warnings"]:
         print(f"warning: {warning}")
     print(
@@ -662,7 +669,7 @@ def report(
                 "sustained_conn_per_s": sustained,
                 "zero_drop_conn_per_s": zero_drop,
                 "first_drop_conn_per_s": first_drop,
-                "saturated_consumption_conn_per_s": consumption,
+                "sensor_cpu_us_per_connection": cpu_us,
                 "data_ops_per_s_without": without,
                 "data_ops_per_s_with": with_sensor,
                 "data_ops_exact_and_no_drops": ops_ok,

@@ -330,6 +330,7 @@ class Summary:
     drops: str
     sensor_cpu: float
     foreign_cores: float
+    added_us: float  # extra time per unit of work (one request, connection or call)
 
 
 def summarize(workload: Workload, runs: list[Run]) -> Summary:
@@ -342,8 +343,11 @@ def summarize(workload: Workload, runs: list[Run]) -> Summary:
         saw = ", ".join(seen)
     else:
         saw = ", ".join(str(r.stats.get("connections_opened") if r.stats else "?") for r in traced)
-    drops = sum(r.drops or 0 for r in traced)
-    detail = sorted({r.drop_detail or "" for r in traced if r.drops})
+    counters: dict[str, int] = {}
+    for run in traced:
+        for name, value in ((run.stats or {}).get("drops") or {}).items():
+            counters[name] = counters.get(name, 0) + int(value)
+    lost = ", ".join(f"{name}={value:,}" for name, value in sorted(counters.items()) if value)
     return Summary(
         workload=workload.name,
         unit=workload.unit,
@@ -353,7 +357,8 @@ def summarize(workload: Workload, runs: list[Run]) -> Summary:
         ratio=ratio,
         meets_target=ratio >= TARGET,
         sensor_saw=saw,
-        drops="0" if not drops else f"{drops:,} ({'; '.join(detail)})",
+        drops=lost or "0",
+        added_us=1e6 / with_sensor - 1e6 / without,
         sensor_cpu=median([r.sensor_cpu or 0.0 for r in traced]),
         foreign_cores=max(r.foreign_cores for r in runs),
     )
@@ -371,8 +376,9 @@ def summary_table(summaries: list[Summary]) -> str:
         "with sensor (median)",
         "ratio with/without",
         f">= {TARGET:.2f}?",
+        "added time per unit (µs)",
         "workload opens in records / expected, per traced run",
-        "drops (all traced runs)",
+        "drops (sum over traced runs)",
         "sensor CPU (cores, median)",
         "max other CPU (cores)",
     ]
@@ -384,6 +390,7 @@ def summary_table(summaries: list[Summary]) -> str:
             f"{fmt(s.with_sensor)} {s.unit}",
             f"{s.ratio:.3f}",
             "yes" if s.meets_target else "NO",
+            fmt(s.added_us, 3),
             s.sensor_saw,
             s.drops,
             fmt(s.sensor_cpu, 2),
@@ -601,6 +608,12 @@ def report(
     print()
     print(runs_table(runs, units))
     print()
+    now = host_facts()
+    if now["bpf_objects_sha256"] != facts["bpf_objects_sha256"]:
+        facts["warnings"].append(
+            f"the BPF object changed during the run: {facts['bpf_objects_sha256']} -> "
+            f"{now['bpf_objects_sha256']} (someone ran `make bpf`): steps measured different code"
+        )
     for warning in facts["warnings"]:
         print(f"warning: {warning}")
     print(

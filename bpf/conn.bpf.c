@@ -34,6 +34,7 @@
 #define EAGAIN 11
 #define EINTR 4
 #define MSG_PEEK 2
+#define BPF_F_NO_PREALLOC (1U << 0)
 
 /* x86_64 syscall numbers whose second argument points at the data. */
 #define NR_READ 0
@@ -55,7 +56,6 @@ __u64 next_conn_id = 0;
 /* BTF anchors: make clang emit every shared layout so Python can read it. */
 const struct ft_conn_open_event *anchor_open __attribute__((unused));
 const struct ft_conn_close_event *anchor_close __attribute__((unused));
-const struct ft_sniff_event *anchor_sniff __attribute__((unused));
 const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
@@ -69,12 +69,22 @@ struct {
 	__uint(max_entries, 8 << 20);
 } events SEC(".maps");
 
+/* Allocated as connections come (no prealloc): a state holds 512 bytes of sniff. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64); /* struct sock * */
 	__type(value, struct ft_conn_state);
 } conns SEC(".maps");
+
+/* Where a new connection's state is built: too big for the BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ft_conn_state);
+} scratch SEC(".maps");
 
 /* Thread in connect() -> its socket, between SYN_SENT and the syscall's exit. */
 struct {
@@ -223,6 +233,17 @@ static __always_inline bool is_tcp_inet(const struct sock *sk)
 	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
 }
 
+/* This CPU's scratch state, zeroed. */
+static __always_inline struct ft_conn_state *new_state(void)
+{
+	__u32 zero = 0;
+	struct ft_conn_state *state = bpf_map_lookup_elem(&scratch, &zero);
+
+	if (state)
+		__builtin_memset(state, 0, sizeof(*state));
+	return state;
+}
+
 /* Starts tracking sk for the current task; NULL when filtered out or the table is full. */
 static __always_inline struct ft_conn_state *track(const struct sock *sk, struct ft_conn_state *state,
 						   __u8 protocol, __u8 direction)
@@ -245,10 +266,12 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 
 static __always_inline struct ft_conn_state *track_tcp(const struct sock *sk, __u8 direction)
 {
-	struct ft_conn_state state = {};
+	struct ft_conn_state *state = new_state();
 
-	read_addresses(sk, &state.conn);
-	return track(sk, &state, IPPROTO_TCP, direction);
+	if (!state)
+		return NULL;
+	read_addresses(sk, &state->conn);
+	return track(sk, state, IPPROTO_TCP, direction);
 }
 
 static __always_inline void emit_open(const struct sock *sk, struct ft_conn_state *state,
@@ -290,6 +313,9 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->established = state->established;
 	e->open_emitted = state->open_emitted;
 	e->pad = 0;
+	e->sniff.flow = state->sniff.flow;
+	e->sniff.length = state->sniff.length;
+	bpf_probe_read_kernel(e->sniff.data, sizeof(e->sniff.data), state->sniff.data);
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -507,30 +533,27 @@ static __always_inline __u64 syscall_user_buffer(void **buf)
 	return iov.iov_len;
 }
 
-static __always_inline void emit_sniff(struct ft_conn_state *state, __u32 flow, int ret)
+/*
+ * Keeps the first bytes the connection moves through a user buffer, either way (the
+ * client's request on both ends, normally), read from the syscall's user buffer.
+ */
+static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flow, int ret)
 {
-	struct ft_sniff_event *e;
 	void *buf = NULL;
 	__u64 len = syscall_user_buffer(&buf);
 
 	if (!len || !buf)
-		return;
+		return; /* sendfile, io_uring: try again on the next call */
 	if (len > (__u64)ret)
 		len = ret;
 	if (len > FT_SNIFF_LEN)
 		len = FT_SNIFF_LEN;
-	e = reserve(sizeof(*e), FT_EVENT_SNIFF);
-	if (!e)
-		return;
-	e->conn_id = state->conn.conn_id;
-	e->flow = flow;
-	e->length = len;
-	if (bpf_probe_read_user(e->data, len, buf)) {
+	if (bpf_probe_read_user(state->sniff.data, len, buf)) {
 		count(FT_CNT_SNIFF_READ_FAILED);
-		bpf_ringbuf_discard(e, 0);
 		return;
 	}
-	bpf_ringbuf_submit(e, 0);
+	state->sniff.length = len;
+	state->sniff.flow = flow;
 }
 
 /*
@@ -575,21 +598,23 @@ static __always_inline bool syscall_destination(struct ft_conn *conn)
 /* A UDP socket that sends to port 53 becomes a DNS "connection" until it is closed. */
 static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 {
-	struct ft_conn_state state = {};
-	struct ft_conn_state *tracked;
+	struct ft_conn_state *state, *tracked;
 	__u32 tgid, one = 1, *owned;
 
 	if (!cfg.trace_egress || !current_is_traced())
 		return NULL;
-	read_addresses(sk, &state.conn);
-	if (state.conn.family != AF_INET && state.conn.family != AF_INET6)
+	state = new_state();
+	if (!state)
 		return NULL;
-	if (!state.conn.remote_port && !syscall_destination(&state.conn))
+	read_addresses(sk, &state->conn);
+	if (state->conn.family != AF_INET && state->conn.family != AF_INET6)
 		return NULL;
-	if (state.conn.remote_port != DNS_PORT)
+	if (!state->conn.remote_port && !syscall_destination(&state->conn))
 		return NULL;
-	state.established = 1;
-	tracked = track(sk, &state, IPPROTO_UDP, FT_DIR_EGRESS);
+	if (state->conn.remote_port != DNS_PORT)
+		return NULL;
+	state->established = 1;
+	tracked = track(sk, state, IPPROTO_UDP, FT_DIR_EGRESS);
 	if (!tracked)
 		return NULL;
 	tgid = tracked->task.pid;
@@ -621,10 +646,8 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 			return 0;
 	}
 	__sync_fetch_and_add(&state->bytes_sent, ret);
-	if (!state->sniffed_tx) {
-		state->sniffed_tx = 1;
-		emit_sniff(state, FT_FLOW_TX, ret);
-	}
+	if (!state->sniff.flow)
+		capture_sniff(state, FT_FLOW_TX, ret);
 	return 0;
 }
 
@@ -686,10 +709,8 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 	note_udp_error(state, ret);
 	if (ret > 0) {
 		__sync_fetch_and_add(&state->bytes_received, ret);
-		if (!state->sniffed_rx) {
-			state->sniffed_rx = 1;
-			emit_sniff(state, FT_FLOW_RX, ret);
-		}
+		if (!state->sniff.flow)
+			capture_sniff(state, FT_FLOW_RX, ret);
 	}
 	/* A connection that ended with data queued: done once the program has it all. */
 	if (state->closed && (ret <= 0 || !unread_bytes(sk)))

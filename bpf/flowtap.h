@@ -19,9 +19,8 @@
 enum ft_event_kind {
 	FT_EVENT_CONN_OPEN = 1,
 	FT_EVENT_CONN_CLOSE = 2,
-	FT_EVENT_SNIFF = 3,
-	FT_EVENT_EXEC = 4,
-	FT_EVENT_EXIT = 5,
+	FT_EVENT_EXEC = 3,
+	FT_EVENT_EXIT = 4,
 };
 
 enum ft_direction {
@@ -94,6 +93,13 @@ struct ft_conn_open_event {
 	__u32 tcp_state;
 };
 
+/* The first bytes a connection moved, for protocol detection and the TLS SNI. */
+struct ft_sniff {
+	__u32 flow; /* enum ft_flow: which way they went; 0: none seen yet */
+	__u32 length; /* bytes valid in data */
+	__u8 data[FT_SNIFF_LEN];
+};
+
 struct ft_conn_close_event {
 	struct ft_header hdr;
 	struct ft_task task;
@@ -105,6 +111,7 @@ struct ft_conn_close_event {
 	__u8 established; /* reached ESTABLISHED at least once */
 	__u8 open_emitted; /* an open event was sent before this one */
 	__u8 pad;
+	struct ft_sniff sniff;
 };
 
 /*
@@ -121,20 +128,9 @@ struct ft_conn_state {
 	__s32 sock_error; /* sk_err at CLOSE */
 	__u8 established;
 	__u8 open_emitted;
-	__u8 sniffed_tx;
-	__u8 sniffed_rx;
 	__u8 closed;
 	__u8 close_old_state; /* TCP state before CLOSE */
-	__u8 pad[6];
-};
-
-/* The first bytes of a connection in one direction, for protocol detection. */
-struct ft_sniff_event {
-	struct ft_header hdr;
-	__u64 conn_id;
-	__u32 flow; /* enum ft_flow */
-	__u32 length; /* bytes valid in data */
-	__u8 data[FT_SNIFF_LEN];
+	struct ft_sniff sniff; /* last: everything before it is zeroed on registration */
 };
 
 struct ft_exec_event {

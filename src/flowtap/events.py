@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from flowtap.loader.btf import Btf, StructLayout
+from flowtap.loader.btf import Btf, Fields, StructLayout
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -74,14 +74,9 @@ class ConnClose:
     old_state: int
     established: bool
     open_emitted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Sniff:
-    timestamp_ns: int
-    conn_id: int
-    flow: Flow
-    data: bytes
+    # The first bytes the connection moved through a user buffer, and which way; b"" if none.
+    sniff_flow: Flow | None = None
+    sniff: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +96,7 @@ class Exit:
     task: Task
 
 
-Event = ConnOpen | ConnClose | Sniff | Exec | Exit
+Event = ConnOpen | ConnClose | Exec | Exit
 
 
 def c_string(raw: bytes) -> str:
@@ -142,14 +137,12 @@ class EventDecoder:
         self._layouts: dict[int, StructLayout] = {
             kinds["FT_EVENT_CONN_OPEN"]: btf.struct_layout("ft_conn_open_event"),
             kinds["FT_EVENT_CONN_CLOSE"]: btf.struct_layout("ft_conn_close_event"),
-            kinds["FT_EVENT_SNIFF"]: btf.struct_layout("ft_sniff_event"),
             kinds["FT_EVENT_EXEC"]: btf.struct_layout("ft_exec_event"),
             kinds["FT_EVENT_EXIT"]: btf.struct_layout("ft_exit_event"),
         }
-        self._decoders: dict[int, Callable[[dict[str, int | bytes]], Event]] = {
+        self._decoders: dict[int, Callable[[Fields], Event]] = {
             kinds["FT_EVENT_CONN_OPEN"]: self._open,
             kinds["FT_EVENT_CONN_CLOSE"]: self._close,
-            kinds["FT_EVENT_SNIFF"]: self._sniff,
             kinds["FT_EVENT_EXEC"]: self._exec,
             kinds["FT_EVENT_EXIT"]: self._exit,
         }
@@ -175,98 +168,91 @@ class EventDecoder:
         return self._decoders[kind](fields)
 
     @staticmethod
-    def task(fields: dict[str, int | bytes], prefix: str = "task.") -> Task:
+    def task(fields: Fields, prefix: str = "task.") -> Task:
         return Task(
-            pid=_int(fields, prefix + "pid"),
-            tid=_int(fields, prefix + "tid"),
-            uid=_int(fields, prefix + "uid"),
-            comm=c_string(_bytes(fields, prefix + "comm")),
+            pid=fields.integer(prefix + "pid"),
+            tid=fields.integer(prefix + "tid"),
+            uid=fields.integer(prefix + "uid"),
+            comm=c_string(fields.raw(prefix + "comm")),
         )
 
-    def conn(self, fields: dict[str, int | bytes], prefix: str = "conn.") -> Conn:
+    def conn(self, fields: Fields, prefix: str = "conn.") -> Conn:
         family, local_ip, remote_ip = format_ips(
-            _int(fields, prefix + "family"),
-            _bytes(fields, prefix + "local_addr"),
-            _bytes(fields, prefix + "remote_addr"),
+            fields.integer(prefix + "family"),
+            fields.raw(prefix + "local_addr"),
+            fields.raw(prefix + "remote_addr"),
         )
-        direction = self._direction.get(_int(fields, prefix + "direction"))
+        direction = self._direction.get(fields.integer(prefix + "direction"))
         if direction is None:
             raise DecodeError(f"unknown direction {fields[prefix + 'direction']!r}")
-        protocol = _PROTOCOLS.get(_int(fields, prefix + "protocol"))
+        protocol = _PROTOCOLS.get(fields.integer(prefix + "protocol"))
         if protocol is None:
             raise DecodeError(f"unknown protocol {fields[prefix + 'protocol']!r}")
         return Conn(
-            conn_id=_int(fields, prefix + "conn_id"),
-            start_ns=_int(fields, prefix + "start_ns"),
+            conn_id=fields.integer(prefix + "conn_id"),
+            start_ns=fields.integer(prefix + "start_ns"),
             family=family,
             protocol=protocol,
             direction=direction,
-            local=Endpoint(local_ip, _int(fields, prefix + "local_port")),
-            remote=Endpoint(remote_ip, _int(fields, prefix + "remote_port")),
+            local=Endpoint(local_ip, fields.integer(prefix + "local_port")),
+            remote=Endpoint(remote_ip, fields.integer(prefix + "remote_port")),
         )
 
-    def _open(self, f: dict[str, int | bytes]) -> ConnOpen:
+    def _open(self, f: Fields) -> ConnOpen:
         return ConnOpen(
-            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            timestamp_ns=f.integer("hdr.timestamp_ns"),
             task=self.task(f),
             conn=self.conn(f),
-            connect_ret=_int(f, "connect_ret"),
-            tcp_state=_int(f, "tcp_state"),
+            connect_ret=f.integer("connect_ret"),
+            tcp_state=f.integer("tcp_state"),
         )
 
-    def _close(self, f: dict[str, int | bytes]) -> ConnClose:
+    def _close(self, f: Fields) -> ConnClose:
+        flow, data = self.sniff(f)
         return ConnClose(
-            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            timestamp_ns=f.integer("hdr.timestamp_ns"),
             task=self.task(f),
             conn=self.conn(f),
-            bytes_sent=_int(f, "bytes_sent"),
-            bytes_received=_int(f, "bytes_received"),
-            sock_error=_int(f, "sock_error"),
-            old_state=_int(f, "old_state"),
-            established=bool(f["established"]),
-            open_emitted=bool(f["open_emitted"]),
+            bytes_sent=f.integer("bytes_sent"),
+            bytes_received=f.integer("bytes_received"),
+            sock_error=f.integer("sock_error"),
+            old_state=f.integer("old_state"),
+            established=bool(f.integer("established")),
+            open_emitted=bool(f.integer("open_emitted")),
+            sniff_flow=flow,
+            sniff=data,
         )
 
-    def _sniff(self, f: dict[str, int | bytes]) -> Sniff:
-        data = _bytes(f, "data")
-        length = _int(f, "length")
+    def sniff(self, f: Fields) -> tuple[Flow | None, bytes]:
+        """The first bytes carried by a close event or a connection's state."""
+        data = f.raw("sniff.data")
+        length = f.integer("sniff.length")
         if length > len(data):
             raise DecodeError(f"sniff length {length} exceeds buffer of {len(data)}")
-        flow = self._flow.get(_int(f, "flow"))
+        flow_value = f.integer("sniff.flow")
+        if flow_value == 0:
+            return None, b""
+        flow = self._flow.get(flow_value)
         if flow is None:
-            raise DecodeError(f"unknown flow {f['flow']!r}")
-        return Sniff(_int(f, "hdr.timestamp_ns"), _int(f, "conn_id"), flow, data[:length])
+            raise DecodeError(f"unknown flow {flow_value!r}")
+        return flow, data[:length]
 
-    def _exec(self, f: dict[str, int | bytes]) -> Exec:
-        args_buffer = _bytes(f, "args")
-        args_length = _int(f, "args_length")
+    def _exec(self, f: Fields) -> Exec:
+        args_buffer = f.raw("args")
+        args_length = f.integer("args_length")
         if args_length > len(args_buffer):
             raise DecodeError(f"args length {args_length} exceeds buffer of {len(args_buffer)}")
         args = args_buffer[:args_length]
         argv = tuple(a.decode("utf-8", "backslashreplace") for a in args.rstrip(b"\0").split(b"\0"))
         return Exec(
-            timestamp_ns=_int(f, "hdr.timestamp_ns"),
+            timestamp_ns=f.integer("hdr.timestamp_ns"),
             task=self.task(f),
-            ppid=_int(f, "ppid"),
-            cgroup_id=_int(f, "cgroup_id"),
-            filename=c_string(_bytes(f, "filename")),
-            cgroup_name=c_string(_bytes(f, "cgroup_name")),
+            ppid=f.integer("ppid"),
+            cgroup_id=f.integer("cgroup_id"),
+            filename=c_string(f.raw("filename")),
+            cgroup_name=c_string(f.raw("cgroup_name")),
             argv=argv if args else (),
         )
 
-    def _exit(self, f: dict[str, int | bytes]) -> Exit:
-        return Exit(_int(f, "hdr.timestamp_ns"), self.task(f))
-
-
-def _int(fields: dict[str, int | bytes], name: str) -> int:
-    value = fields[name]
-    if not isinstance(value, int):
-        raise DecodeError(f"field {name} is not an integer")
-    return value
-
-
-def _bytes(fields: dict[str, int | bytes], name: str) -> bytes:
-    value = fields[name]
-    if not isinstance(value, bytes):
-        raise DecodeError(f"field {name} is not a byte array")
-    return value
+    def _exit(self, f: Fields) -> Exit:
+        return Exit(f.integer("hdr.timestamp_ns"), self.task(f))

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from flowtap.config import SensorConfig
-from flowtap.events import ConnClose, ConnOpen, DecodeError, Event, EventDecoder, Exec, Exit, Sniff
+from flowtap.events import ConnClose, ConnOpen, DecodeError, Event, EventDecoder, Exec, Exit
 from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfLink, BpfObject, RingBuffer
 from flowtap.loader.system import ensure_tracefs, require_btf, require_root
@@ -187,8 +187,6 @@ class Sensor:
                 self.tracker.on_open(event)
             case ConnClose():
                 self.tracker.on_close(event)
-            case Sniff():
-                self.tracker.on_sniff(event)
             case Exec():
                 self.registry.on_exec(event)
             case Exit():
@@ -273,17 +271,20 @@ class Sensor:
             if raw is None:
                 continue
             fields = layout.unpack(raw)
-            closed = bool(fields["closed"])
+            closed = bool(fields.integer("closed"))
+            flow, data = self._decoder.sniff(fields)
             event = ConnClose(
-                timestamp_ns=int(fields["close_ns"]) if closed else now,
+                timestamp_ns=fields.integer("close_ns") if closed else now,
                 task=self._decoder.task(fields),
                 conn=self._decoder.conn(fields),
-                bytes_sent=int(fields["bytes_sent"]),
-                bytes_received=int(fields["bytes_received"]),
-                sock_error=int(fields["sock_error"]),
-                old_state=int(fields["close_old_state"]),
-                established=bool(fields["established"]),
-                open_emitted=bool(fields["open_emitted"]),
+                bytes_sent=fields.integer("bytes_sent"),
+                bytes_received=fields.integer("bytes_received"),
+                sock_error=fields.integer("sock_error"),
+                old_state=fields.integer("close_old_state"),
+                established=bool(fields.integer("established")),
+                open_emitted=bool(fields.integer("open_emitted")),
+                sniff_flow=flow,
+                sniff=data,
             )
             (ended if closed else still_open).append(event)
         ended.sort(key=lambda event: event.conn.conn_id)

@@ -302,7 +302,9 @@ def connection(args: argparse.Namespace) -> None:
             sock.sendall(payload)
         if args.half_close:
             # Our FIN goes first; read the reply only once the server has closed as well.
-            sock.shutdown(socket.SHUT_WR)
+            # A server that aborts may beat us to it: its RST already ended our side.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
             wait_for_file(args.half_close)
         received = recv_exact(sock, args.expect)
         say("exchanged", sent=len(payload), received=received)

@@ -30,7 +30,6 @@ FIXED_WALL_NS = 1_700_000_000_123_456_789
 _KIND_OF_STRUCT = {
     "ft_conn_open_event": "FT_EVENT_CONN_OPEN",
     "ft_conn_close_event": "FT_EVENT_CONN_CLOSE",
-    "ft_sniff_event": "FT_EVENT_SNIFF",
     "ft_exec_event": "FT_EVENT_EXEC",
     "ft_exit_event": "FT_EVENT_EXIT",
 }

@@ -18,7 +18,6 @@ from flowtap.events import (
     Exec,
     Exit,
     Flow,
-    Sniff,
     Task,
 )
 
@@ -28,7 +27,6 @@ PackEvent = Callable[[str, Fields], bytes]
 EVENT_STRUCTS = (
     "ft_conn_open_event",
     "ft_conn_close_event",
-    "ft_sniff_event",
     "ft_exec_event",
     "ft_exit_event",
 )
@@ -87,10 +85,6 @@ def valid_records(
             "ft_conn_close_event",
             {"hdr.timestamp_ns": 9, **TASK_FIELDS, **conn, "bytes_sent": 10, "established": 1},
         ),
-        "ft_sniff_event": pack_event(
-            "ft_sniff_event",
-            {"conn_id": 7, "flow": flows["FT_FLOW_TX"], "length": 4, "data": b"GET /"},
-        ),
         "ft_exec_event": pack_event(
             "ft_exec_event",
             {**TASK_FIELDS, "filename": b"/bin/true", "args": b"true\0", "args_length": 5},
@@ -113,7 +107,7 @@ def array_size(decoder: EventDecoder, struct_name: str, field: str) -> int:
     ("struct_name", "field", "size"),
     [
         ("ft_exit_event", "task.comm", 16),  # FT_COMM_LEN
-        ("ft_sniff_event", "data", 512),  # FT_SNIFF_LEN
+        ("ft_conn_close_event", "sniff.data", 512),  # FT_SNIFF_LEN
         ("ft_exec_event", "filename", 256),  # FT_PATH_LEN
         ("ft_exec_event", "cgroup_name", 128),  # FT_CGROUP_NAME_LEN
         ("ft_exec_event", "args", 512),  # FT_ARGS_LEN
@@ -248,45 +242,56 @@ def test_close_all_fields(
     )
 
 
+def close_with_sniff(
+    pack_event: PackEvent, directions: dict[str, int], **sniff: int | bytes
+) -> bytes:
+    fields = {**TASK_FIELDS, **conn_fields(directions)}
+    fields.update({f"sniff.{name}": value for name, value in sniff.items()})
+    return pack_event("ft_conn_close_event", fields)
+
+
 @pytest.mark.parametrize(("flow_name", "flow"), [("FT_FLOW_TX", "tx"), ("FT_FLOW_RX", "rx")])
 def test_sniff_data_is_cut_to_length(
     decoder: EventDecoder,
     pack_event: PackEvent,
+    directions: dict[str, int],
     flows: dict[str, int],
     flow_name: str,
     flow: Flow,
 ) -> None:
     payload = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
-    data = pack_event(
-        "ft_sniff_event",
-        {
-            "hdr.timestamp_ns": 77,
-            "conn_id": 9,
-            "flow": flows[flow_name],
-            "length": 14,
-            "data": payload,
-        },
-    )
+    data = close_with_sniff(pack_event, directions, flow=flows[flow_name], length=14, data=payload)
 
-    assert decoder.decode(data) == Sniff(
-        timestamp_ns=77, conn_id=9, flow=flow, data=b"GET / HTTP/1.1"
-    )
+    event = decoder.decode(data)
+
+    assert isinstance(event, ConnClose)
+    assert (event.sniff_flow, event.sniff) == (flow, b"GET / HTTP/1.1")
+
+
+def test_no_sniff(decoder: EventDecoder, pack_event: PackEvent, directions: dict[str, int]) -> None:
+    event = decoder.decode(close_with_sniff(pack_event, directions, flow=0, length=0))
+
+    assert isinstance(event, ConnClose)
+    assert (event.sniff_flow, event.sniff) == (None, b"")
 
 
 @pytest.mark.parametrize("length", [0, 1, 511, 512])
 def test_sniff_lengths_up_to_the_buffer(
-    decoder: EventDecoder, pack_event: PackEvent, flows: dict[str, int], length: int
+    decoder: EventDecoder,
+    pack_event: PackEvent,
+    directions: dict[str, int],
+    flows: dict[str, int],
+    length: int,
 ) -> None:
     payload = bytes(range(256)) * 2
-    data = pack_event(
-        "ft_sniff_event",
-        {"conn_id": 1, "flow": flows["FT_FLOW_RX"], "length": length, "data": payload},
+    data = close_with_sniff(
+        pack_event, directions, flow=flows["FT_FLOW_RX"], length=length, data=payload
     )
 
     event = decoder.decode(data)
 
-    assert isinstance(event, Sniff)
-    assert event.data == payload[:length]
+    assert isinstance(event, ConnClose)
+    assert event.sniff == payload[:length]
 
 
 def test_exec_all_fields(decoder: EventDecoder, pack_event: PackEvent) -> None:
@@ -421,21 +426,27 @@ def test_every_kind_header_only(
 
 @pytest.mark.parametrize("length", [513, 544, 2**31, 2**32 - 1])
 def test_sniff_length_larger_than_buffer(
-    decoder: EventDecoder, pack_event: PackEvent, flows: dict[str, int], length: int
+    decoder: EventDecoder,
+    pack_event: PackEvent,
+    directions: dict[str, int],
+    flows: dict[str, int],
+    length: int,
 ) -> None:
-    data = pack_event(
-        "ft_sniff_event", {"conn_id": 1, "flow": flows["FT_FLOW_TX"], "length": length}
-    )
+    data = close_with_sniff(pack_event, directions, flow=flows["FT_FLOW_TX"], length=length)
     with pytest.raises(DecodeError, match="sniff length"):
         decoder.decode(data)
 
 
-@pytest.mark.parametrize("flow", [0, 3, 2**32 - 1])
+@pytest.mark.parametrize("flow", [3, 2**32 - 1])
 def test_sniff_unknown_flow(
-    decoder: EventDecoder, pack_event: PackEvent, flows: dict[str, int], flow: int
+    decoder: EventDecoder,
+    pack_event: PackEvent,
+    directions: dict[str, int],
+    flows: dict[str, int],
+    flow: int,
 ) -> None:
     assert flow not in flows.values()
-    data = pack_event("ft_sniff_event", {"conn_id": 1, "flow": flow, "length": 1})
+    data = close_with_sniff(pack_event, directions, flow=flow, length=1)
     with pytest.raises(DecodeError, match="unknown flow"):
         decoder.decode(data)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtap.events import Conn, ConnClose, ConnOpen, Endpoint, Flow, Sniff, Task
+from flowtap.events import Conn, ConnClose, ConnOpen, Endpoint, Flow, Task
 from flowtap.records.connection import TCP_ESTABLISHED, TCP_SYN_SENT, Record, WallClock
 from flowtap.sensor import exe_matcher
 from flowtap.tracking import connections
@@ -68,6 +68,7 @@ def close_event(
     open_emitted: bool = True,
     local_port: int = 51234,
     task: Task = TASK,
+    sniff: tuple[Flow, bytes] | None = None,
 ) -> ConnClose:
     return ConnClose(
         timestamp_ns=timestamp_ns,
@@ -79,11 +80,9 @@ def close_event(
         old_state=TCP_ESTABLISHED if established else TCP_SYN_SENT,
         established=established,
         open_emitted=open_emitted,
+        sniff_flow=sniff[0] if sniff else None,
+        sniff=sniff[1][:512] if sniff else b"",  # cut to 512 bytes as the kernel does
     )
-
-
-def sniff(conn_id: int, flow: Flow, data: bytes) -> Sniff:
-    return Sniff(timestamp_ns=12 * MS, conn_id=conn_id, flow=flow, data=data[:512])
 
 
 @pytest.fixture
@@ -233,23 +232,12 @@ def test_second_open_and_second_close_are_late(
     assert tracker.stats.late_events == 2
 
 
-def test_sniff_for_an_unknown_connection_is_late(
-    tracker: ConnectionTracker, records: list[Record]
-) -> None:
-    tracker.on_sniff(sniff(99, "tx", b"GET / HTTP/1.1\r\n"))
-
-    assert records == []
-    assert tracker.stats.late_events == 1
-
-
 def test_tls_client_hello_gives_protocol_and_sni(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
     hello = tls_client_hello("api.example.com")
     tracker.on_open(open_event())
-    tracker.on_sniff(sniff(1, "tx", hello))  # cut to 512 bytes as the kernel does
-    tracker.on_sniff(sniff(1, "tx", b"GET / HTTP/1.1\r\n"))  # only the first chunk counts
-    tracker.on_close(close_event(sent=len(hello), received=5000))
+    tracker.on_close(close_event(sent=len(hello), received=5000, sniff=("tx", hello)))
 
     closed = records[-1]
     assert closed["l7_protocol"] == "tls"
@@ -258,9 +246,8 @@ def test_tls_client_hello_gives_protocol_and_sni(
 
 def test_http1_request_without_sni(tracker: ConnectionTracker, records: list[Record]) -> None:
     tracker.on_open(open_event())
-    tracker.on_sniff(sniff(1, "tx", b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"))
-    tracker.on_sniff(sniff(1, "rx", b"HTTP/1.1 200 OK\r\n"))
-    tracker.on_close(close_event(sent=37, received=17))
+    request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    tracker.on_close(close_event(sent=37, received=17, sniff=("tx", request)))
 
     assert records[-1]["l7_protocol"] == "http1"
     assert records[-1]["sni"] is None
@@ -275,8 +262,7 @@ def test_exe_filter_hides_both_records(
     nginx = Task(pid=80, tid=80, uid=0, comm="nginx")
 
     tracker.on_open(open_event(1))  # curl: filtered
-    tracker.on_sniff(sniff(1, "tx", b"GET / HTTP/1.1\r\n"))
-    tracker.on_close(close_event(1, sent=16))
+    tracker.on_close(close_event(1, sent=16, sniff=("tx", b"GET / HTTP/1.1\r\n")))
     tracker.on_close(close_event(2, open_emitted=False, established=False))  # curl again
     tracker.on_open(open_event(3, task=nginx))  # nginx: shown
     tracker.on_close(close_event(3, task=nginx))

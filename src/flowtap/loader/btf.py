@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfObject, lib
@@ -52,6 +53,30 @@ class _BtfEnum(ctypes.Structure):
 _BtfVarSecinfo = _BtfArray  # {type, offset, size}: same shape
 
 
+class Fields:
+    """One unpacked struct: typed access by field name, without copying into a dict."""
+
+    __slots__ = ("_layout", "_values")
+
+    def __init__(self, layout: StructLayout, values: tuple[Any, ...]) -> None:
+        self._layout = layout
+        self._values = values
+
+    def integer(self, name: str) -> int:
+        value: int = self._values[self._layout.int_fields[name]]
+        return value
+
+    def raw(self, name: str) -> bytes:
+        value: bytes = self._values[self._layout.bytes_fields[name]]
+        return value
+
+    def __getitem__(self, name: str) -> int | bytes:
+        return self._values[self._layout.index[name]]  # type: ignore[no-any-return]
+
+    def as_dict(self) -> dict[str, int | bytes]:
+        return dict(zip(self._layout.names, self._values, strict=True))
+
+
 @dataclass(frozen=True)
 class StructLayout:
     """A C struct flattened to named fields; nested members are named `outer.inner`."""
@@ -60,20 +85,33 @@ class StructLayout:
     size: int
     names: tuple[str, ...]
     codec: struct.Struct
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+    int_fields: dict[str, int] = field(init=False, repr=False, compare=False)
+    bytes_fields: dict[str, int] = field(init=False, repr=False, compare=False)
 
-    def unpack(self, data: bytes) -> dict[str, int | bytes]:
+    def __post_init__(self) -> None:
+        formats = _field_formats(self.codec.format)
+        index = {name: i for i, name in enumerate(self.names)}
+        bytes_names = {name for name, fmt in zip(self.names, formats, strict=True) if "s" in fmt}
+        object.__setattr__(self, "index", index)
+        object.__setattr__(
+            self, "int_fields", {n: i for n, i in index.items() if n not in bytes_names}
+        )
+        object.__setattr__(self, "bytes_fields", {n: index[n] for n in bytes_names})
+
+    def unpack(self, data: bytes) -> Fields:
         if len(data) < self.size:
             raise ValueError(f"{self.name}: {len(data)} bytes, need {self.size}")
-        return dict(zip(self.names, self.codec.unpack_from(data), strict=True))
+        return Fields(self, self.codec.unpack_from(data))
 
     def pack(self, values: dict[str, int | bytes]) -> bytes:
         """Builds the struct's bytes; fields not given are zero."""
         unknown = set(values) - set(self.names)
         if unknown:
             raise KeyError(f"{self.name} has no field(s) {sorted(unknown)}")
-        defaults: dict[str, int | bytes] = {}
-        for name, fmt in zip(self.names, _field_formats(self.codec.format), strict=True):
-            defaults[name] = b"" if fmt.endswith("s") else 0
+        defaults: dict[str, int | bytes] = {
+            name: b"" if name in self.bytes_fields else 0 for name in self.names
+        }
         defaults.update(values)
         return self.codec.pack(*(defaults[name] for name in self.names))
 

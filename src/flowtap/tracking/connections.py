@@ -1,4 +1,4 @@
-"""Connection table: kernel open/close/sniff events in, connection records out.
+"""Connection table: kernel open/close events in, connection records out.
 
 Events may arrive out of order (an open and a close from different CPUs) or not at all
 (ring buffer full, counted in the kernel): a close always produces a complete pair of
@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowtap.events import Conn, ConnClose, ConnOpen, Sniff, Task
+from flowtap.events import Conn, ConnClose, ConnOpen, Task
 from flowtap.protocols.sniff import describe_sni, guess_l7
 from flowtap.records.connection import (
     Record,
@@ -36,8 +36,6 @@ _RECENTLY_CLOSED = 4096
 class _Entry:
     opened: Record | None
     visible: bool
-    first_tx: bytes | None = None
-    first_rx: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -83,17 +81,6 @@ class ConnectionTracker:
         if entry.visible and entry.opened is not None:
             self._emit(entry.opened)
 
-    def on_sniff(self, event: Sniff) -> None:
-        entry = self._open.get(event.conn_id)
-        if entry is None:
-            if event.conn_id not in self._closed:
-                self.stats.late_events += 1
-            return
-        if event.flow == "tx" and entry.first_tx is None:
-            entry.first_tx = event.data
-        elif event.flow == "rx" and entry.first_rx is None:
-            entry.first_rx = event.data
-
     def on_close(self, event: ConnClose, *, status: str | None = None) -> None:
         """Emits the close record; status overrides the one derived from the socket."""
         conn = event.conn
@@ -115,6 +102,8 @@ class ConnectionTracker:
         if not entry.visible or entry.opened is None:
             return
         error = errno_name(event.sock_error)
+        first_tx = event.sniff if event.sniff_flow == "tx" else None
+        first_rx = event.sniff if event.sniff_flow == "rx" else None
         self._emit(
             close_record(
                 entry.opened,
@@ -126,12 +115,9 @@ class ConnectionTracker:
                 status=status or close_status(event.sock_error, event.established),
                 error=error,
                 l7_protocol=guess_l7(
-                    entry.first_tx,
-                    entry.first_rx,
-                    remote_port=conn.remote.port,
-                    local_port=conn.local.port,
+                    first_tx, first_rx, remote_port=conn.remote.port, local_port=conn.local.port
                 ),
-                sni=describe_sni(entry.first_tx, entry.first_rx),
+                sni=describe_sni(first_tx, first_rx),
             )
         )
 
