@@ -88,6 +88,7 @@ class Step:
     closes_with_exact_bytes: int
     programs: ProgStats
     foreign_cores: float  # CPU used by processes other than the benchmark's, during the load
+    sensor_core_busy: float | None  # the pinned sensor's CPU: busy share, sensor included
     foreign_sensors: list[int]  # other `flowtap run` processes seen around the step
     stats: JsonDict
     records_summary: JsonDict
@@ -183,7 +184,7 @@ class Bench:
                 cpu0 = sensor.cpu_seconds()
                 progs0 = bpf_prog_stats(sensor.pid)
                 t0 = time.monotonic()
-                with CpuWindow([sensor.pid]) as window:
+                with CpuWindow([sensor.pid], cpu=args.sensor_cpu) as window:
                     result = run_loadgen(
                         self._conn_command(rate, args.step_seconds),
                         timeout_s=args.step_seconds + 60,
@@ -222,6 +223,7 @@ class Bench:
             closes_with_exact_bytes=summary["bytes_sent/received"].get(f"{MESSAGE}/{MESSAGE}", 0),
             programs=prog_delta(progs0, progs1),
             foreign_cores=window.foreign_cores,
+            sensor_core_busy=window.cpu_busy_s / load_s if args.sensor_cpu is not None else None,
             foreign_sensors=sorted(set(others)),
             stats=stats,
             records_summary=summary,
@@ -384,6 +386,7 @@ def step_table(steps: list[Step]) -> str:
         "records out when the load ended",
         "catch-up after load (s)",
         "sensor CPU (cores)",
+        "sensor's core busy (all tasks)",
         "sensor CPU µs/conn",
         "BPF µs/conn (load's CPU)",
         "other processes' CPU (cores)",
@@ -399,6 +402,7 @@ def step_table(steps: list[Step]) -> str:
             f"{100 * s.records_at_load_end / max(s.expected_records, 1):.0f}%",
             fmt(s.catch_up_s, 2),
             fmt(s.sensor_cpu_load, 2),
+            fmt(s.sensor_core_busy, 2),
             fmt(1e6 * s.sensor_cpu_total_s / s.connections if s.connections else None),
             fmt(s.bpf_ns_per_connection / 1000 if s.bpf_ns_per_connection else None, 1),
             interference(s.foreign_cores, s.foreign_sensors),
@@ -484,9 +488,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--wait-quiet",
         type=float,
-        default=5.0,
+        default=3.0,
         metavar="SECONDS",
-        help="before each run, wait this long at most for other flowtap sensors to exit",
+        help="before each run, wait this long at most for other flowtap sensors to exit "
+        "and the host to go idle",
     )
     parser.add_argument(
         "--no-bpf-stats",

@@ -247,20 +247,43 @@ def foreign_sensors(own: set[int]) -> list[int]:
     return sorted(found)
 
 
-def wait_for_quiet(own: set[int], limit_s: float) -> list[int]:
-    """Waits up to limit_s for other flowtap sensors to exit; returns those still running."""
+def wait_for_quiet(own: set[int], limit_s: float, *, idle_cores: float = 0.1) -> list[int]:
+    """Waits up to limit_s for other flowtap sensors to exit and the host to go idle.
+
+    Idle: less than idle_cores of user+system CPU over half a second (this benchmark's
+    own processes are idle while it waits). Returns the other sensors still running.
+    """
     deadline = time.monotonic() + limit_s
-    others = foreign_sensors(own)
-    while others and time.monotonic() < deadline:
-        time.sleep(0.25)
+    while True:
         others = foreign_sensors(own)
-    return others
+        idle_before, _ = _idle_seconds()
+        start = time.monotonic()
+        time.sleep(0.5)
+        busy = _busy_seconds(time.monotonic() - start, idle_before) / 0.5
+        if (not others and busy < idle_cores) or time.monotonic() >= deadline:
+            return others
 
 
-def _busy_seconds() -> float:
-    """user + nice + system time of all CPUs (no irq/softirq, no idle, no steal)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / CLK_TCK
+def _idle_seconds(cpu: int | None = None) -> tuple[float, int]:
+    """(idle + iowait seconds, number of CPUs counted) of all CPUs or of one.
+
+    Idle time is exact on NO_HZ kernels, unlike the tick-sampled user and system times,
+    so "busy" is taken as wall time minus idle time.
+    """
+    idle, cpus = 0.0, 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or fields[0] == "cpu":
+            continue
+        if cpu is None or fields[0] == f"cpu{cpu}":
+            idle += (int(fields[4]) + int(fields[5])) / CLK_TCK
+            cpus += 1
+    return idle, cpus
+
+
+def _busy_seconds(wall_s: float, idle_before: float, cpu: int | None = None) -> float:
+    idle_after, cpus = _idle_seconds(cpu)
+    return max(wall_s * cpus - (idle_after - idle_before), 0.0)
 
 
 def _rusage_seconds(who: int) -> float:
@@ -273,12 +296,15 @@ class CpuWindow:
     """CPU use over a window: the host's, ours (this process, children, watched pids)."""
 
     watched: list[int]
+    cpu: int | None = None  # also measure this CPU alone (the pinned sensor's)
     start_wall: float = 0.0
-    start_busy: float = 0.0
+    start_idle: float = 0.0
     start_ours: float = 0.0
+    start_cpu_idle: float = 0.0
     wall_s: float = 0.0
     busy_s: float = 0.0
     ours_s: float = 0.0
+    cpu_busy_s: float = 0.0
 
     def _ours(self) -> float:
         total = _rusage_seconds(resource.RUSAGE_SELF) + _rusage_seconds(resource.RUSAGE_CHILDREN)
@@ -289,14 +315,17 @@ class CpuWindow:
 
     def __enter__(self) -> CpuWindow:
         self.start_wall = time.monotonic()
-        self.start_busy = _busy_seconds()
+        self.start_idle, _ = _idle_seconds()
         self.start_ours = self._ours()
+        self.start_cpu_idle = _idle_seconds(self.cpu)[0] if self.cpu is not None else 0.0
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.wall_s = time.monotonic() - self.start_wall
-        self.busy_s = _busy_seconds() - self.start_busy
+        self.busy_s = _busy_seconds(self.wall_s, self.start_idle)
         self.ours_s = self._ours() - self.start_ours
+        if self.cpu is not None:
+            self.cpu_busy_s = _busy_seconds(self.wall_s, self.start_cpu_idle, self.cpu)
 
     @property
     def foreign_cores(self) -> float:

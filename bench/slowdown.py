@@ -456,9 +456,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--wait-quiet",
         type=float,
-        default=5.0,
+        default=3.0,
         metavar="SECONDS",
-        help="before each run, wait this long at most for other flowtap sensors to exit",
+        help="before each run, wait this long at most for other flowtap sensors to exit "
+        "and the host to go idle",
     )
     args = parser.parse_args(argv)
     if args.pairs is None:

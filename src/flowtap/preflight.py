@@ -20,22 +20,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowtap.loader.errors import BpfError
+from flowtap.loader.libbpf import BpfObject
+from flowtap.loader.system import bpf_object_path
+
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 TRACEFS_MOUNTPOINTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 MOUNT_TRACEFS = "mount -t tracefs tracefs /sys/kernel/tracing"
 RUN_AS_ROOT = "run as root (sudo flowtap check)"
 NOT_ROOT = "cannot probe: not root"
 
-# tp_btf attach points: (group/name as the user knows it, BTF typedef the kernel resolves).
-TP_BTF_TARGETS = (
-    "sock/inet_sock_set_state",
-    "sock/sock_send_length",
-    "sock/sock_recv_length",
-    "sched/sched_process_exec",
-    "sched/sched_process_fork",
-    "sched/sched_process_exit",
-)
-SYSCALL_TRACEPOINTS = ("sys_exit_connect", "sys_exit_accept", "sys_exit_accept4")
 # Any one of these is enough to try an fentry load; tcp_connect exists on every TCP kernel.
 FENTRY_CANDIDATES = ("tcp_connect", "tcp_v4_connect", "do_sys_openat2")
 # Struct emitted for the syscalls event class: proves CONFIG_FTRACE_SYSCALLS without tracefs.
@@ -129,12 +123,29 @@ def find_btf_ids(
     return found
 
 
+@functools.cache
+def sensor_hooks() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tp_btf tracepoints, syscall tracepoints) the sensor attaches, read from the program
+    sections of its BPF object, so this check never drifts from what `flowtap run` loads."""
+    try:
+        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+    except BpfError:
+        return (), ()
+    try:
+        sections = [program.section for program in obj.programs()]
+    finally:
+        obj.close()
+    tp_btf = tuple(s.split("/", 1)[1] for s in sections if s.startswith("tp_btf/"))
+    syscalls = tuple(s.rsplit("/", 1)[1] for s in sections if s.startswith("tracepoint/syscalls/"))
+    return tp_btf, syscalls
+
+
 def _tp_btf_typedef(target: str) -> str:
-    return "btf_trace_" + target.split("/", 1)[1]
+    return "btf_trace_" + target
 
 
 def _wanted_btf() -> list[tuple[int, str]]:
-    wanted = [(BTF_KIND_TYPEDEF, _tp_btf_typedef(t)) for t in TP_BTF_TARGETS]
+    wanted = [(BTF_KIND_TYPEDEF, _tp_btf_typedef(t)) for t in sensor_hooks()[0]]
     wanted += [(BTF_KIND_FUNC, f) for f in FENTRY_CANDIDATES]
     wanted.append((BTF_KIND_STRUCT, SYSCALL_EVENT_STRUCT))
     return wanted
@@ -311,8 +322,11 @@ def check_tp_btf(root: bool) -> Check:
         ids = _vmlinux_ids()
     except BtfError:
         return Check("tp_btf", False, True, "cannot probe: no vmlinux BTF", "see the btf check")
+    targets = sensor_hooks()[0]
+    if not targets:
+        return Check("tp_btf", False, True, "the sensor's BPF object is missing", "run `make bpf`")
     problems = []
-    for target in TP_BTF_TARGETS:
+    for target in targets:
         btf_id = ids.get((BTF_KIND_TYPEDEF, _tp_btf_typedef(target)))
         if btf_id is None:
             problems.append(f"{target}: tracepoint not in this kernel")
@@ -321,7 +335,7 @@ def check_tp_btf(root: bool) -> Check:
         if probe.err:
             problems.append(f"{target}: load failed: {probe.describe()}")
     if not problems:
-        return Check("tp_btf", True, True, f"loads on all {len(TP_BTF_TARGETS)} tracepoints")
+        return Check("tp_btf", True, True, f"loads on all {len(targets)} tracepoints")
     fix = "use a kernel that has these tracepoints and BTF-enabled raw tracepoints (tp_btf)"
     return Check("tp_btf", False, True, "; ".join(problems), fix)
 
@@ -359,7 +373,7 @@ def check_syscall_tracepoints(root: bool, mounts: list[tuple[str, str]]) -> Chec
         detail = "compiled in; ids are readable once tracefs is mounted"
         return Check(name, True, True, detail)
     found, missing = [], []
-    for event in SYSCALL_TRACEPOINTS:
+    for event in sensor_hooks()[1]:
         try:
             tp_id = Path(point, "events/syscalls", event, "id").read_text().strip()
             found.append(f"{event}={tp_id}")

@@ -11,14 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 from flowtap.config import SensorConfig
 from flowtap.events import ConnClose, ConnOpen, DecodeError, Event, EventDecoder, Exec, Exit
 from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfLink, BpfObject, RingBuffer
-from flowtap.loader.system import ensure_tracefs, require_btf, require_root
+from flowtap.loader.system import bpf_object_path, ensure_tracefs, require_btf, require_root
 from flowtap.records.connection import Record
 from flowtap.sinks.base import Sink, open_private
 from flowtap.tracking.connections import ConnectionTracker
@@ -27,11 +25,6 @@ from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
 log = logging.getLogger("flowtap")
 
 _POLL_MS = 100
-
-
-def bpf_object_path(name: str) -> Path:
-    """A BPF object shipped as package data (built by `make bpf`)."""
-    return Path(str(resources.files("flowtap") / "bpf" / name))
 
 
 @dataclass(slots=True)

@@ -15,8 +15,8 @@ import pytest
 from flowtap.events import EventDecoder
 from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfObject
+from flowtap.loader.system import bpf_object_path
 from flowtap.records.connection import WallClock
-from flowtap.sensor import bpf_object_path
 
 Fields = dict[str, int | bytes]
 # pack_event("ft_conn_open_event", {...}) -> the record's bytes, hdr.kind filled in.

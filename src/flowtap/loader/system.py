@@ -5,12 +5,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from importlib import resources
 from pathlib import Path
 
 from flowtap.loader.errors import BpfError
 
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 TRACEFS = Path("/sys/kernel/tracing")
+
+
+def bpf_object_path(name: str) -> Path:
+    """A BPF object shipped as package data (built by `make bpf`)."""
+    return Path(str(resources.files("flowtap") / "bpf" / name))
 
 
 def mounts(path: Path = Path("/proc/self/mounts")) -> list[tuple[str, str]]:
