@@ -250,7 +250,7 @@ def foreign_sensors(own: set[int]) -> list[int]:
 def wait_for_quiet(own: set[int], limit_s: float, *, idle_cores: float = 0.1) -> list[int]:
     """Waits up to limit_s for other flowtap sensors to exit and the host to go idle.
 
-    Idle: less than idle_cores of user+system CPU over half a second (this benchmark's
+    Idle: less than idle_cores of busy (not idle) CPU over half a second (this benchmark's
     own processes are idle while it waits). Returns the other sensors still running.
     """
     deadline = time.monotonic() + limit_s
