@@ -1,20 +1,24 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Socket layer: TCP connections, their process and their byte counts.
+ * Socket layer: TCP connections (and UDP DNS flows), their process and their bytes.
  *
- * Hooks (none are kprobes or fentry, which these kernels refuse):
- *   tp_btf/inet_sock_set_state   CLOSE->SYN_SENT registers an outgoing connection
- *                                (runs in the connecting thread), ESTABLISHED marks
- *                                it, CLOSE ends it (any context), or, when received
- *                                data is still queued, once the program has read it
- *                                (sock_recv_length) or released the socket:
+ * No syscall tracepoints: attaching any of them puts every task on the host on the slow
+ * syscall path (measured here: +65 ns on every syscall of every process). Every hook is
+ * a BTF tracepoint that fires only for socket work (none are kprobes or fentry, which
+ * these kernels refuse):
+ *   tp_btf/inet_sock_set_state   CLOSE->SYN_SENT registers an outgoing connection in the
+ *                                connecting thread; ESTABLISHED opens it (egress) or
+ *                                registers an accepted one (ingress, softirq: owner from
+ *                                the listeners map until the acceptor touches it);
+ *                                CLOSE->LISTEN records a listener's owner; CLOSE ends a
+ *                                connection, or marks it when received data is still
+ *                                queued, then it ends once the program has read it.
  *   tp_btf/tcp_destroy_sock      ends a closed connection whose data was never read.
- *   syscalls/sys_exit_connect    emits the open event with connect()'s result.
- *   syscalls/sys_exit_accept(4)  registers an incoming connection from the new fd.
- *   tp_btf/sock_send_length      bytes of every send on a socket: write, writev,
- *   tp_btf/sock_recv_length      sendto, sendmsg, sendfile, splice, io_uring (and
- *                                the receive side alike); keyed by struct sock, so
- *                                non-socket I/O never reaches these programs.
+ *   tp_btf/sock_send_length      bytes of every send and receive on a socket (write,
+ *   tp_btf/sock_recv_length      writev, sendto, sendmsg, sendfile, splice, io_uring...),
+ *                                keyed by struct sock so non-socket I/O never gets here;
+ *                                the first bytes; the acceptor of an incoming connection;
+ *                                UDP sockets that query port 53.
  *   tp_btf/sched_process_*       exec (exe and argv for short-lived programs), fork
  *                                (--pid follows children), exit.
  */
@@ -30,7 +34,6 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define DNS_PORT 53
-#define EINPROGRESS 115
 #define EAGAIN 11
 #define EINTR 4
 #define MSG_PEEK 2
@@ -59,6 +62,7 @@ const struct ft_conn_close_event *anchor_close __attribute__((unused));
 const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
+const struct ft_listener *anchor_listener __attribute__((unused));
 const enum ft_event_kind *anchor_kind __attribute__((unused));
 const enum ft_counter *anchor_counter __attribute__((unused));
 const enum ft_direction *anchor_direction __attribute__((unused));
@@ -86,15 +90,15 @@ struct {
 	__type(value, struct ft_conn_state);
 } scratch SEC(".maps");
 
-/* Thread in connect() -> its socket, between SYN_SENT and the syscall's exit. */
+/* Local port -> the process listening there (and whether it passes the filters). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
-	__type(value, __u64);
-} connecting SEC(".maps");
+	__type(value, struct ft_listener);
+} listeners SEC(".maps");
 
-/* Processes owning tracked UDP (DNS) sockets -> how many, so close() stays cheap for others. */
+/* Processes owning UDP (DNS) flows -> how many, so only their exit walks the table. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
@@ -145,6 +149,16 @@ static __always_inline void *reserve(__u64 size, __u32 kind)
 	hdr->pad = 0;
 	hdr->timestamp_ns = bpf_ktime_get_ns();
 	return hdr;
+}
+
+/* Wakes the consumer only once enough is waiting: a wake-up costs the traced program
+ * microseconds, and the consumer polls a few times a second anyway. */
+static __always_inline void submit(void *event)
+{
+	__u64 waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+
+	bpf_ringbuf_submit(event, waiting >= cfg.wakeup_bytes ? BPF_RB_FORCE_WAKEUP :
+								 BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline bool current_is_traced(void)
@@ -224,15 +238,6 @@ static __always_inline bool is_loopback(const struct ft_conn *conn)
 	return false;
 }
 
-static __always_inline bool is_tcp_inet(const struct sock *sk)
-{
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-
-	if (family != AF_INET && family != AF_INET6)
-		return false;
-	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP;
-}
-
 /* This CPU's scratch state, zeroed. */
 static __always_inline struct ft_conn_state *new_state(void)
 {
@@ -244,7 +249,7 @@ static __always_inline struct ft_conn_state *new_state(void)
 	return state;
 }
 
-/* Starts tracking sk for the current task; NULL when filtered out or the table is full. */
+/* Starts tracking sk with state (task filled in by the caller); NULL when filtered out. */
 static __always_inline struct ft_conn_state *track(const struct sock *sk, struct ft_conn_state *state,
 						   __u8 protocol, __u8 direction)
 {
@@ -252,7 +257,6 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 
 	if (!cfg.include_loopback && is_loopback(&state->conn))
 		return NULL;
-	fill_current_task(&state->task);
 	state->conn.conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	state->conn.start_ns = bpf_ktime_get_ns();
 	state->conn.protocol = protocol;
@@ -264,18 +268,7 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 	return bpf_map_lookup_elem(&conns, &key);
 }
 
-static __always_inline struct ft_conn_state *track_tcp(const struct sock *sk, __u8 direction)
-{
-	struct ft_conn_state *state = new_state();
-
-	if (!state)
-		return NULL;
-	read_addresses(sk, &state->conn);
-	return track(sk, state, IPPROTO_TCP, direction);
-}
-
-static __always_inline void emit_open(const struct sock *sk, struct ft_conn_state *state,
-				      __s32 connect_ret)
+static __always_inline void emit_open(struct ft_conn_state *state)
 {
 	struct ft_conn_open_event *e;
 
@@ -285,9 +278,7 @@ static __always_inline void emit_open(const struct sock *sk, struct ft_conn_stat
 		return;
 	e->task = state->task;
 	e->conn = state->conn;
-	e->connect_ret = connect_ret;
-	e->tcp_state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 }
 
 /* The close event, with what CLOSE recorded (TCP) or the socket's state now (UDP). */
@@ -316,7 +307,7 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->sniff.flow = state->sniff.flow;
 	e->sniff.length = state->sniff.length;
 	bpf_probe_read_kernel(e->sniff.data, sizeof(e->sniff.data), state->sniff.data);
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 }
 
 /*
@@ -346,6 +337,87 @@ static __always_inline __u32 unread_bytes(const struct sock *sk)
 	return BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
 }
 
+/* An outgoing connection starts: we are in connect() (or a fast-open send), in its thread. */
+static __always_inline void on_syn_sent(const struct sock *sk)
+{
+	struct ft_conn_state *state;
+	__u64 key = (__u64)sk;
+
+	/* connect() again on a socket whose last connection ended: that one is over. */
+	state = bpf_map_lookup_elem(&conns, &key);
+	if (state)
+		untrack(sk, state);
+	if (!cfg.trace_egress || !current_is_traced())
+		return;
+	state = new_state();
+	if (!state)
+		return;
+	fill_current_task(&state->task);
+	read_addresses(sk, &state->conn);
+	track(sk, state, IPPROTO_TCP, FT_DIR_EGRESS);
+}
+
+/*
+ * An incoming connection completed its handshake. This runs in softirq (or in the
+ * connecting process, over loopback): the process that will accept it is not known yet.
+ * It is attributed to the listening port's owner for now, and to the thread that first
+ * reads or writes it when that happens (see claim_ingress).
+ */
+static __always_inline void on_passive_established(const struct sock *sk)
+{
+	struct ft_conn_state *state;
+	struct ft_listener *listener;
+	__u32 port;
+
+	if (!cfg.trace_ingress)
+		return;
+	state = new_state();
+	if (!state)
+		return;
+	read_addresses(sk, &state->conn);
+	port = state->conn.local_port;
+	listener = bpf_map_lookup_elem(&listeners, &port);
+	if (listener) {
+		if (!listener->traced)
+			return;
+		state->task = listener->task;
+	}
+	state->established = 1;
+	state->owner_pending = 1;
+	track(sk, state, IPPROTO_TCP, FT_DIR_INGRESS);
+}
+
+/* The first thread to read or write an accepted connection owns it: check it, open it. */
+static __always_inline bool claim_ingress(const struct sock *sk, struct ft_conn_state *state)
+{
+	__u64 key = (__u64)sk;
+
+	if (!current_is_traced()) {
+		bpf_map_delete_elem(&conns, &key);
+		return false;
+	}
+	fill_current_task(&state->task);
+	state->owner_pending = 0;
+	emit_open(state);
+	return true;
+}
+
+/* The connection is over: its open (if not out yet) and close events go out. */
+static __always_inline void finish(const struct sock *sk, struct ft_conn_state *state)
+{
+	__u64 key = (__u64)sk;
+
+	if (state->owner_pending && !state->task.pid) {
+		/* Accepted and closed unused, listener unknown: nobody to attribute it to. */
+		count(FT_CNT_INGRESS_UNATTRIBUTED);
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
+	if (state->owner_pending && !state->open_emitted)
+		emit_open(state);
+	untrack(sk, state);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int new_state)
 {
@@ -356,28 +428,42 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		return 0;
 
 	if (new_state == TCP_SYN_SENT && old_state == TCP_CLOSE) {
-		__u64 tid_key = bpf_get_current_pid_tgid();
-		__u32 tid = (__u32)tid_key;
+		on_syn_sent(sk);
+		return 0;
+	}
+	if (new_state == TCP_LISTEN) {
+		struct ft_listener listener = {};
+		__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
 
-		/* connect() again on a socket whose last connection ended: that one is over. */
-		state = bpf_map_lookup_elem(&conns, &key);
-		if (state)
-			untrack(sk, state);
-		if (!cfg.trace_egress || !current_is_traced())
+		fill_current_task(&listener.task);
+		listener.traced = current_is_traced();
+		if (bpf_map_update_elem(&listeners, &port, &listener, BPF_ANY))
+			count(FT_CNT_LISTENER_TABLE_FULL);
+		return 0;
+	}
+	if (old_state == TCP_LISTEN) {
+		__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
+
+		/* A new connection's socket is cloned from its listener: LISTEN -> SYN_RECV. */
+		if (new_state != TCP_CLOSE)
 			return 0;
-		if (track_tcp(sk, FT_DIR_EGRESS))
-			bpf_map_update_elem(&connecting, &tid, &key, BPF_ANY);
+
+		bpf_map_delete_elem(&listeners, &port);
 		return 0;
 	}
 
 	state = bpf_map_lookup_elem(&conns, &key);
-	if (!state)
+	if (!state) {
+		if (new_state == TCP_ESTABLISHED && old_state == TCP_SYN_RECV)
+			on_passive_established(sk);
 		return 0;
-
+	}
 	if (new_state == TCP_ESTABLISHED) {
 		state->established = 1;
 		/* The local port is bound by now; refresh what SYN_SENT saw. */
 		read_addresses(sk, &state->conn);
+		if (!state->open_emitted && state->conn.direction == FT_DIR_EGRESS)
+			emit_open(state);
 		return 0;
 	}
 	if (new_state == TCP_CLOSE) {
@@ -396,7 +482,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		state->closed = 1;
 		/* Data still queued will be read (and counted) later: close after that. */
 		if (!unread_bytes(sk))
-			untrack(sk, state);
+			finish(sk, state);
 	}
 	return 0;
 }
@@ -409,86 +495,8 @@ int BPF_PROG(on_tcp_destroy, struct sock *sk)
 	struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &key);
 
 	if (state)
-		untrack(sk, state);
+		finish(sk, state);
 	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_connect")
-int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct ft_conn_state *state;
-	const struct sock *sk;
-	__u64 *skp;
-	__u64 key;
-
-	skp = bpf_map_lookup_elem(&connecting, &tid);
-	if (!skp)
-		return 0;
-	key = *skp;
-	bpf_map_delete_elem(&connecting, &tid);
-	state = bpf_map_lookup_elem(&conns, &key);
-	if (!state || state->open_emitted)
-		return 0;
-	sk = (const struct sock *)key;
-	/* A connection that already failed has its addresses reset: keep what we saw. */
-	if (!state->closed)
-		read_addresses(sk, &state->conn);
-	emit_open(sk, state, (__s32)ctx->ret);
-	return 0;
-}
-
-/* The struct sock behind file descriptor fd of the current task. */
-static __always_inline const struct sock *sock_of_fd(int fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
-	unsigned int max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
-	struct file *file = NULL;
-	struct socket *sock;
-
-	if (fd < 0 || (unsigned int)fd >= max_fds)
-		return NULL;
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
-		return NULL;
-	sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return NULL;
-	return BPF_CORE_READ(sock, sk);
-}
-
-static __always_inline int handle_accept_exit(long ret)
-{
-	struct ft_conn_state *state;
-	const struct sock *sk;
-
-	if (ret < 0 || !cfg.trace_ingress || !current_is_traced())
-		return 0;
-	sk = sock_of_fd((int)ret);
-	if (!sk) {
-		count(FT_CNT_FD_LOOKUP_FAILED);
-		return 0;
-	}
-	if (!is_tcp_inet(sk))
-		return 0;
-	state = track_tcp(sk, FT_DIR_INGRESS);
-	if (!state)
-		return 0;
-	state->established = 1;
-	emit_open(sk, state, 0);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int on_accept4_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	return handle_accept_exit(ctx->ret);
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept")
-int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	return handle_accept_exit(ctx->ret);
 }
 
 /*
@@ -595,7 +603,11 @@ static __always_inline bool syscall_destination(struct ft_conn *conn)
 	return false;
 }
 
-/* A UDP socket that sends to port 53 becomes a DNS "connection" until it is closed. */
+/*
+ * A UDP socket that sends to port 53 starts a DNS flow: one exchange of queries and
+ * answers (a resolver often sends A and AAAA together). It ends when every query has an
+ * answer, on an ICMP error, or when the process exits; a later query starts a new flow.
+ */
 static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 {
 	struct ft_conn_state *state, *tracked;
@@ -613,6 +625,7 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 		return NULL;
 	if (state->conn.remote_port != DNS_PORT)
 		return NULL;
+	fill_current_task(&state->task);
 	state->established = 1;
 	tracked = track(sk, state, IPPROTO_UDP, FT_DIR_EGRESS);
 	if (!tracked)
@@ -623,32 +636,8 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 		__sync_fetch_and_add(owned, 1);
 	else if (bpf_map_update_elem(&udp_owners, &tgid, &one, BPF_NOEXIST))
 		count(FT_CNT_PID_TABLE_FULL);
-	emit_open(sk, tracked, 0);
+	emit_open(tracked);
 	return tracked;
-}
-
-SEC("tp_btf/sock_send_length")
-int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
-{
-	__u64 key = (__u64)sk;
-	struct ft_conn_state *state;
-
-	state = bpf_map_lookup_elem(&conns, &key);
-	if (state && ret <= 0)
-		note_udp_error(state, ret);
-	if (ret <= 0)
-		return 0;
-	if (!state) {
-		if (sk->sk_protocol != IPPROTO_UDP)
-			return 0;
-		state = track_dns(sk);
-		if (!state)
-			return 0;
-	}
-	__sync_fetch_and_add(&state->bytes_sent, ret);
-	if (!state->sniff.flow)
-		capture_sniff(state, FT_FLOW_TX, ret);
-	return 0;
 }
 
 static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state)
@@ -661,25 +650,31 @@ static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_st
 		bpf_map_delete_elem(&udp_owners, &tgid);
 }
 
-/* close() of a tracked UDP socket ends its DNS flow; one hash lookup for everyone else. */
-SEC("tracepoint/syscalls/sys_enter_close")
-int on_close_enter(struct trace_event_raw_sys_enter *ctx)
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
-	const struct sock *sk;
-	__u64 key;
 
-	if (!bpf_map_lookup_elem(&udp_owners, &tgid))
-		return 0;
-	sk = sock_of_fd((int)ctx->args[0]);
-	if (!sk)
-		return 0;
-	key = (__u64)sk;
 	state = bpf_map_lookup_elem(&conns, &key);
-	if (!state || state->conn.protocol != IPPROTO_UDP || state->task.pid != tgid)
+	if (state && state->owner_pending && !claim_ingress(sk, state))
 		return 0;
-	untrack_udp(sk, state);
+	if (state && ret <= 0)
+		note_udp_error(state, ret);
+	if (ret <= 0)
+		return 0;
+	if (!state) {
+		if (sk->sk_protocol != IPPROTO_UDP)
+			return 0;
+		state = track_dns(sk);
+		if (!state)
+			return 0;
+	}
+	__sync_fetch_and_add(&state->bytes_sent, ret);
+	if (state->conn.protocol == IPPROTO_UDP)
+		state->datagrams_sent++;
+	if (!state->sniff.flow)
+		capture_sniff(state, FT_FLOW_TX, ret);
 	return 0;
 }
 
@@ -706,15 +701,24 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 	state = bpf_map_lookup_elem(&conns, &key);
 	if (!state)
 		return 0;
-	note_udp_error(state, ret);
+	if (state->owner_pending && !claim_ingress(sk, state))
+		return 0;
 	if (ret > 0) {
 		__sync_fetch_and_add(&state->bytes_received, ret);
 		if (!state->sniff.flow)
 			capture_sniff(state, FT_FLOW_RX, ret);
 	}
+	if (state->conn.protocol == IPPROTO_UDP) {
+		note_udp_error(state, ret);
+		if (ret > 0)
+			state->datagrams_received++;
+		if (state->sock_error || (ret > 0 && state->datagrams_received >= state->datagrams_sent))
+			untrack_udp(sk, state);
+		return 0;
+	}
 	/* A connection that ended with data queued: done once the program has it all. */
 	if (state->closed && (ret <= 0 || !unread_bytes(sk)))
-		untrack(sk, state);
+		finish(sk, state);
 	return 0;
 }
 
@@ -759,7 +763,7 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 	if (bpf_probe_read_user(e->args, len, (void *)arg_start))
 		len = 0;
 	e->args_length = len;
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 	return 0;
 }
 
@@ -792,6 +796,6 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	if (!e)
 		return 0;
 	fill_current_task(&e->task);
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 	return 0;
 }

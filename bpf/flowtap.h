@@ -38,9 +38,10 @@ enum ft_counter {
 	FT_CNT_RINGBUF_FULL = 0,
 	FT_CNT_CONN_TABLE_FULL = 1,
 	FT_CNT_SNIFF_READ_FAILED = 2,
-	FT_CNT_FD_LOOKUP_FAILED = 3,
-	FT_CNT_PID_TABLE_FULL = 4,
-	FT_CNT_MAX = 5,
+	FT_CNT_PID_TABLE_FULL = 3,
+	FT_CNT_INGRESS_UNATTRIBUTED = 4, /* accepted, closed unused, listener unknown */
+	FT_CNT_LISTENER_TABLE_FULL = 5,
+	FT_CNT_MAX = 6,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -52,6 +53,7 @@ struct ft_config {
 	__u8 trace_ingress;
 	__u8 include_loopback;
 	__u8 pad[3];
+	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
 };
 
 /* Who did it: the thread that opened the connection or ran the exec. */
@@ -85,12 +87,11 @@ struct ft_conn {
 	__u8 remote_addr[16];
 };
 
+/* Sent when a TCP connection is established (a UDP DNS flow: at its first query). */
 struct ft_conn_open_event {
 	struct ft_header hdr;
 	struct ft_task task;
 	struct ft_conn conn;
-	__s32 connect_ret; /* 0, -EINPROGRESS or -errno for egress; 0 for ingress */
-	__u32 tcp_state;
 };
 
 /* The first bytes a connection moved, for protocol detection and the TLS SNI. */
@@ -130,7 +131,21 @@ struct ft_conn_state {
 	__u8 open_emitted;
 	__u8 closed;
 	__u8 close_old_state; /* TCP state before CLOSE */
+	__u8 owner_pending; /* ingress: task is the listener's until the acceptor shows up */
+	__u8 pad[3];
+	__u32 datagrams_sent; /* UDP (DNS): queries and answers, to end the exchange */
+	__u32 datagrams_received;
 	struct ft_sniff sniff; /* last: everything before it is zeroed on registration */
+};
+
+/*
+ * Value of the listeners map (key: local port): who listens there, so an incoming
+ * connection can be attributed and filtered in softirq, before any process touches it.
+ */
+struct ft_listener {
+	struct ft_task task;
+	__u8 traced; /* the owner passes the filters */
+	__u8 pad[7];
 };
 
 struct ft_exec_event {

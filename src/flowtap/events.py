@@ -59,8 +59,6 @@ class ConnOpen:
     timestamp_ns: int
     task: Task
     conn: Conn
-    connect_ret: int
-    tcp_state: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +201,6 @@ class EventDecoder:
             timestamp_ns=f.integer("hdr.timestamp_ns"),
             task=self.task(f),
             conn=self.conn(f),
-            connect_ret=f.integer("connect_ret"),
-            tcp_state=f.integer("tcp_state"),
         )
 
     def _close(self, f: Fields) -> ConnClose:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -13,18 +14,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flowtap.config import SensorConfig
-from flowtap.events import ConnClose, ConnOpen, DecodeError, Event, EventDecoder, Exec, Exit
+from flowtap.events import (
+    ConnClose,
+    ConnOpen,
+    DecodeError,
+    Event,
+    EventDecoder,
+    Exec,
+    Exit,
+    Task,
+)
 from flowtap.loader.btf import Btf
-from flowtap.loader.libbpf import BpfLink, BpfObject, RingBuffer
+from flowtap.loader.errors import BpfError
+from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
 from flowtap.loader.system import bpf_object_path, ensure_tracefs, require_btf, require_root
 from flowtap.records.connection import Record
 from flowtap.sinks.base import Sink, open_private
 from flowtap.tracking.connections import ConnectionTracker
-from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
+from flowtap.tracking.listeners import existing_listeners
+from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
 
 log = logging.getLogger("flowtap")
 
-_POLL_MS = 100
+# The kernel wakes us only once this much is waiting; otherwise we look every _POLL_MS.
+_WAKEUP_BYTES = 256 << 10
+_POLL_MS = 50
 
 
 @dataclass(slots=True)
@@ -64,6 +78,7 @@ class Sensor:
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
         self._last_kernel_counters: dict[str, int] = {}
+        self._unattributed_at_exit = 0
 
     # --- start-up -------------------------------------------------------------------
 
@@ -95,6 +110,7 @@ class Sensor:
         self._add_existing_descendants(obj)
         found = self.registry.scan()
         log.info("attributed %d processes already running", found)
+        self._add_existing_listeners(obj, btf)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
@@ -110,6 +126,7 @@ class Sensor:
                 "trace_egress": int(cfg.direction in ("egress", "all")),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
+                "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
             }
         )
         offset, size = btf.variable_offset(".rodata", "cfg")
@@ -145,6 +162,36 @@ class Sensor:
                 traced.update(struct.pack("<I", member), b"\x01")
             known |= new
 
+    def _add_existing_listeners(self, obj: BpfObject, btf: Btf) -> None:
+        """Owners of ports that were listening before listen() could be seen."""
+        layout = btf.struct_layout("ft_listener")
+        listeners = obj.map("listeners")
+        traced_pids = self._traced_pid_set(obj)
+        for listener in existing_listeners():
+            info = self.registry.lookup(Task(listener.pid, listener.pid, 0, ""))
+            traced = listener.pid != os.getpid() and (
+                traced_pids is None or info.pid in traced_pids
+            )
+            if traced and self.config.cgroup is not None:
+                traced = in_cgroup(listener.pid, self.config.cgroup)
+            value = layout.pack(
+                {
+                    "task.pid": info.pid,
+                    "task.tid": info.pid,
+                    "task.uid": info.uid,
+                    "task.comm": info.comm.encode()[:15],
+                    "traced": int(traced),
+                }
+            )
+            with contextlib.suppress(BpfError):  # listen() seen since attach: it wins
+                listeners.update(struct.pack("<I", listener.port), value, BpfMap.BPF_NOEXIST)
+
+    def _traced_pid_set(self, obj: BpfObject) -> set[int] | None:
+        """The --pid set as the kernel has it now (None: no --pid filter)."""
+        if not self.config.pids:
+            return None
+        return {struct.unpack("<I", key)[0] for key in obj.map("traced_pids").iter_keys()}
+
     # --- event loop -----------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
@@ -152,7 +199,8 @@ class Sensor:
             raise RuntimeError("start() the sensor before run()")
         next_stats = time.monotonic() + self.config.stats_interval_s
         while not stop.is_set():
-            self._ring.poll(_POLL_MS)
+            if self._ring.consume() == 0:
+                self._ring.poll(_POLL_MS)
             if time.monotonic() >= next_stats:
                 self.report_drops(final=False)
                 next_stats = time.monotonic() + self.config.stats_interval_s
@@ -210,6 +258,9 @@ class Sensor:
 
     def drop_report(self) -> dict[str, int]:
         report = self.kernel_counters()
+        report["ingress_unattributed"] = (
+            report.get("ingress_unattributed", 0) + self._unattributed_at_exit
+        )
         report["decode_errors"] = self.counters.decode_errors
         report["sink_errors"] = self.counters.sink_errors
         report["late_events"] = self.tracker.stats.late_events
@@ -259,11 +310,14 @@ class Sensor:
         now = time.monotonic_ns()
         still_open: list[ConnClose] = []
         ended: list[ConnClose] = []
-        for key in list(conns.keys()):
+        for key in list(conns.iter_keys()):
             raw = conns.lookup(key)
             if raw is None:
                 continue
             fields = layout.unpack(raw)
+            if fields.integer("owner_pending") and not fields.integer("task.pid"):
+                self._unattributed_at_exit += 1  # accepted, never used, listener unknown
+                continue
             closed = bool(fields.integer("closed"))
             flow, data = self._decoder.sniff(fields)
             event = ConnClose(
@@ -290,7 +344,7 @@ class Sensor:
         try:
             if self._ring is not None:
                 for _ in range(100):  # bounded drain
-                    if self._ring.poll(0) == 0:
+                    if self._ring.consume() == 0:
                         break
                 still_open, ended = self._remaining()
                 for event in ended:

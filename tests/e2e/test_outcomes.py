@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .helpers import Lab, find_pairs, only_pair
+from .helpers import Lab, only_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +67,14 @@ def test_nonblocking_connect(e2e: Lab) -> None:
 def test_handshake_timeout_and_abort(e2e: Lab) -> None:
     """A listener whose accept queue is full drops SYNs. A blocking connect with one SYN
     retry times out (~3 s): failed/ETIMEDOUT, then timeout. A non-blocking connect closed
-    while pending: connecting, then failed. The queued connection closes normally."""
+    while pending: failed, then failed. The queued connection closes normally; the one
+    the server never accepted is reported as the listener's, open at exit."""
     server = e2e.server(mode="stall")
     sensor = e2e.sensor()
     hold = e2e.file("hold")
     filler = e2e.client(server, hold=hold)  # fills the accept queue, never accepted
     filler.wait_message("exchanged")
+    filler_port = filler.wait_message("connected")["local_port"]
     abort = e2e.client(server, how="abort")
     abort.finish()
     assert abort.wait_message("connect_ex")["code"] == errno.EINPROGRESS
@@ -91,14 +93,19 @@ def test_handshake_timeout_and_abort(e2e: Lab) -> None:
     assert closed["duration_ms"] >= 2900  # SYN, a retry after 1 s, give up 2 s later
     assert (closed["bytes_sent"], closed["bytes_received"]) == (0, 0)
 
+    # Never established: its open record is built from the close, as for any failure.
     opened, closed = only_pair(records, pid=abort.pid)
-    assert (opened["state"], opened["error"]) == ("connecting", None)
+    assert (opened["state"], opened["error"]) == ("failed", None)
     assert (closed["status"], closed["error"]) == ("failed", None)
 
     opened, closed = only_pair(records, pid=filler.pid)
     assert opened["state"] == "established"
     assert closed["status"] == "closed"
-    assert not find_pairs(records, direction="ingress")  # nothing was ever accepted
+    # Queued but never accepted: attributed to the listening process, open at exit.
+    opened, closed = only_pair(records, pid=server.pid, direction="ingress")
+    assert opened["remote"]["port"] == closed["remote"]["port"] == filler_port
+    assert closed["status"] == "open_at_exit"
+    assert (closed["bytes_sent"], closed["bytes_received"]) == (0, 0)
 
 
 def test_reset_by_peer(e2e: Lab) -> None:

@@ -217,6 +217,7 @@ class BpfProgram:
 
 class BpfMap:
     BPF_ANY = 0
+    BPF_NOEXIST = 1
     _PERCPU_TYPES = frozenset({5, 6, 10, 21})  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, ...
 
     def __init__(self, ptr: int, name: str) -> None:
@@ -280,7 +281,7 @@ class BpfMap:
             raise _fail("delete from map", err, self.name)
         return True
 
-    def keys(self) -> Iterator[bytes]:
+    def iter_keys(self) -> Iterator[bytes]:
         key_size = self.key_size
         current: bytes | None = None
         for _ in range(1 << 24):  # bounded: no map here holds more entries
@@ -326,6 +327,18 @@ class RingBuffer:
         if ret < 0 and -ret != errno.EINTR:
             raise _fail("poll ring buffer", -ret)
         return max(ret, 0)
+
+    def consume(self) -> int:
+        """Consumes what is there without waiting; returns how many records."""
+        if self._ptr is None:
+            raise BpfError("ring buffer is closed", fix="create a new RingBuffer")
+        ret: int = lib().ring_buffer__consume(self._ptr)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if ret < 0:
+            raise _fail("consume ring buffer", -ret)
+        return ret
 
     def free(self) -> None:
         if self._ptr is not None:

@@ -12,11 +12,6 @@ from flowtap.tracking.processes import ProcessInfo
 
 Record = dict[str, Any]
 
-# TCP states from include/net/tcp_states.h, for the open record's state.
-TCP_ESTABLISHED = 1
-TCP_SYN_SENT = 2
-_EINPROGRESS = errno.EINPROGRESS
-
 
 class WallClock:
     """Converts the kernel's CLOCK_MONOTONIC nanoseconds to RFC 3339 wall-clock time."""
@@ -49,15 +44,6 @@ def errno_name(value: int) -> str | None:
     if value == 0:
         return None
     return errno.errorcode.get(value, f"E{value}")
-
-
-def open_state(connect_ret: int, tcp_state: int) -> str:
-    """established, connecting (non-blocking connect in progress) or failed."""
-    if connect_ret == 0:
-        return "established" if tcp_state != TCP_SYN_SENT else "connecting"
-    if -connect_ret == _EINPROGRESS:
-        return "established" if tcp_state == TCP_ESTABLISHED else "connecting"
-    return "failed"
 
 
 def close_status(sock_error: int, established: bool) -> str:

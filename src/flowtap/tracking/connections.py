@@ -21,7 +21,6 @@ from flowtap.records.connection import (
     close_status,
     errno_name,
     open_record,
-    open_state,
     process_record,
 )
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
@@ -89,11 +88,11 @@ class ConnectionTracker:
             if conn.conn_id in self._closed:
                 self.stats.late_events += 1
                 return
-            entry = self._start(event.task, conn, event, register=False)
+            entry = self._start(event.task, conn, event, register=False, at_exit=bool(status))
             if conn.conn_id in self._evicted:
                 self._evicted.discard(conn.conn_id)  # its open record went out already
             else:
-                # Never saw the open: it failed inside connect() or its event was lost.
+                # Never saw the open: the handshake failed, or its event was lost.
                 self.stats.opens_synthesized += 1
                 if entry.visible and entry.opened is not None:
                     self._emit(entry.opened)
@@ -133,16 +132,18 @@ class ConnectionTracker:
         event: ConnOpen | ConnClose,
         *,
         register: bool = True,
+        at_exit: bool = False,
     ) -> _Entry:
         info = self._registry.lookup(task)
         visible = self._accept(info)
         if not visible:
             self.stats.filtered += 1
-        if isinstance(event, ConnOpen):
-            state = open_state(event.connect_ret, event.tcp_state)
-            error = errno_name(event.connect_ret) if state == "failed" else None
-        elif event.established:
+        # The kernel sends an open event once a connection is established; one built from
+        # a close event never got there (or its open event was lost).
+        if isinstance(event, ConnOpen) or event.established:
             state, error = "established", None
+        elif at_exit:
+            state, error = "connecting", None
         else:
             state, error = "failed", errno_name(event.sock_error)
         opened = open_record(

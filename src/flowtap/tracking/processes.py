@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowtap.events import Exec, Exit, Task
+from flowtap.loader.system import cgroup2_mount
 
 # 64 hex digits in a cgroup path: docker-<id>.scope, cri-containerd-<id>.scope,
 # crio-<id>.scope, libpod-<id>.scope, /docker/<id>, /kubepods/.../<id>.
@@ -44,6 +45,23 @@ def container_id_from_cgroup(text: str) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def in_cgroup(pid: int, directory: Path, proc: Path = Path("/proc")) -> bool:
+    """Whether pid's cgroup v2 is directory or below it."""
+    root = cgroup2_mount()
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return False
+    if root is None:
+        return False
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            path = (root / line[3:].lstrip("/")).resolve()
+            wanted = directory.resolve()
+            return path == wanted or wanted in path.parents
+    return False
 
 
 class UserNames:
