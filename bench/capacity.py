@@ -298,9 +298,7 @@ class Bench:
             bytes_exact=exact,
             client_bytes=byte_pair(client),
             server_bytes=byte_pair(server),
-            connection_events=sum(
-                int(by_kind.get(kind, 0)) for kind in ("ConnOpen", "ConnClose")
-            ),
+            connection_events=sum(int(by_kind.get(kind, 0)) for kind in ("ConnOpen", "ConnClose")),
             events_by_kind=by_kind,
             drops=total_drops(stats),
             drop_detail=nonzero_drops(stats),

@@ -1,4 +1,4 @@
-"""Record builders, state/status mapping, timestamps and the two output formats."""
+"""Record builders, close status mapping, timestamps and the two output formats."""
 
 from __future__ import annotations
 
@@ -14,20 +14,16 @@ import pytest
 
 from flowtap.events import Conn, Endpoint
 from flowtap.records.connection import (
-    TCP_ESTABLISHED,
-    TCP_SYN_SENT,
     Record,
     WallClock,
     close_record,
     close_status,
     errno_name,
     open_record,
-    open_state,
 )
 from flowtap.sinks.console import ConsoleSink, endpoint, human_bytes
 from flowtap.sinks.jsonl import JsonLinesSink
 
-TCP_CLOSE = 7  # include/net/tcp_states.h
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 TS = "2023-11-14T22:13:20.123456Z"
 
@@ -95,25 +91,7 @@ def closed(
     )
 
 
-# --- state, status and errno names ---------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("connect_ret", "tcp_state", "expected"),
-    [
-        (0, TCP_ESTABLISHED, "established"),  # blocking connect, or accept
-        (0, TCP_CLOSE, "established"),  # accepted, peer already gone: still was established
-        (0, TCP_SYN_SENT, "connecting"),
-        (-errno.EINPROGRESS, TCP_SYN_SENT, "connecting"),  # non-blocking connect
-        (-errno.EINPROGRESS, TCP_ESTABLISHED, "established"),  # handshake won the race
-        (-errno.ECONNREFUSED, TCP_CLOSE, "failed"),
-        (-errno.ENETUNREACH, TCP_CLOSE, "failed"),
-        (-errno.ETIMEDOUT, TCP_CLOSE, "failed"),
-        (-errno.EACCES, TCP_CLOSE, "failed"),
-    ],
-)
-def test_open_state(connect_ret: int, tcp_state: int, expected: str) -> None:
-    assert open_state(connect_ret, tcp_state) == expected
+# --- status and errno names ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from jsonschema import Draft202012Validator
 
 from flowtap.events import Conn, ConnClose, ConnOpen, Endpoint, EventDecoder, Task
 from flowtap.records.connection import (
-    TCP_ESTABLISHED,
     Record,
     WallClock,
     close_record,
@@ -174,11 +173,12 @@ def test_tracker_output_validates(
     one = conn_fields(1, socket.AF_INET, v4, v4_remote)
     two = conn_fields(2, socket.AF_INET6, v6, v6_remote)
     three = conn_fields(3, socket.AF_INET6, mapped, mapped_remote)
+    four = conn_fields(4, socket.AF_INET, v4, v4_remote)
     stream = [
-        pack_event("ft_conn_open_event", {**task, **one, "tcp_state": TCP_ESTABLISHED}),
+        pack_event("ft_conn_open_event", {**task, **one}),
         pack_event("ft_conn_close_event", {**task, **one, "bytes_sent": 1, "established": 1}),
         pack_event("ft_conn_close_event", {**task, **two, "sock_error": errno.ECONNREFUSED}),
-        pack_event("ft_conn_open_event", {**task, **three, "connect_ret": -errno.EINPROGRESS}),
+        pack_event("ft_conn_open_event", {**task, **three}),
     ]
     for data in stream:
         event = decoder.decode(data)
@@ -186,6 +186,9 @@ def test_tracker_output_validates(
             tracker.on_open(event)
         elif isinstance(event, ConnClose):
             tracker.on_close(event)
+    # Handshake still in progress when the sensor stops: read from the kernel's table.
+    connecting = decoder.decode(pack_event("ft_conn_close_event", {**task, **four}))
+    assert isinstance(connecting, ConnClose)
     tracker.close_remaining(
         [
             ConnClose(
@@ -206,7 +209,8 @@ def test_tracker_output_validates(
                 old_state=0,
                 established=True,
                 open_emitted=True,
-            )
+            ),
+            connecting,
         ]
     )
 
@@ -217,6 +221,14 @@ def test_tracker_output_validates(
         ("close", 2),
         ("open", 3),
         ("close", 3),
+        ("open", 4),
+        ("close", 4),
+    ]
+    assert [r["state"] for r in records if r["event"] == "open"] == [
+        "established",
+        "failed",
+        "established",
+        "connecting",
     ]
     for record in records:
         assert errors(validator, record) == [], record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ssl
 from collections.abc import Callable
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flowtap.events import Conn, ConnClose, ConnOpen, Endpoint, Flow, Task
-from flowtap.records.connection import TCP_ESTABLISHED, TCP_SYN_SENT, Record, WallClock
+from flowtap.events import Conn, ConnClose, ConnOpen, Direction, Endpoint, Flow, Task
+from flowtap.records.connection import Record, WallClock
 from flowtap.sensor import exe_matcher
 from flowtap.tracking import connections
 from flowtap.tracking.connections import ConnectionTracker
@@ -22,6 +23,8 @@ CONTAINER = "4f2a" * 16
 PID = 4242
 TASK = Task(pid=PID, tid=4243, uid=0, comm="curl")
 MS = 1_000_000
+TCP_ESTABLISHED = 1  # include/net/tcp_states.h
+TCP_SYN_SENT = 2
 
 
 def tls_client_hello(server_hostname: str) -> bytes:
@@ -50,11 +53,9 @@ def open_event(
     conn_id: int = 1,
     *,
     timestamp_ns: int = 11 * MS,
-    connect_ret: int = 0,
-    tcp_state: int = TCP_ESTABLISHED,
     task: Task = TASK,
 ) -> ConnOpen:
-    return ConnOpen(timestamp_ns, task, conn(conn_id), connect_ret, tcp_state)
+    return ConnOpen(timestamp_ns, task, conn(conn_id))
 
 
 def close_event(
@@ -146,31 +147,69 @@ def test_open_then_close(tracker: ConnectionTracker, records: list[Record]) -> N
     assert tracker.stats.opens_synthesized == 0
 
 
-def test_non_blocking_connect_opens_as_connecting(
+@pytest.mark.parametrize("direction", ["egress", "ingress"])
+def test_open_event_is_established(
+    tracker: ConnectionTracker, records: list[Record], direction: Direction
+) -> None:
+    """The kernel sends an open only once the handshake is done (egress) or the acceptor
+    touched the connection (ingress): a non-blocking connect is never 'connecting'."""
+    event = open_event()
+    tracker.on_open(
+        dataclasses.replace(event, conn=dataclasses.replace(event.conn, direction=direction))
+    )
+
+    assert len(records) == 1
+    assert records[0]["event"] == "open"
+    assert records[0]["direction"] == direction
+    assert records[0]["state"] == "established"
+    assert records[0]["error"] is None
+    assert tracker.open_count == 1
+
+
+def test_open_then_timeout_keeps_the_open_record(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
-    tracker.on_open(open_event(connect_ret=-errno.EINPROGRESS, tcp_state=TCP_SYN_SENT))
-    tracker.on_close(close_event(sock_error=errno.ETIMEDOUT, established=False))
+    """Established, then retransmissions gave up: the open record stays established."""
+    tracker.on_open(open_event())
+    tracker.on_close(close_event(sock_error=errno.ETIMEDOUT, established=True))
 
-    assert records[0]["state"] == "connecting"
+    assert records[0]["state"] == "established"
     assert records[0]["error"] is None
     assert records[1]["status"] == "timeout"
     assert records[1]["error"] == "ETIMEDOUT"
+    assert tracker.stats.opens_synthesized == 0
 
 
-def test_connect_error_in_the_open_record(
-    tracker: ConnectionTracker, records: list[Record]
+@pytest.mark.parametrize(
+    ("sock_error", "open_error", "status"),
+    [
+        (errno.ECONNREFUSED, "ECONNREFUSED", "refused"),
+        (errno.ETIMEDOUT, "ETIMEDOUT", "timeout"),  # non-blocking connect that never answered
+        (errno.EHOSTUNREACH, "EHOSTUNREACH", "failed"),
+        (0, None, "failed"),  # closed during the handshake, no error
+    ],
+)
+def test_failed_handshake_synthesizes_a_failed_open(
+    tracker: ConnectionTracker,
+    records: list[Record],
+    sock_error: int,
+    open_error: str | None,
+    status: str,
 ) -> None:
-    tracker.on_open(open_event(connect_ret=-errno.ENETUNREACH, tcp_state=7))
+    tracker.on_close(close_event(sock_error=sock_error, established=False, open_emitted=False))
 
+    assert [r["event"] for r in records] == ["open", "close"]
     assert records[0]["state"] == "failed"
-    assert records[0]["error"] == "ENETUNREACH"
+    assert records[0]["error"] == open_error
+    assert records[1]["status"] == status
+    assert records[1]["error"] == open_error
+    assert tracker.stats.opens_synthesized == 1
 
 
 def test_close_without_open_synthesizes_the_open(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
-    """A connect() that failed inside the syscall: the kernel only sends the close."""
+    """A handshake that failed: the kernel sends an open only once established."""
     tracker.on_close(
         close_event(
             timestamp_ns=13 * MS,
@@ -213,7 +252,7 @@ def test_late_open_after_close_is_ignored_and_counted(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
     tracker.on_close(close_event(sock_error=errno.ECONNREFUSED, established=False))
-    tracker.on_open(open_event(connect_ret=-errno.ECONNREFUSED, tcp_state=7))
+    tracker.on_open(open_event())
 
     assert [r["event"] for r in records] == ["open", "close"]
     assert tracker.stats.late_events == 1
@@ -301,12 +340,41 @@ def test_close_remaining_reports_open_at_exit(
 def test_close_remaining_for_a_connect_still_in_progress(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
-    """Registered at SYN_SENT, connect() not returned yet: no open event was sent."""
+    """Registered at SYN_SENT, handshake not done when the sensor stops: no open was sent."""
     tracker.close_remaining([close_event(5, established=False, open_emitted=False)])
 
     assert [(r["event"], r["connection_id"]) for r in records] == [("open", 5), ("close", 5)]
-    assert records[0]["state"] == "failed"
+    assert records[0]["state"] == "connecting"
+    assert records[0]["error"] is None
     assert records[1]["status"] == "open_at_exit"
+    assert records[1]["error"] is None
+    assert tracker.stats.opens_synthesized == 1
+    assert tracker.open_count == 0
+
+
+@pytest.mark.parametrize(("established", "state"), [(True, "established"), (False, "connecting")])
+def test_close_remaining_state_of_a_synthesized_open(
+    tracker: ConnectionTracker, records: list[Record], established: bool, state: str
+) -> None:
+    """At exit nothing has failed yet: established, or still connecting; never failed."""
+    tracker.close_remaining([close_event(6, established=established, open_emitted=False)])
+
+    assert records[0]["state"] == state
+    assert records[0]["error"] is None
+    assert records[1]["status"] == "open_at_exit"
+
+
+def test_connecting_comes_only_from_close_remaining(
+    tracker: ConnectionTracker, records: list[Record]
+) -> None:
+    """An ordinary close of a connection never established is failed, not connecting."""
+    tracker.close_remaining([close_event(1, established=False, open_emitted=False)])
+    tracker.on_close(close_event(2, established=False, open_emitted=False))
+
+    assert [(r["connection_id"], r.get("state")) for r in records if r["event"] == "open"] == [
+        (1, "connecting"),
+        (2, "failed"),
+    ]
 
 
 def test_close_remaining_skips_connections_filtered_in_userspace(

@@ -33,14 +33,21 @@ def listening_inodes(proc: Path = Path("/proc")) -> dict[int, int]:
             fields = line.split()
             if len(fields) < 10 or fields[3] != _TCP_LISTEN:
                 continue
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            found[int(fields[9])] = port
+            try:
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                found[int(fields[9])] = port
+            except (IndexError, ValueError):
+                continue  # not a row the kernel writes; skip rather than fail start-up
     return found
 
 
 def socket_owners(inodes: set[int], proc: Path = Path("/proc")) -> Iterator[tuple[int, int]]:
     """(inode, pid) for each of inodes that a process holds open."""
-    for entry in proc.iterdir():
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
@@ -52,7 +59,7 @@ def socket_owners(inodes: set[int], proc: Path = Path("/proc")) -> Iterator[tupl
                 target = os.readlink(entry / "fd" / fd)
             except OSError:
                 continue
-            if target.startswith("socket:["):
+            if target.startswith("socket:[") and target[8:-1].isdigit():
                 inode = int(target[8:-1])
                 if inode in inodes:
                     yield inode, int(entry.name)
