@@ -271,7 +271,9 @@ def count_workload_opens(path: Path, port: int) -> int:
     return opens
 
 
-def measure(workload: Workload, *, with_sensor: bool, wait_quiet: float) -> Run:
+def measure(
+    workload: Workload, *, with_sensor: bool, wait_quiet: float, sensor_cpu: int | None = None
+) -> Run:
     others = wait_for_quiet(set(), wait_quiet)
     if not with_sensor:
         with CpuWindow(workload.pids()) as window:
@@ -286,7 +288,7 @@ def measure(workload: Workload, *, with_sensor: bool, wait_quiet: float) -> Run:
         )
     workdir = scratch_dir("flowtap-slowdown.")
     try:
-        sensor = Sensor(workdir)
+        sensor = Sensor(workdir, cpu=sensor_cpu)
         try:
             sensor.wait_ready()
             cpu0 = sensor.cpu_seconds()
@@ -452,6 +454,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(unpinned, cross-CPU wake-ups make loopback throughput vary by +-30%% run to run); "
         "the sensor is never pinned",
     )
+    parser.add_argument(
+        "--sensor-cpu",
+        type=int,
+        default=-1,
+        help="pin the sensor to this CPU (-1: not pinned, as a user would run it); with the "
+        "workload on another CPU this separates the in-kernel cost from CPU contention",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument(
         "--wait-quiet",
@@ -468,6 +477,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds = 2 if args.quick else 5
     if args.cpu < 0:
         args.cpu = None
+    if args.sensor_cpu < 0:
+        args.sensor_cpu = None
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - {"wrk", "loop", "syscalls"}
     if unknown:
@@ -567,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
                 mine: list[Run] = []
                 for pair in range(args.pairs):
                     for with_sensor in (False, True):
-                        run = measure(workload, with_sensor=with_sensor, wait_quiet=args.wait_quiet)
+                        run = measure(
+                            workload,
+                            with_sensor=with_sensor,
+                            wait_quiet=args.wait_quiet,
+                            sensor_cpu=args.sensor_cpu,
+                        )
                         mine.append(run)
                         print(
                             f"{workload.name} pair {pair + 1} "
@@ -598,6 +614,8 @@ def report(
 ) -> None:
     print()
     pin = f"workload pinned to CPU {args.cpu}" if args.cpu is not None else "no pinning"
+    if args.sensor_cpu is not None:
+        pin += f", sensor pinned to CPU {args.sensor_cpu}"
     print(
         f"## flowtap slowdown ({args.pairs} interleaved pairs per workload, {args.seconds} s "
         f"runs, {pin}; sensor: --include-loopback, no scope filter, not pinned)"

@@ -77,7 +77,6 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64); /* struct sock * */
 	__type(value, struct ft_conn_state);
 } conns SEC(".maps");
@@ -151,14 +150,17 @@ static __always_inline void *reserve(__u64 size, __u32 kind)
 	return hdr;
 }
 
-/* Wakes the consumer only once enough is waiting: a wake-up costs the traced program
- * microseconds, and the consumer polls a few times a second anyway. */
-static __always_inline void submit(void *event)
+/*
+ * Wakes the consumer only when the backlog crosses wakeup_bytes: a wake-up costs the
+ * traced program microseconds, and the consumer polls every 50 ms anyway. Only the
+ * record that crosses the mark wakes it; waking on every record above it costs far more.
+ */
+static __always_inline void submit(void *event, __u64 size)
 {
 	__u64 waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bool crossing = waiting >= cfg.wakeup_bytes && waiting < cfg.wakeup_bytes + size + 8;
 
-	bpf_ringbuf_submit(event, waiting >= cfg.wakeup_bytes ? BPF_RB_FORCE_WAKEUP :
-								 BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(event, crossing ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline bool current_is_traced(void)
@@ -278,7 +280,7 @@ static __always_inline void emit_open(struct ft_conn_state *state)
 		return;
 	e->task = state->task;
 	e->conn = state->conn;
-	submit(e);
+	submit(e, sizeof(*e));
 }
 
 /* The close event, with what CLOSE recorded (TCP) or the socket's state now (UDP). */
@@ -307,7 +309,7 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->sniff.flow = state->sniff.flow;
 	e->sniff.length = state->sniff.length;
 	bpf_probe_read_kernel(e->sniff.data, sizeof(e->sniff.data), state->sniff.data);
-	submit(e);
+	submit(e, sizeof(*e));
 }
 
 /*
@@ -763,7 +765,7 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 	if (bpf_probe_read_user(e->args, len, (void *)arg_start))
 		len = 0;
 	e->args_length = len;
-	submit(e);
+	submit(e, sizeof(*e));
 	return 0;
 }
 
@@ -796,6 +798,6 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	if (!e)
 		return 0;
 	fill_current_task(&e->task);
-	submit(e);
+	submit(e, sizeof(*e));
 	return 0;
 }
