@@ -77,6 +77,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64); /* struct sock * */
 	__type(value, struct ft_conn_state);
 } conns SEC(".maps");
