@@ -97,6 +97,13 @@ class Exit:
 Event = ConnOpen | ConnClose | Exec | Exit
 
 
+@dataclass(frozen=True, slots=True)
+class TrackedConnection:
+    close: ConnClose  # what its close event would carry now
+    ended: bool  # TCP reached CLOSE; the program has not read everything yet
+    unattributed: bool  # accepted, never used, the listener's owner unknown
+
+
 def c_string(raw: bytes) -> str:
     """A NUL-terminated C char array as text (undecodable bytes escaped, never an error)."""
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
@@ -204,19 +211,34 @@ class EventDecoder:
         )
 
     def _close(self, f: Fields) -> ConnClose:
+        return self._close_from(f, f.integer("hdr.timestamp_ns"), f.integer("old_state"))
+
+    def _close_from(self, f: Fields, timestamp_ns: int, old_state: int) -> ConnClose:
+        """A close from the fields a close event and a connection's state share."""
         flow, data = self.sniff(f)
         return ConnClose(
-            timestamp_ns=f.integer("hdr.timestamp_ns"),
+            timestamp_ns=timestamp_ns,
             task=self.task(f),
             conn=self.conn(f),
             bytes_sent=f.integer("bytes_sent"),
             bytes_received=f.integer("bytes_received"),
             sock_error=f.integer("sock_error"),
-            old_state=f.integer("old_state"),
+            old_state=old_state,
             established=bool(f.integer("established")),
             open_emitted=bool(f.integer("open_emitted")),
             sniff_flow=flow,
             sniff=data,
+        )
+
+    def tracked(self, raw_state: bytes, now_ns: int) -> TrackedConnection:
+        """A connection the kernel still tracks (a conns map value), as its close now."""
+        f = self.state_layout.unpack(raw_state)
+        ended = bool(f.integer("closed"))
+        when = f.integer("close_ns") if ended else now_ns
+        return TrackedConnection(
+            close=self._close_from(f, when, f.integer("close_old_state")),
+            ended=ended,
+            unattributed=bool(f.integer("owner_pending")) and not f.integer("task.pid"),
         )
 
     def sniff(self, f: Fields) -> tuple[Flow | None, bytes]:

@@ -265,6 +265,7 @@ class Sensor:
         report["sink_errors"] = self.counters.sink_errors
         report["late_events"] = self.tracker.stats.late_events
         report["tracker_evicted"] = self.tracker.stats.evicted
+        report["closes_lost"] = self.tracker.stats.lost
         return report
 
     def report_drops(self, *, final: bool) -> dict[str, int]:
@@ -306,7 +307,6 @@ class Sensor:
         if self._obj is None or self._decoder is None:
             return [], []
         conns = self._obj.map("conns")
-        layout = self._decoder.state_layout
         now = time.monotonic_ns()
         still_open: list[ConnClose] = []
         ended: list[ConnClose] = []
@@ -314,26 +314,11 @@ class Sensor:
             raw = conns.lookup(key)
             if raw is None:
                 continue
-            fields = layout.unpack(raw)
-            if fields.integer("owner_pending") and not fields.integer("task.pid"):
-                self._unattributed_at_exit += 1  # accepted, never used, listener unknown
+            tracked = self._decoder.tracked(raw, now)
+            if tracked.unattributed:
+                self._unattributed_at_exit += 1
                 continue
-            closed = bool(fields.integer("closed"))
-            flow, data = self._decoder.sniff(fields)
-            event = ConnClose(
-                timestamp_ns=fields.integer("close_ns") if closed else now,
-                task=self._decoder.task(fields),
-                conn=self._decoder.conn(fields),
-                bytes_sent=fields.integer("bytes_sent"),
-                bytes_received=fields.integer("bytes_received"),
-                sock_error=fields.integer("sock_error"),
-                old_state=fields.integer("close_old_state"),
-                established=bool(fields.integer("established")),
-                open_emitted=bool(fields.integer("open_emitted")),
-                sniff_flow=flow,
-                sniff=data,
-            )
-            (ended if closed else still_open).append(event)
+            (ended if tracked.ended else still_open).append(tracked.close)
         ended.sort(key=lambda event: event.conn.conn_id)
         still_open.sort(key=lambda event: event.conn.conn_id)
         return still_open, ended
@@ -350,6 +335,7 @@ class Sensor:
                 for event in ended:
                     self.tracker.on_close(event)
                 self.tracker.close_remaining(still_open)
+                self.tracker.close_lost(time.monotonic_ns())
                 report = self.report_drops(final=True)
                 self._write_stats(report)
         finally:

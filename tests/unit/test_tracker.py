@@ -432,3 +432,29 @@ def test_process_that_is_gone_falls_back_to_the_event(
         "user": "root",
         "container_id": None,
     }
+
+
+def test_close_lost_gives_every_open_record_a_close(
+    tracker: ConnectionTracker, records: list[Record]
+) -> None:
+    """A close event dropped in the kernel (ring buffer full): at exit the connection
+    still gets a close record, status lost, and is counted."""
+    tracker.on_open(open_event(1))
+    tracker.on_open(open_event(2))
+    tracker.on_close(close_event(1, sent=5, received=7))
+
+    assert tracker.close_lost(now_ns=900 * MS) == 1
+
+    assert [(r["event"], r["connection_id"]) for r in records] == [
+        ("open", 1),
+        ("open", 2),
+        ("close", 1),
+        ("close", 2),
+    ]
+    lost = records[-1]
+    assert (lost["status"], lost["bytes_sent"], lost["bytes_received"]) == ("lost", 0, 0)
+    assert lost["error"] is None
+    assert "state" not in lost
+    assert tracker.open_count == 0
+    assert tracker.stats.lost == 1
+    assert tracker.close_lost(now_ns=901 * MS) == 0

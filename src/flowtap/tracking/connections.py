@@ -35,6 +35,7 @@ _RECENTLY_CLOSED = 4096
 class _Entry:
     opened: Record | None
     visible: bool
+    conn: Conn
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class TrackerStats:
     late_events: int = 0
     evicted: int = 0
     filtered: int = 0
+    lost: int = 0
 
 
 class ConnectionTracker:
@@ -125,6 +127,33 @@ class ConnectionTracker:
         for event in remaining:
             self.on_close(event, status="open_at_exit")
 
+    def close_lost(self, now_ns: int) -> int:
+        """At exit, after close_remaining: connections whose close event was dropped get a
+        close record (status lost) so that no open record stays without one."""
+        lost = 0
+        while self._open:
+            conn_id, entry = self._open.popitem(last=False)
+            self._remember_closed(conn_id)
+            lost += 1
+            if not entry.visible or entry.opened is None:
+                continue
+            self._emit(
+                close_record(
+                    entry.opened,
+                    entry.conn,
+                    self._clock.rfc3339(now_ns),
+                    bytes_sent=0,
+                    bytes_received=0,
+                    duration_ns=0,
+                    status="lost",
+                    error=None,
+                    l7_protocol=None,
+                    sni=None,
+                )
+            )
+        self.stats.lost += lost
+        return lost
+
     def _start(
         self,
         task: Task,
@@ -154,7 +183,7 @@ class ConnectionTracker:
             state=state,
             error=error,
         )
-        entry = _Entry(opened=opened, visible=visible)
+        entry = _Entry(opened=opened, visible=visible, conn=conn)
         self.stats.opened += 1
         if register:
             self._open[conn.conn_id] = entry
