@@ -63,6 +63,7 @@ const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
 const struct ft_listener *anchor_listener __attribute__((unused));
+const struct ft_listener_key *anchor_listener_key __attribute__((unused));
 const enum ft_event_kind *anchor_kind __attribute__((unused));
 const enum ft_counter *anchor_counter __attribute__((unused));
 const enum ft_direction *anchor_direction __attribute__((unused));
@@ -90,11 +91,11 @@ struct {
 	__type(value, struct ft_conn_state);
 } scratch SEC(".maps");
 
-/* Local port -> the process listening there (and whether it passes the filters). */
+/* (netns, local port) -> the process listening there (and whether it passes the filters). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
-	__type(key, __u32);
+	__type(key, struct ft_listener_key);
 	__type(value, struct ft_listener);
 } listeners SEC(".maps");
 
@@ -340,6 +341,16 @@ static __always_inline __u32 unread_bytes(const struct sock *sk)
 	return BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
 }
 
+static __always_inline struct ft_listener_key listener_key(const struct sock *sk, __u32 port)
+{
+	struct ft_listener_key key = {
+		.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum),
+		.port = port,
+	};
+
+	return key;
+}
+
 /* An outgoing connection starts: we are in connect() (or a fast-open send), in its thread. */
 static __always_inline void on_syn_sent(const struct sock *sk)
 {
@@ -368,9 +379,9 @@ static __always_inline void on_syn_sent(const struct sock *sk)
  */
 static __always_inline void on_passive_established(const struct sock *sk)
 {
+	struct ft_listener_key key;
 	struct ft_conn_state *state;
 	struct ft_listener *listener;
-	__u32 port;
 
 	if (!cfg.trace_ingress)
 		return;
@@ -378,8 +389,8 @@ static __always_inline void on_passive_established(const struct sock *sk)
 	if (!state)
 		return;
 	read_addresses(sk, &state->conn);
-	port = state->conn.local_port;
-	listener = bpf_map_lookup_elem(&listeners, &port);
+	key = listener_key(sk, state->conn.local_port);
+	listener = bpf_map_lookup_elem(&listeners, &key);
 	if (listener) {
 		if (!listener->traced)
 			return;
@@ -435,23 +446,23 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		return 0;
 	}
 	if (new_state == TCP_LISTEN) {
+		struct ft_listener_key lkey = listener_key(sk, BPF_CORE_READ(sk, __sk_common.skc_num));
 		struct ft_listener listener = {};
-		__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
 
 		fill_current_task(&listener.task);
 		listener.traced = current_is_traced();
-		if (bpf_map_update_elem(&listeners, &port, &listener, BPF_ANY))
+		if (bpf_map_update_elem(&listeners, &lkey, &listener, BPF_ANY))
 			count(FT_CNT_LISTENER_TABLE_FULL);
 		return 0;
 	}
 	if (old_state == TCP_LISTEN) {
-		__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		struct ft_listener_key lkey = listener_key(sk, BPF_CORE_READ(sk, __sk_common.skc_num));
 
 		/* A new connection's socket is cloned from its listener: LISTEN -> SYN_RECV. */
 		if (new_state != TCP_CLOSE)
 			return 0;
 
-		bpf_map_delete_elem(&listeners, &port);
+		bpf_map_delete_elem(&listeners, &lkey);
 		return 0;
 	}
 

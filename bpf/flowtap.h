@@ -138,9 +138,15 @@ struct ft_conn_state {
 	struct ft_sniff sniff; /* last: everything before it is zeroed on registration */
 };
 
+/* Key of the listeners map: containers each have their own port 80. */
+struct ft_listener_key {
+	__u32 netns; /* inode number of the network namespace */
+	__u32 port;
+};
+
 /*
- * Value of the listeners map (key: local port): who listens there, so an incoming
- * connection can be attributed and filtered in softirq, before any process touches it.
+ * Value of the listeners map: who listens there, so an incoming connection can be
+ * attributed and filtered in softirq, before any process touches it.
  */
 struct ft_listener {
 	struct ft_task task;

@@ -165,6 +165,9 @@ class Sensor:
     def _add_existing_listeners(self, obj: BpfObject, btf: Btf) -> None:
         """Owners of ports that were listening before listen() could be seen."""
         layout = btf.struct_layout("ft_listener")
+        key_layout = btf.struct_layout("ft_listener_key")
+        # /proc/net/tcp lists this network namespace's sockets only.
+        netns = os.stat("/proc/self/ns/net").st_ino
         listeners = obj.map("listeners")
         traced_pids = self._traced_pid_set(obj)
         for listener in existing_listeners():
@@ -184,7 +187,8 @@ class Sensor:
                 }
             )
             with contextlib.suppress(BpfError):  # listen() seen since attach: it wins
-                listeners.update(struct.pack("<I", listener.port), value, BpfMap.BPF_NOEXIST)
+                key = key_layout.pack({"netns": netns, "port": listener.port})
+                listeners.update(key, value, BpfMap.BPF_NOEXIST)
 
     def _traced_pid_set(self, obj: BpfObject) -> set[int] | None:
         """The --pid set as the kernel has it now (None: no --pid filter)."""
