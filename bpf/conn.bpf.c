@@ -37,6 +37,7 @@
 #define EAGAIN 11
 #define EINTR 4
 #define MSG_PEEK 2
+#define FT_SNIFF_CLAIMED 0xff /* sniff.flow while a capture is in progress */
 #define BPF_F_NO_PREALLOC (1U << 0)
 
 /* x86_64 syscall numbers whose second argument points at the data. */
@@ -242,14 +243,15 @@ static __always_inline bool is_loopback(const struct ft_conn *conn)
 	return false;
 }
 
-/* This CPU's scratch state, zeroed. */
+/* This CPU's scratch state, zeroed but for the sniff bytes. */
 static __always_inline struct ft_conn_state *new_state(void)
 {
 	__u32 zero = 0;
 	struct ft_conn_state *state = bpf_map_lookup_elem(&scratch, &zero);
 
+	/* The sniff bytes need no zeroing: sniff.length says how many are valid. */
 	if (state)
-		__builtin_memset(state, 0, sizeof(*state));
+		__builtin_memset(state, 0, __builtin_offsetof(struct ft_conn_state, sniff.data));
 	return state;
 }
 
@@ -265,6 +267,7 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 	state->conn.start_ns = bpf_ktime_get_ns();
 	state->conn.protocol = protocol;
 	state->conn.direction = direction;
+	state->cookie = bpf_get_socket_cookie((void *)sk);
 	if (bpf_map_update_elem(&conns, &key, state, BPF_ANY)) {
 		count(FT_CNT_CONN_TABLE_FULL);
 		return NULL;
@@ -308,8 +311,9 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->established = state->established;
 	e->open_emitted = state->open_emitted;
 	e->pad = 0;
-	e->sniff.flow = state->sniff.flow;
-	e->sniff.length = state->sniff.length;
+	/* A capture another CPU has claimed but not finished counts as none. */
+	e->sniff.flow = state->sniff.flow == FT_SNIFF_CLAIMED ? 0 : state->sniff.flow;
+	e->sniff.length = e->sniff.flow ? state->sniff.length : 0;
 	bpf_probe_read_kernel(e->sniff.data, sizeof(e->sniff.data), state->sniff.data);
 	submit(e, sizeof(*e));
 }
@@ -325,12 +329,43 @@ static __always_inline void note_udp_error(struct ft_conn_state *state, int ret)
 		state->sock_error = -ret;
 }
 
+/* Ends a connection once, whichever CPUs race to: close event out, entry gone. */
 static __always_inline void untrack(const struct sock *sk, struct ft_conn_state *state)
 {
 	__u64 key = (__u64)sk;
 
+	if (__sync_val_compare_and_swap(&state->finished, 0, 1) != 0)
+		return;
 	emit_close(sk, state);
 	bpf_map_delete_elem(&conns, &key);
+}
+
+static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state)
+{
+	__u32 tgid = state->task.pid;
+	__u32 *owned = bpf_map_lookup_elem(&udp_owners, &tgid);
+
+	untrack(sk, state);
+	if (owned && __sync_fetch_and_add(owned, -1) == 1)
+		bpf_map_delete_elem(&udp_owners, &tgid);
+}
+
+/*
+ * The tracked state of sk. A UDP flow whose socket was closed with a query unanswered
+ * stays in conns (UDP has no close hook); when its struct sock is reused, the cookie
+ * tells the new socket apart, and the old flow ends here.
+ */
+static __always_inline struct ft_conn_state *lookup_conn(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &key);
+
+	if (state && state->conn.protocol == IPPROTO_UDP &&
+	    state->cookie != bpf_get_socket_cookie((void *)sk)) {
+		untrack_udp(sk, state);
+		return NULL;
+	}
+	return state;
 }
 
 /* Bytes the peer sent that the program has not read yet. */
@@ -355,10 +390,9 @@ static __always_inline struct ft_listener_key listener_key(const struct sock *sk
 static __always_inline void on_syn_sent(const struct sock *sk)
 {
 	struct ft_conn_state *state;
-	__u64 key = (__u64)sk;
 
 	/* connect() again on a socket whose last connection ended: that one is over. */
-	state = bpf_map_lookup_elem(&conns, &key);
+	state = lookup_conn(sk);
 	if (state)
 		untrack(sk, state);
 	if (!cfg.trace_egress || !current_is_traced())
@@ -391,10 +425,11 @@ static __always_inline void on_passive_established(const struct sock *sk)
 	read_addresses(sk, &state->conn);
 	key = listener_key(sk, state->conn.local_port);
 	listener = bpf_map_lookup_elem(&listeners, &key);
+	/* A filtered-out listener's connections are kept too: with pre-forked servers the
+	 * process that listens is not the one that serves (--pid on a worker). */
 	if (listener) {
-		if (!listener->traced)
-			return;
 		state->task = listener->task;
+		state->listener_traced = listener->traced;
 	}
 	state->established = 1;
 	state->owner_pending = 1;
@@ -406,12 +441,14 @@ static __always_inline bool claim_ingress(const struct sock *sk, struct ft_conn_
 {
 	__u64 key = (__u64)sk;
 
+	/* Two threads, or a send and a receive, may race here: one claims it. */
+	if (__sync_val_compare_and_swap(&state->owner_pending, 1, 0) != 1)
+		return true;
 	if (!current_is_traced()) {
 		bpf_map_delete_elem(&conns, &key);
 		return false;
 	}
 	fill_current_task(&state->task);
-	state->owner_pending = 0;
 	emit_open(state);
 	return true;
 }
@@ -421,9 +458,11 @@ static __always_inline void finish(const struct sock *sk, struct ft_conn_state *
 {
 	__u64 key = (__u64)sk;
 
-	if (state->owner_pending && !state->task.pid) {
-		/* Accepted and closed unused, listener unknown: nobody to attribute it to. */
-		count(FT_CNT_INGRESS_UNATTRIBUTED);
+	if (state->owner_pending && !state->listener_traced) {
+		/* Accepted and closed unused: the listener's owner is filtered out, or unknown
+		 * and then there is nobody to attribute it to. */
+		if (!state->task.pid)
+			count(FT_CNT_INGRESS_UNATTRIBUTED);
 		bpf_map_delete_elem(&conns, &key);
 		return;
 	}
@@ -435,7 +474,6 @@ static __always_inline void finish(const struct sock *sk, struct ft_conn_state *
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int new_state)
 {
-	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
 
 	if (sk->sk_protocol != IPPROTO_TCP)
@@ -450,6 +488,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		struct ft_listener listener = {};
 
 		fill_current_task(&listener.task);
+		listener.sk = (__u64)sk;
 		listener.traced = current_is_traced();
 		if (bpf_map_update_elem(&listeners, &lkey, &listener, BPF_ANY))
 			count(FT_CNT_LISTENER_TABLE_FULL);
@@ -457,16 +496,20 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 	}
 	if (old_state == TCP_LISTEN) {
 		struct ft_listener_key lkey = listener_key(sk, BPF_CORE_READ(sk, __sk_common.skc_num));
+		struct ft_listener *listener_entry;
 
 		/* A new connection's socket is cloned from its listener: LISTEN -> SYN_RECV. */
 		if (new_state != TCP_CLOSE)
 			return 0;
 
-		bpf_map_delete_elem(&listeners, &lkey);
+		/* Only its own listener's close: SO_REUSEPORT siblings, a failed listen(). */
+		listener_entry = bpf_map_lookup_elem(&listeners, &lkey);
+		if (listener_entry && listener_entry->sk == (__u64)sk)
+			bpf_map_delete_elem(&listeners, &lkey);
 		return 0;
 	}
 
-	state = bpf_map_lookup_elem(&conns, &key);
+	state = lookup_conn(sk);
 	if (!state) {
 		if (new_state == TCP_ESTABLISHED && old_state == TCP_SYN_RECV)
 			on_passive_established(sk);
@@ -505,8 +548,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(on_tcp_destroy, struct sock *sk)
 {
-	__u64 key = (__u64)sk;
-	struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &key);
+	struct ft_conn_state *state = lookup_conn(sk);
 
 	if (state)
 		finish(sk, state);
@@ -562,16 +604,23 @@ static __always_inline __u64 syscall_user_buffer(void **buf)
 static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flow, int ret)
 {
 	void *buf = NULL;
-	__u64 len = syscall_user_buffer(&buf);
+	__u64 len;
 
-	if (!len || !buf)
-		return; /* sendfile, io_uring: try again on the next call */
+	/* One capture per connection, even with a send and a receive racing. */
+	if (__sync_val_compare_and_swap(&state->sniff.flow, 0, FT_SNIFF_CLAIMED) != 0)
+		return;
+	len = syscall_user_buffer(&buf);
+	if (!len || !buf) {
+		state->sniff.flow = 0; /* sendfile, io_uring: try again on the next call */
+		return;
+	}
 	if (len > (__u64)ret)
 		len = ret;
 	if (len > FT_SNIFF_LEN)
 		len = FT_SNIFF_LEN;
 	if (bpf_probe_read_user(state->sniff.data, len, buf)) {
 		count(FT_CNT_SNIFF_READ_FAILED);
+		state->sniff.flow = 0;
 		return;
 	}
 	state->sniff.length = len;
@@ -646,31 +695,24 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 		return NULL;
 	tgid = tracked->task.pid;
 	owned = bpf_map_lookup_elem(&udp_owners, &tgid);
+	if (!owned && bpf_map_update_elem(&udp_owners, &tgid, &one, BPF_NOEXIST)) {
+		/* Not inserted: another thread of the process did meanwhile, or it is full. */
+		owned = bpf_map_lookup_elem(&udp_owners, &tgid);
+		if (!owned)
+			count(FT_CNT_PID_TABLE_FULL);
+	}
 	if (owned)
 		__sync_fetch_and_add(owned, 1);
-	else if (bpf_map_update_elem(&udp_owners, &tgid, &one, BPF_NOEXIST))
-		count(FT_CNT_PID_TABLE_FULL);
 	emit_open(tracked);
 	return tracked;
-}
-
-static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state)
-{
-	__u32 tgid = state->task.pid;
-	__u32 *owned = bpf_map_lookup_elem(&udp_owners, &tgid);
-
-	untrack(sk, state);
-	if (owned && __sync_fetch_and_add(owned, -1) == 1)
-		bpf_map_delete_elem(&udp_owners, &tgid);
 }
 
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
-	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
 
-	state = bpf_map_lookup_elem(&conns, &key);
+	state = lookup_conn(sk);
 	if (state && state->owner_pending && !claim_ingress(sk, state))
 		return 0;
 	if (state && ret <= 0)
@@ -707,12 +749,11 @@ static long close_udp_of_process(struct bpf_map *map, __u64 *key, struct ft_conn
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 {
-	__u64 key = (__u64)sk;
 	struct ft_conn_state *state;
 
 	if (flags & MSG_PEEK)
 		return 0;
-	state = bpf_map_lookup_elem(&conns, &key);
+	state = lookup_conn(sk);
 	if (!state)
 		return 0;
 	if (state->owner_pending && !claim_ingress(sk, state))
@@ -795,7 +836,8 @@ int BPF_PROG(on_exit, struct task_struct *task)
 		bpf_for_each_map_elem(&conns, close_udp_of_process, &ctx, 0);
 		bpf_map_delete_elem(&udp_owners, &tgid);
 	}
-	if (task->pid != task->tgid)
+	/* The process is gone once its last thread is, whichever thread that is. */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
 	if (cfg.filter_pids) {
 		bool traced = bpf_map_lookup_elem(&traced_pids, &tgid) != NULL;

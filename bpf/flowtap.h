@@ -131,11 +131,15 @@ struct ft_conn_state {
 	__u8 open_emitted;
 	__u8 closed;
 	__u8 close_old_state; /* TCP state before CLOSE */
-	__u8 owner_pending; /* ingress: task is the listener's until the acceptor shows up */
+	/* Claimed with compare-and-swap (32-bit: BPF atomics), since CPUs race for them. */
+	__u32 owner_pending; /* ingress: task is the listener's until the acceptor shows up */
+	__u32 finished; /* the close event went out (or is going out) */
+	__u8 listener_traced; /* ingress: the listener's owner passes the filters */
 	__u8 pad[3];
+	__u64 cookie; /* socket cookie: tells a reused struct sock from the one tracked */
 	__u32 datagrams_sent; /* UDP (DNS): queries and answers, to end the exchange */
 	__u32 datagrams_received;
-	struct ft_sniff sniff; /* last: everything before it is zeroed on registration */
+	struct ft_sniff sniff; /* last: only what is before sniff.data is zeroed */
 };
 
 /* Key of the listeners map: containers each have their own port 80. */
@@ -150,6 +154,7 @@ struct ft_listener_key {
  */
 struct ft_listener {
 	struct ft_task task;
+	__u64 sk; /* the listening socket: only its own close removes the entry */
 	__u8 traced; /* the owner passes the filters */
 	__u8 pad[7];
 };

@@ -14,6 +14,7 @@ from typing import IO
 from flowtap import __version__, preflight
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.loader.errors import BpfError
+from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
@@ -137,7 +138,16 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    sensor = Sensor(config, make_sink(args))
+    try:
+        require_root()  # before the output file is created
+        sink = make_sink(args)
+    except BpfError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"flowtap: cannot open the output file: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sensor = Sensor(config, sink)
     try:
         sensor.start()
         sensor.run(stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ class SensorConfig:
             )
         if not 1 <= self.max_connections <= 1 << 22:
             raise ConfigError(f"max connections {self.max_connections}: use 1 to 4194304")
-        if self.stats_interval_s <= 0:
+        if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
 
     @staticmethod

@@ -101,6 +101,7 @@ Event = ConnOpen | ConnClose | Exec | Exit
 class TrackedConnection:
     close: ConnClose  # what its close event would carry now
     ended: bool  # TCP reached CLOSE; the program has not read everything yet
+    dropped: bool  # not to be reported (see unattributed)
     unattributed: bool  # accepted, never used, the listener's owner unknown
 
 
@@ -238,6 +239,8 @@ class EventDecoder:
         return TrackedConnection(
             close=self._close_from(f, when, f.integer("close_old_state")),
             ended=ended,
+            # Accepted, never used, and its listener's owner filtered out or unknown.
+            dropped=bool(f.integer("owner_pending")) and not f.integer("listener_traced"),
             unattributed=bool(f.integer("owner_pending")) and not f.integer("task.pid"),
         )
 

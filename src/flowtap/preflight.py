@@ -32,8 +32,6 @@ NOT_ROOT = "cannot probe: not root"
 
 # Any one of these is enough to try an fentry load; tcp_connect exists on every TCP kernel.
 FENTRY_CANDIDATES = ("tcp_connect", "tcp_v4_connect", "do_sys_openat2")
-# Struct emitted for the syscalls event class: proves CONFIG_FTRACE_SYSCALLS without tracefs.
-SYSCALL_EVENT_STRUCT = "trace_event_raw_sys_exit"
 
 # BTF kinds we look up (include/uapi/linux/btf.h).
 BTF_KIND_STRUCT = 4
@@ -124,20 +122,18 @@ def find_btf_ids(
 
 
 @functools.cache
-def sensor_hooks() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(tp_btf tracepoints, syscall tracepoints) the sensor attaches, read from the program
-    sections of its BPF object, so this check never drifts from what `flowtap run` loads."""
+def sensor_hooks() -> tuple[str, ...]:
+    """The tp_btf tracepoints the sensor attaches, read from the program sections of its
+    BPF object, so this check never drifts from what `flowtap run` loads."""
     try:
         obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
     except BpfError:
-        return (), ()
+        return ()
     try:
         sections = [program.section for program in obj.programs()]
     finally:
         obj.close()
-    tp_btf = tuple(s.split("/", 1)[1] for s in sections if s.startswith("tp_btf/"))
-    syscalls = tuple(s.rsplit("/", 1)[1] for s in sections if s.startswith("tracepoint/syscalls/"))
-    return tp_btf, syscalls
+    return tuple(s.split("/", 1)[1] for s in sections if s.startswith("tp_btf/"))
 
 
 def _tp_btf_typedef(target: str) -> str:
@@ -145,9 +141,8 @@ def _tp_btf_typedef(target: str) -> str:
 
 
 def _wanted_btf() -> list[tuple[int, str]]:
-    wanted = [(BTF_KIND_TYPEDEF, _tp_btf_typedef(t)) for t in sensor_hooks()[0]]
+    wanted = [(BTF_KIND_TYPEDEF, _tp_btf_typedef(t)) for t in sensor_hooks()]
     wanted += [(BTF_KIND_FUNC, f) for f in FENTRY_CANDIDATES]
-    wanted.append((BTF_KIND_STRUCT, SYSCALL_EVENT_STRUCT))
     return wanted
 
 
@@ -262,17 +257,6 @@ def _tracefs_mount(mounts: list[tuple[str, str]]) -> str | None:
     return next((p for p in TRACEFS_MOUNTPOINTS if p in points), None)
 
 
-def _kernel_has_fs(name: str) -> bool:
-    try:
-        return any(line.split()[-1] == name for line in Path("/proc/filesystems").open())
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# checks
-
-
 def check_root() -> Check:
     euid = os.geteuid()
     if euid == 0:
@@ -322,7 +306,7 @@ def check_tp_btf(root: bool) -> Check:
         ids = _vmlinux_ids()
     except BtfError:
         return Check("tp_btf", False, True, "cannot probe: no vmlinux BTF", "see the btf check")
-    targets = sensor_hooks()[0]
+    targets = sensor_hooks()
     if not targets:
         return Check("tp_btf", False, True, "the sensor's BPF object is missing", "run `make bpf`")
     problems = []
@@ -341,48 +325,12 @@ def check_tp_btf(root: bool) -> Check:
 
 
 def check_tracefs(mounts: list[tuple[str, str]]) -> Check:
+    """Optional: the sensor's programs are all BTF tracepoints, which need no tracefs."""
     point = _tracefs_mount(mounts)
     if point is not None:
-        return Check("tracefs", True, True, f"mounted at {point}")
-    if _kernel_has_fs("tracefs"):
-        # Not a blocker: the sensor mounts it itself before reading tracepoint ids.
-        detail = "not mounted; `flowtap run` mounts it at /sys/kernel/tracing itself"
-        return Check("tracefs", True, True, detail, f"to mount it now: {MOUNT_TRACEFS}")
-    detail = "kernel has no tracefs"
-    return Check("tracefs", False, True, detail, "use a kernel built with CONFIG_FTRACE=y")
-
-
-def check_syscall_tracepoints(root: bool, mounts: list[tuple[str, str]]) -> Check:
-    name = "syscall tracepoints"
-    if not root:
-        return Check(name, False, True, NOT_ROOT, RUN_AS_ROOT)
-    probe = probe_prog(BPF_PROG_TYPE_TRACEPOINT)
-    if probe.err:
-        detail = f"tracepoint program load failed: {probe.describe()}"
-        return Check(name, False, True, detail, "use a kernel with CONFIG_BPF_EVENTS=y")
-    fix = "use a kernel built with CONFIG_FTRACE_SYSCALLS=y"
-    point = _tracefs_mount(mounts)
-    if point is None:
-        # Ids live in tracefs; without it, the syscalls event class in BTF is the evidence.
-        try:
-            compiled_in = (BTF_KIND_STRUCT, SYSCALL_EVENT_STRUCT) in _vmlinux_ids()
-        except BtfError:
-            compiled_in = False
-        if not compiled_in:
-            return Check(name, False, True, "syscall tracepoints not compiled in", fix)
-        detail = "compiled in; ids are readable once tracefs is mounted"
-        return Check(name, True, True, detail)
-    found, missing = [], []
-    for event in sensor_hooks()[1]:
-        try:
-            tp_id = Path(point, "events/syscalls", event, "id").read_text().strip()
-            found.append(f"{event}={tp_id}")
-        except OSError:
-            missing.append(event)
-    if missing:
-        detail = f"missing under {point}/events/syscalls: {', '.join(missing)}"
-        return Check(name, False, True, detail, fix)
-    return Check(name, True, True, "ids " + ", ".join(found))
+        return Check("tracefs", True, False, f"mounted at {point}")
+    detail = "not mounted; flowtap does not need it (tp_btf programs only)"
+    return Check("tracefs", False, False, detail, f"for other tools: {MOUNT_TRACEFS}")
 
 
 def check_fentry(root: bool) -> Check:
@@ -469,7 +417,6 @@ def run_checks() -> list[Check]:
         check_ringbuf(root),
         check_tp_btf(root),
         check_tracefs(mounts),
-        check_syscall_tracepoints(root, mounts),
         check_fentry(root),
         check_kprobes(mounts),
         check_uprobes(),

@@ -27,7 +27,7 @@ from flowtap.events import (
 from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
-from flowtap.loader.system import bpf_object_path, ensure_tracefs, require_btf, require_root
+from flowtap.loader.system import bpf_object_path, require_btf, require_root
 from flowtap.records.connection import Record
 from flowtap.sinks.base import Sink, open_private
 from flowtap.tracking.connections import ConnectionTracker
@@ -85,7 +85,6 @@ class Sensor:
     def start(self) -> None:
         require_root()
         require_btf()
-        log.info("%s", ensure_tracefs())
         obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
         self._obj = obj
         btf = Btf(obj)
@@ -305,6 +304,11 @@ class Sensor:
 
     # --- shutdown -------------------------------------------------------------------
 
+    def _detach(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+
     def _remaining(self) -> tuple[list[ConnClose], list[ConnClose]]:
         """Connections the kernel still tracks, as close events built from its table:
         (still open, ended but not yet released by their program)."""
@@ -319,8 +323,8 @@ class Sensor:
             if raw is None:
                 continue
             tracked = self._decoder.tracked(raw, now)
-            if tracked.unattributed:
-                self._unattributed_at_exit += 1
+            if tracked.dropped:
+                self._unattributed_at_exit += tracked.unattributed
                 continue
             (ended if tracked.ended else still_open).append(tracked.close)
         ended.sort(key=lambda event: event.conn.conn_id)
@@ -328,9 +332,12 @@ class Sensor:
         return still_open, ended
 
     def stop(self) -> dict[str, int]:
-        """Drains events, closes what is still open, detaches everything; returns drops."""
+        """Detaches everything, drains events, closes what is still open; returns drops."""
         report: dict[str, int] = {}
         try:
+            # Detach first: nothing can be submitted after the drain and before the walk
+            # of the table; the maps stay readable until the object is closed.
+            self._detach()
             if self._ring is not None:
                 for _ in range(100):  # bounded drain
                     if self._ring.consume() == 0:
@@ -343,9 +350,7 @@ class Sensor:
                 report = self.report_drops(final=True)
                 self._write_stats(report)
         finally:
-            for link in self._links:
-                link.destroy()
-            self._links.clear()
+            self._detach()
             if self._ring is not None:
                 self._ring.free()
                 self._ring = None

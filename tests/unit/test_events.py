@@ -145,11 +145,12 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
 def test_listener_layout_round_trip(btf: Btf) -> None:
     """ft_listener as the sensor writes it for listeners that predate it."""
     layout = btf.struct_layout("ft_listener")
-    data = layout.pack({**TASK_FIELDS, "traced": 1})
+    data = layout.pack({**TASK_FIELDS, "sk": 0xFFFF888012345678, "traced": 1})
 
     fields = layout.unpack(data)
 
-    assert len(data) == layout.size == 40
+    assert len(data) == layout.size == 48
+    assert fields.integer("sk") == 0xFFFF888012345678
     assert fields.integer("task.pid") == 4242
     assert fields.integer("task.tid") == 4243
     assert fields.integer("task.uid") == 1000

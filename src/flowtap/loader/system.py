@@ -1,9 +1,7 @@
-"""Host preconditions the loader needs: root, BTF, tracefs, the cgroup v2 mount."""
+"""Host preconditions the loader needs: root, BTF, the cgroup v2 mount; package data."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from importlib import resources
 from pathlib import Path
@@ -11,7 +9,6 @@ from pathlib import Path
 from flowtap.loader.errors import BpfError
 
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
-TRACEFS = Path("/sys/kernel/tracing")
 
 
 def bpf_object_path(name: str) -> Path:
@@ -51,22 +48,3 @@ def require_btf() -> None:
             f"this kernel has no BTF ({BTF_PATH} is missing)",
             fix="boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's kernels are)",
         )
-
-
-def ensure_tracefs() -> str:
-    """Mounts tracefs where the kernel expects it if nobody has; returns what was done."""
-    if (TRACEFS / "events").is_dir():
-        return f"tracefs at {TRACEFS}"
-    if any(fstype == "tracefs" for fstype, _ in mounts()):
-        legacy = Path("/sys/kernel/debug/tracing")
-        if (legacy / "events").is_dir():
-            return f"tracefs at {legacy}"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.mount(b"tracefs", str(TRACEFS).encode(), b"tracefs", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise BpfError(
-            f"tracefs is not mounted and mounting it failed: {os.strerror(err)}",
-            fix=f"mount -t tracefs tracefs {TRACEFS}",
-            errno_value=err,
-        )
-    return f"mounted tracefs at {TRACEFS}"
