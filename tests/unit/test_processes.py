@@ -233,6 +233,18 @@ def test_on_exec_of_a_process_that_is_gone(proc_root: Path) -> None:
     assert registry.lookup(Task(pid=999, tid=1000, uid=0, comm="x")) is info
 
 
+def test_on_exec_gone_resolves_symlinks_like_proc_exe(proc_root: Path, tmp_path: Path) -> None:
+    """execve() of a venv's bin/python: /proc/PID/exe would name the real binary."""
+    real = tmp_path / "python3.11"
+    real.write_text("")
+    link = tmp_path / "venv-python"
+    link.symlink_to(real)
+    registry = ProcessRegistry(proc_root)
+
+    assert registry.on_exec(exec_event(998, filename=str(link))).exe == str(real)
+    assert registry.on_exec(exec_event(997, filename="./relative")).exe == "./relative"
+
+
 def test_on_exec_gone_without_filename_or_container(proc_root: Path) -> None:
     registry = ProcessRegistry(proc_root)
 

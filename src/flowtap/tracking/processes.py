@@ -37,6 +37,14 @@ class ProcessInfo:
     ppid: int | None = None
 
 
+def _resolved(filename: str) -> str | None:
+    """The path execve() was given, with symlinks resolved as /proc/PID/exe would show it
+    (a venv's bin/python is /usr/bin/python3.11); relative paths are kept as given."""
+    if not filename:
+        return None
+    return os.path.realpath(filename) if filename.startswith("/") else filename
+
+
 def container_id_from_cgroup(text: str) -> str | None:
     """The container id in a /proc/PID/cgroup file or a cgroup path, None on the host."""
     for line in text.splitlines():
@@ -122,7 +130,7 @@ class ProcessRegistry:
             cmdline = event.argv
         info = ProcessInfo(
             pid=event.task.pid,
-            exe=self._readlink_exe(event.task.pid) or event.filename or None,
+            exe=self._readlink_exe(event.task.pid) or _resolved(event.filename),
             comm=event.task.comm,
             cmdline=cmdline,
             uid=event.task.uid,
