@@ -14,6 +14,27 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class LineSink:
+    """Writes one line per record to a stream, flushed at once so pipelines see it."""
+
+    def __init__(self, stream: IO[str], *, owned: bool) -> None:
+        self._stream = stream
+        self._owned = owned
+
+    def format(self, record: Record) -> str:
+        raise NotImplementedError
+
+    def write(self, record: Record) -> None:
+        self._stream.write(self.format(record) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+        else:
+            self._stream.flush()
+
+
 def open_private(path: str, *, append: bool = True) -> IO[str]:
     """Opens path for writing, created owner-only (0600) from the first byte on."""
     mode = os.O_APPEND if append else os.O_TRUNC

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import IO, Any
 
 from flowtap.records.connection import Record
+from flowtap.sinks.base import LineSink
 
 _RESET = "\033[0m"
 _DIM = "\033[2m"
@@ -32,11 +33,10 @@ def endpoint(ep: dict[str, Any]) -> str:
     return f"[{ip}]:{ep['port']}" if ":" in ip else f"{ip}:{ep['port']}"
 
 
-class ConsoleSink:
+class ConsoleSink(LineSink):
     def __init__(self, stream: IO[str], *, color: bool, owned: bool = False) -> None:
-        self._stream = stream
+        super().__init__(stream, owned=owned)
         self._color = color
-        self._owned = owned
 
     def _paint(self, text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if self._color else text
@@ -71,13 +71,3 @@ class ConsoleSink:
             label = status + (f" ({record['error']})" if record.get("error") else "")
             parts.append(self._paint(label, colour))
         return " ".join(parts)
-
-    def write(self, record: Record) -> None:
-        self._stream.write(self.format(record) + "\n")
-        self._stream.flush()
-
-    def close(self) -> None:
-        if self._owned:
-            self._stream.close()
-        else:
-            self._stream.flush()
