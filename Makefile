@@ -27,8 +27,7 @@ $(BUILD)/.deps-stamp: scripts/debian-packages.txt
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml requirements-dev.txt | $(BUILD)/.deps-stamp
 	/usr/bin/python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
 	@touch $@
 
 $(BUILD)/vmlinux.h: | $(BUILD)/.deps-stamp
