@@ -272,7 +272,12 @@ def count_workload_opens(path: Path, port: int) -> int:
 
 
 def measure(
-    workload: Workload, *, with_sensor: bool, wait_quiet: float, sensor_cpu: int | None = None
+    workload: Workload,
+    *,
+    with_sensor: bool,
+    wait_quiet: float,
+    sensor_cpu: int | None = None,
+    sensor_args: Sequence[str] = (),
 ) -> Run:
     others = wait_for_quiet(set(), wait_quiet)
     if not with_sensor:
@@ -288,7 +293,7 @@ def measure(
         )
     workdir = scratch_dir("flowtap-slowdown.")
     try:
-        sensor = Sensor(workdir, cpu=sensor_cpu)
+        sensor = Sensor(workdir, cpu=sensor_cpu, extra_args=sensor_args)
         try:
             sensor.wait_ready()
             cpu0 = sensor.cpu_seconds()
@@ -461,6 +466,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pin the sensor to this CPU (-1: not pinned, as a user would run it); with the "
         "workload on another CPU this separates the in-kernel cost from CPU contention",
     )
+    parser.add_argument(
+        "--sensor-args",
+        default="",
+        metavar="ARGS",
+        help='extra flowtap run arguments, e.g. "--capture-level none"',
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument(
         "--wait-quiet",
@@ -583,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                             with_sensor=with_sensor,
                             wait_quiet=args.wait_quiet,
                             sensor_cpu=args.sensor_cpu,
+                            sensor_args=args.sensor_args.split(),
                         )
                         mine.append(run)
                         print(
@@ -616,6 +628,8 @@ def report(
     pin = f"workload pinned to CPU {args.cpu}" if args.cpu is not None else "no pinning"
     if args.sensor_cpu is not None:
         pin += f", sensor pinned to CPU {args.sensor_cpu}"
+    if args.sensor_args:
+        pin += f", sensor args {args.sensor_args!r}"
     print(
         f"## flowtap slowdown ({args.pairs} interleaved pairs per workload, {args.seconds} s "
         f"runs, {pin}; sensor: --include-loopback, no scope filter, not pinned)"

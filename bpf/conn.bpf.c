@@ -62,6 +62,7 @@ const struct ft_conn_open_event *anchor_open __attribute__((unused));
 const struct ft_conn_close_event *anchor_close __attribute__((unused));
 const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
+const struct ft_data_event *anchor_data __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
 const struct ft_listener *anchor_listener __attribute__((unused));
 const struct ft_listener_key *anchor_listener_key __attribute__((unused));
@@ -83,6 +84,14 @@ struct {
 	__type(key, __u64); /* struct sock * */
 	__type(value, struct ft_conn_state);
 } conns SEC(".maps");
+
+/* Where a data event is built before it is copied out at its real length. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ft_data_event);
+} data_scratch SEC(".maps");
 
 /* Where a new connection's state is built: too big for the BPF stack. */
 struct {
@@ -158,12 +167,17 @@ static __always_inline void *reserve(__u64 size, __u32 kind)
  * traced program microseconds, and the consumer polls every 50 ms anyway. Only the
  * record that crosses the mark wakes it; waking on every record above it costs far more.
  */
-static __always_inline void submit(void *event, __u64 size)
+static __always_inline __u64 wakeup_flags(__u64 size)
 {
 	__u64 waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bool crossing = waiting >= cfg.wakeup_bytes && waiting < cfg.wakeup_bytes + size + 8;
 
-	bpf_ringbuf_submit(event, crossing ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	return crossing ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline void submit(void *event, __u64 size)
+{
+	bpf_ringbuf_submit(event, wakeup_flags(size));
 }
 
 static __always_inline bool current_is_traced(void)
@@ -555,46 +569,177 @@ int BPF_PROG(on_tcp_destroy, struct sock *sk)
 	return 0;
 }
 
+/* The user memory of the socket syscall in progress: one buffer, or an iovec array. */
+struct user_io {
+	void *buf;
+	__u64 len;
+	struct iovec *iov;
+	__u64 iovcnt;
+};
+
 /*
- * The user buffer of the socket syscall in progress, from the syscall's saved
- * registers. Returns its length, or 0 for paths without one (sendfile, io_uring).
+ * Finds it from the syscall's saved registers; false for paths without user memory
+ * (sendfile, splice, io_uring) and syscalls we do not know.
  */
-static __always_inline __u64 syscall_user_buffer(void **buf)
+static __always_inline bool syscall_io(struct user_io *io)
 {
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	long nr = regs->orig_ax;
 	void *arg = (void *)regs->si;
 	__u64 count = regs->dx;
-	struct iovec iov;
 
-	/* Keep the register loads apart from the iovec loads below (verifier). */
+	/* Keep the register loads apart from the user-memory loads below (verifier). */
 	barrier_var(count);
 	switch (nr) {
 	case NR_READ:
 	case NR_WRITE:
 	case NR_SENDTO:
 	case NR_RECVFROM:
-		*buf = arg;
-		return count;
+		io->buf = arg;
+		io->len = count;
+		return true;
+	case NR_READV:
+	case NR_WRITEV:
+		io->iov = arg;
+		io->iovcnt = count;
+		return true;
 	case NR_SENDMSG:
 	case NR_RECVMSG: {
 		struct user_msghdr msg;
 
 		if (bpf_probe_read_user(&msg, sizeof(msg), arg))
-			return 0;
-		arg = msg.msg_iov;
-		break;
+			return false;
+		io->iov = msg.msg_iov;
+		io->iovcnt = msg.msg_iovlen;
+		return true;
 	}
-	case NR_READV:
-	case NR_WRITEV:
-		break;
 	default:
-		return 0;
+		return false;
 	}
-	if (bpf_probe_read_user(&iov, sizeof(iov), arg))
+}
+
+/* The first user buffer of the syscall in progress; its length, 0 when there is none. */
+static __always_inline __u64 syscall_user_buffer(void **buf)
+{
+	struct user_io io = {};
+	struct iovec iov;
+
+	if (!syscall_io(&io))
+		return 0;
+	if (io.buf) {
+		*buf = io.buf;
+		return io.len;
+	}
+	if (!io.iov || !io.iovcnt || bpf_probe_read_user(&iov, sizeof(iov), io.iov))
 		return 0;
 	*buf = iov.iov_base;
 	return iov.iov_len;
+}
+
+/* Request and status lines (and the HTTP/2 preface) start with one of these. */
+static __always_inline bool looks_like_http(const __u8 *data, __u32 len)
+{
+	__u32 head;
+
+	if (len < 4)
+		return false;
+	head = data[0] | data[1] << 8 | data[2] << 16 | (__u32)data[3] << 24;
+	switch (head) {
+	case 0x20544547: /* "GET " */
+	case 0x54534f50: /* "POST" */
+	case 0x20545550: /* "PUT " */
+	case 0x44414548: /* "HEAD" */
+	case 0x454c4544: /* "DELE" */
+	case 0x4954504f: /* "OPTI" */
+	case 0x43544150: /* "PATC" */
+	case 0x4e4e4f43: /* "CONN" */
+	case 0x50545448: /* "HTTP" */
+	case 0x20495250: /* "PRI " */
+		return true;
+	}
+	return false;
+}
+
+#define FT_PAYLOAD_STEPS 40 /* chunks and iovecs per call: up to ~128 KiB copied */
+
+struct payload_walk {
+	struct user_io io;
+	void *seg; /* the part of the current buffer not copied yet */
+	__u64 seg_len;
+	__u64 iov_index;
+	__u64 left; /* bytes of the call not copied yet */
+	__u64 position;
+	__u64 conn_id;
+	__u32 flow;
+};
+
+/* One step of emit_payload (a bpf_loop callback: verified once, not per iteration). */
+static long payload_step(__u64 index, struct payload_walk *walk)
+{
+	struct ft_data_event *e;
+	__u32 zero = 0;
+	__u64 n;
+
+	if (!walk->left)
+		return 1;
+	if (!walk->seg_len) {
+		struct iovec iov;
+
+		if (!walk->io.iov || walk->iov_index >= walk->io.iovcnt)
+			return 1;
+		if (bpf_probe_read_user(&iov, sizeof(iov), &walk->io.iov[walk->iov_index & 1023]))
+			return 1;
+		walk->iov_index++;
+		walk->seg = iov.iov_base;
+		walk->seg_len = iov.iov_len;
+		return 0;
+	}
+	e = bpf_map_lookup_elem(&data_scratch, &zero);
+	if (!e)
+		return 1;
+	n = walk->seg_len < walk->left ? walk->seg_len : walk->left;
+	if (n > FT_DATA_LEN)
+		n = FT_DATA_LEN;
+	if (bpf_probe_read_user(e->data, n, walk->seg)) {
+		count(FT_CNT_PAYLOAD_READ_FAILED);
+		return 1;
+	}
+	e->hdr.kind = FT_EVENT_DATA;
+	e->hdr.pad = 0;
+	e->hdr.timestamp_ns = bpf_ktime_get_ns();
+	e->conn_id = walk->conn_id;
+	e->position = walk->position;
+	e->flow = walk->flow;
+	e->length = n;
+	if (bpf_ringbuf_output(&events, e, sizeof(*e) - FT_DATA_LEN + n, wakeup_flags(sizeof(*e))))
+		count(FT_CNT_RINGBUF_FULL);
+	walk->position += n;
+	walk->left -= n;
+	walk->seg += n;
+	walk->seg_len -= n;
+	return 0;
+}
+
+/*
+ * Copies what this call moved (ret bytes from position on) into data events, across the
+ * call's buffers. What does not fit, or cannot be read, is left out: the next event's
+ * position shows the gap.
+ */
+static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow,
+					 __u64 position, int ret)
+{
+	struct payload_walk walk = {
+		.left = ret,
+		.position = position,
+		.conn_id = state->conn.conn_id,
+		.flow = flow,
+	};
+
+	if (!syscall_io(&walk.io))
+		return; /* sendfile, io_uring: userspace sees a gap by position */
+	walk.seg = walk.io.buf;
+	walk.seg_len = walk.io.buf ? walk.io.len : 0;
+	bpf_loop(FT_PAYLOAD_STEPS, payload_step, &walk, 0);
 }
 
 /*
@@ -625,6 +770,7 @@ static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flo
 	}
 	state->sniff.length = len;
 	state->sniff.flow = flow;
+	state->capture = cfg.capture_payload && looks_like_http(state->sniff.data, len);
 }
 
 /*
@@ -711,6 +857,7 @@ SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
 	struct ft_conn_state *state;
+	__u64 position;
 
 	state = lookup_conn(sk);
 	if (state && state->owner_pending && !claim_ingress(sk, state))
@@ -726,11 +873,13 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 		if (!state)
 			return 0;
 	}
-	__sync_fetch_and_add(&state->bytes_sent, ret);
+	position = __sync_fetch_and_add(&state->bytes_sent, ret);
 	if (state->conn.protocol == IPPROTO_UDP)
 		state->datagrams_sent++;
 	if (!state->sniff.flow)
 		capture_sniff(state, FT_FLOW_TX, ret);
+	if (state->capture)
+		emit_payload(state, FT_FLOW_TX, position, ret);
 	return 0;
 }
 
@@ -759,9 +908,12 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 	if (state->owner_pending && !claim_ingress(sk, state))
 		return 0;
 	if (ret > 0) {
-		__sync_fetch_and_add(&state->bytes_received, ret);
+		__u64 position = __sync_fetch_and_add(&state->bytes_received, ret);
+
 		if (!state->sniff.flow)
 			capture_sniff(state, FT_FLOW_RX, ret);
+		if (state->capture)
+			emit_payload(state, FT_FLOW_RX, position, ret);
 	}
 	if (state->conn.protocol == IPPROTO_UDP) {
 		note_udp_error(state, ret);
@@ -818,7 +970,8 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 	if (bpf_probe_read_user(e->args, len, (void *)arg_start))
 		len = 0;
 	e->args_length = len;
-	submit(e, sizeof(*e));
+	/* Rare, and read best while the process still lives (its /proc entry): wake now. */
+	bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 	return 0;
 }
 

@@ -15,12 +15,14 @@
 #define FT_PATH_LEN 256
 #define FT_ARGS_LEN 512
 #define FT_CGROUP_NAME_LEN 128
+#define FT_DATA_LEN 4096 /* payload bytes per data event */
 
 enum ft_event_kind {
 	FT_EVENT_CONN_OPEN = 1,
 	FT_EVENT_CONN_CLOSE = 2,
 	FT_EVENT_EXEC = 3,
 	FT_EVENT_EXIT = 4,
+	FT_EVENT_DATA = 5,
 };
 
 enum ft_direction {
@@ -41,7 +43,8 @@ enum ft_counter {
 	FT_CNT_PID_TABLE_FULL = 3,
 	FT_CNT_INGRESS_UNATTRIBUTED = 4, /* accepted, closed unused, listener unknown */
 	FT_CNT_LISTENER_TABLE_FULL = 5,
-	FT_CNT_MAX = 6,
+	FT_CNT_PAYLOAD_READ_FAILED = 6, /* payload bytes not copied: userspace sees a gap */
+	FT_CNT_MAX = 7,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -52,7 +55,8 @@ struct ft_config {
 	__u8 trace_egress;
 	__u8 trace_ingress;
 	__u8 include_loopback;
-	__u8 pad[3];
+	__u8 capture_payload; /* copy HTTP connections' bytes for the parsers */
+	__u8 pad[2];
 	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
 };
 
@@ -135,7 +139,8 @@ struct ft_conn_state {
 	__u32 owner_pending; /* ingress: task is the listener's until the acceptor shows up */
 	__u32 finished; /* the close event went out (or is going out) */
 	__u8 listener_traced; /* ingress: the listener's owner passes the filters */
-	__u8 pad[3];
+	__u8 capture; /* its first bytes look like HTTP: copy its payload */
+	__u8 pad[2];
 	__u64 cookie; /* socket cookie: tells a reused struct sock from the one tracked */
 	__u32 datagrams_sent; /* UDP (DNS): queries and answers, to end the exchange */
 	__u32 datagrams_received;
@@ -157,6 +162,20 @@ struct ft_listener {
 	__u64 sk; /* the listening socket: only its own close removes the entry */
 	__u8 traced; /* the owner passes the filters */
 	__u8 pad[7];
+};
+
+/*
+ * A piece of a connection's payload in one direction. position is the offset of data[0]
+ * in that direction's byte stream (its bytes_sent or bytes_received before the call), so
+ * userspace reassembles exactly and sees every gap.
+ */
+struct ft_data_event {
+	struct ft_header hdr;
+	__u64 conn_id;
+	__u64 position;
+	__u32 flow; /* enum ft_flow */
+	__u32 length; /* bytes valid in data */
+	__u8 data[FT_DATA_LEN];
 };
 
 struct ft_exec_event {

@@ -15,6 +15,7 @@ from flowtap import __version__, preflight
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
+from flowtap.records.http import CAPTURE_LEVELS
 from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
@@ -75,6 +76,25 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also report connections to 127.0.0.0/8 and ::1 (ignored by default)",
     )
+    payload = run.add_argument_group("payloads (HTTP transactions)")
+    payload.add_argument(
+        "--capture-level",
+        choices=CAPTURE_LEVELS,
+        default="summary",
+        help="none, summary (method, URL, status), headers, or full (bodies too)",
+    )
+    payload.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 << 10,
+        metavar="N",
+        help="body bytes kept per message at --capture-level full (default 65536)",
+    )
+    payload.add_argument(
+        "--no-redaction",
+        action="store_true",
+        help="show credentials (Authorization, Cookie, API keys) instead of [REDACTED]",
+    )
     out = run.add_argument_group("output")
     out.add_argument("--output", choices=("console", "json"), default="console")
     out.add_argument("--output-file", type=Path, help="append records here (mode 0600)")
@@ -115,6 +135,9 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         ready_file=args.ready_file,
         stats_interval_s=args.stats_interval,
         stats_file=args.stats_file,
+        capture_level=args.capture_level,
+        max_body_bytes=args.max_body_bytes,
+        redact=not args.no_redaction,
     )
 
 

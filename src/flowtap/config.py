@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from flowtap.loader.system import cgroup2_mount
+from flowtap.records.http import CaptureLevel
 
 Direction = Literal["egress", "ingress", "all"]
 Output = Literal["console", "json"]
@@ -41,6 +42,9 @@ class SensorConfig:
     output_file: Path | None = None
     ready_file: Path | None = None
     stats_file: Path | None = None
+    capture_level: CaptureLevel = "summary"
+    max_body_bytes: int = 64 << 10
+    redact: bool = True
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
@@ -66,6 +70,8 @@ class SensorConfig:
             )
         if not 1 <= self.max_connections <= 1 << 22:
             raise ConfigError(f"max connections {self.max_connections}: use 1 to 4194304")
+        if self.max_body_bytes < 0:
+            raise ConfigError(f"--max-body-bytes {self.max_body_bytes}: use 0 or more bytes")
         if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
 

@@ -78,6 +78,17 @@ class ConnClose:
 
 
 @dataclass(frozen=True, slots=True)
+class Data:
+    """Payload bytes of one connection in one direction, from position on."""
+
+    timestamp_ns: int
+    conn_id: int
+    flow: Flow
+    position: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Exec:
     timestamp_ns: int
     task: Task
@@ -94,7 +105,7 @@ class Exit:
     task: Task
 
 
-Event = ConnOpen | ConnClose | Exec | Exit
+Event = ConnOpen | ConnClose | Exec | Exit | Data
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,7 @@ class EventDecoder:
             kinds["FT_EVENT_CONN_CLOSE"]: btf.struct_layout("ft_conn_close_event"),
             kinds["FT_EVENT_EXEC"]: btf.struct_layout("ft_exec_event"),
             kinds["FT_EVENT_EXIT"]: btf.struct_layout("ft_exit_event"),
+            kinds["FT_EVENT_DATA"]: btf.struct_layout("ft_data_event"),
         }
         self._decoders: dict[int, Callable[[Fields], Event]] = {
             kinds["FT_EVENT_CONN_OPEN"]: self._open,
@@ -153,6 +165,12 @@ class EventDecoder:
             kinds["FT_EVENT_EXIT"]: self._exit,
         }
         self.state_layout = btf.struct_layout("ft_conn_state")
+        # Data events are sent at their real length: a fixed part, then `length` bytes.
+        self._data_kind = kinds["FT_EVENT_DATA"]
+        self._data_layout = self._layouts[self._data_kind]
+        self._data_fixed = self._data_layout.size - len(
+            self._data_layout.unpack(bytes(self._data_layout.size)).raw("data")
+        )
 
     def layout(self, kind_name: str) -> StructLayout:
         """The layout of one event kind, for tests that build records from bytes."""
@@ -168,6 +186,8 @@ class EventDecoder:
         layout = self._layouts.get(kind)
         if layout is None:
             raise DecodeError(f"unknown event kind {kind}")
+        if kind == self._data_kind:
+            return self._data(data)
         if len(data) < layout.size:
             raise DecodeError(f"{layout.name}: {len(data)} bytes, need {layout.size}")
         fields = layout.unpack(data)
@@ -273,6 +293,25 @@ class EventDecoder:
             filename=c_string(f.raw("filename")),
             cgroup_name=c_string(f.raw("cgroup_name")),
             argv=argv if args else (),
+        )
+
+    def _data(self, data: bytes) -> Data:
+        if len(data) < self._data_fixed:
+            raise DecodeError(f"data event of {len(data)} bytes is shorter than its header")
+        padded = data + bytes(max(self._data_layout.size - len(data), 0))
+        f = self._data_layout.unpack(padded)
+        length = f.integer("length")
+        if length > len(data) - self._data_fixed:
+            raise DecodeError(f"data length {length} exceeds the {len(data)} bytes received")
+        flow = self._flow.get(f.integer("flow"))
+        if flow is None:
+            raise DecodeError(f"unknown flow {f.integer('flow')!r}")
+        return Data(
+            timestamp_ns=f.integer("hdr.timestamp_ns"),
+            conn_id=f.integer("conn_id"),
+            flow=flow,
+            position=f.integer("position"),
+            data=data[self._data_fixed : self._data_fixed + length],
         )
 
     def _exit(self, f: Fields) -> Exit:

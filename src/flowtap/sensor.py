@@ -17,6 +17,7 @@ from flowtap.config import SensorConfig
 from flowtap.events import (
     ConnClose,
     ConnOpen,
+    Data,
     DecodeError,
     Event,
     EventDecoder,
@@ -29,9 +30,11 @@ from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
 from flowtap.loader.system import bpf_object_path, require_btf, require_root
 from flowtap.records.connection import Record
+from flowtap.records.http import HttpRecordOptions
 from flowtap.sinks.base import Sink, open_private
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.listeners import existing_listeners
+from flowtap.tracking.payloads import PayloadTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
 
 log = logging.getLogger("flowtap")
@@ -73,7 +76,15 @@ class Sensor:
         self.registry = ProcessRegistry()
         self.counters = UserCounters()
         self.tracker = ConnectionTracker(
-            self.registry, self._emit, accept_process=exe_matcher(config.exe_patterns)
+            self.registry,
+            self._emit,
+            accept_process=exe_matcher(config.exe_patterns),
+            on_ended=self._connection_ended,
+        )
+        self.payloads = PayloadTracker(
+            self._emit,
+            self.tracker.visible_connection,
+            HttpRecordOptions(config.capture_level, config.max_body_bytes, config.redact),
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
@@ -125,6 +136,7 @@ class Sensor:
                 "trace_egress": int(cfg.direction in ("egress", "all")),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
+                "capture_payload": int(cfg.capture_level != "none"),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
             }
         )
@@ -235,6 +247,11 @@ class Sensor:
                 self.registry.on_exec(event)
             case Exit():
                 self.registry.on_exit(event)
+            case Data():
+                self.payloads.on_data(event)
+
+    def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:
+        self.payloads.on_close(conn_id, timestamp_ns)
 
     def _emit(self, record: Record) -> None:
         try:
@@ -269,6 +286,8 @@ class Sensor:
         report["late_events"] = self.tracker.stats.late_events
         report["tracker_evicted"] = self.tracker.stats.evicted
         report["closes_lost"] = self.tracker.stats.lost
+        report["payload_gaps"] = self.payloads.stats.gaps
+        report["http_parser_errors"] = self.payloads.stats.parser_errors
         return report
 
     def report_drops(self, *, final: bool) -> dict[str, int]:

@@ -391,7 +391,7 @@ class Sensor:
 
         wait_until(ready, timeout, "the sensor's ready file", interval=0.05, describe=self.stderr)
 
-    def records(self) -> list[Record]:
+    def all_records(self) -> list[Record]:
         """Every complete JSON line written so far."""
         try:
             text = self.output.read_text()
@@ -399,6 +399,14 @@ class Sensor:
             return []
         lines = text.split("\n")[:-1]  # the last piece is empty or an unfinished line
         return [json.loads(line) for line in lines if line]
+
+    def records(self) -> list[Record]:
+        """The connection records written so far."""
+        return [r for r in self.all_records() if r.get("type") == "connection"]
+
+    def http_records(self) -> list[Record]:
+        """The HTTP transaction records written so far."""
+        return [r for r in self.all_records() if r.get("type") == "http"]
 
     def describe(self) -> str:
         records = "\n".join(json.dumps(r) for r in self.records()) or "(no records)"

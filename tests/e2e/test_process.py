@@ -59,7 +59,14 @@ def test_long_command_line_is_complete(e2e: Lab) -> None:
     """A running client whose command line is longer than 512 bytes."""
     server = e2e.server(read=5, reply=5)
     sensor = e2e.sensor()
-    client = e2e.client(server, send=5, expect=5, extra=["--tag", "t" * 700])
+    hold = e2e.file("hold")
+    client = e2e.client(server, send=5, expect=5, hold=hold, extra=["--tag", "t" * 700])
+    client.wait_message("exchanged")
+    sensor.wait_for(
+        lambda records: any(r["process"]["pid"] == client.pid for r in records),
+        what="the client's open record",
+    )
+    hold.touch()
     client.finish()
     sensor.wait_for_closed(pid=client.pid, direction="egress")
     _, closed = only_pair(sensor.finish(), pid=client.pid, direction="egress")

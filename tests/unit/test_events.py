@@ -138,7 +138,8 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_PID_TABLE_FULL": 3,
         "FT_CNT_INGRESS_UNATTRIBUTED": 4,
         "FT_CNT_LISTENER_TABLE_FULL": 5,
-        "FT_CNT_MAX": 6,
+        "FT_CNT_PAYLOAD_READ_FAILED": 6,
+        "FT_CNT_MAX": 7,
     }
 
 

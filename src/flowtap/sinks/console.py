@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import IO, Any
 
 from flowtap.records.connection import Record
@@ -28,6 +29,18 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def body_preview(encoded: str, limit: int = 2048) -> str:
+    """A body for people: text as text (cut at limit), anything else as its size."""
+    raw = base64.b64decode(encoded)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"[{human_bytes(len(raw))} of binary data]"
+    if not text.isprintable() and not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"[{human_bytes(len(raw))} of binary data]"
+    return text[:limit] + (" [...]" if len(text) > limit else "")
+
+
 def endpoint(ep: dict[str, Any]) -> str:
     ip = ep["ip"]
     return f"[{ip}]:{ep['port']}" if ":" in ip else f"{ip}:{ep['port']}"
@@ -38,10 +51,36 @@ class ConsoleSink(LineSink):
         super().__init__(stream, owned=owned)
         self._color = color
 
+    def _http(self, record: Record) -> str:
+        """An access-log line, then headers and bodies when the capture level has them."""
+        proc = record["process"]
+        request, response = record.get("request"), record.get("response")
+        who = self._paint(f"{proc['comm']}[{proc['pid']}]", _BOLD)
+        what = f"{request['method']} {request['url']}" if request else "(request not seen)"
+        status = response["status"] if response else "-"
+        colour = _GREEN if response and response["status"] < 400 else _RED
+        line = (
+            f"{self._paint('http', _CYAN)} {who} {what} -> {self._paint(str(status), colour)}"
+            f" ({record['duration_ms']:.0f} ms) sent {human_bytes(record['bytes_sent'])}"
+            f" recv {human_bytes(record['bytes_received'])}"
+        )
+        if record.get("error"):
+            line += " " + self._paint(record["error"], _RED)
+        lines = [line]
+        for mark, part in ((">", request), ("<", response)):
+            if not part:
+                continue
+            lines += [f"  {mark} {name}: {value}" for name, value in part.get("headers", [])]
+            if part.get("body"):
+                lines.append(f"  {mark} " + body_preview(part["body"]))
+        return "\n".join(lines)
+
     def _paint(self, text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if self._color else text
 
     def format(self, record: Record) -> str:
+        if record.get("type") == "http":
+            return self._http(record)
         if record.get("type") != "connection":
             return str(record)
         proc = record["process"]

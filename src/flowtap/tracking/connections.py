@@ -57,11 +57,13 @@ class ConnectionTracker:
         *,
         accept_process: Callable[[ProcessInfo], bool] = lambda _info: True,
         clock: WallClock | None = None,
+        on_ended: Callable[[int, int], None] = lambda _conn_id, _timestamp_ns: None,
     ) -> None:
         self._registry = registry
         self._emit = emit
         self._accept = accept_process
         self._clock = clock or WallClock()
+        self._on_ended = on_ended
         self._open: OrderedDict[int, _Entry] = OrderedDict()
         self._closed_order: deque[int] = deque()
         self._closed: set[int] = set()
@@ -102,6 +104,7 @@ class ConnectionTracker:
         self.stats.closed += 1
         if not entry.visible or entry.opened is None:
             return
+        self._on_ended(conn.conn_id, event.timestamp_ns)  # its transactions come first
         error = errno_name(event.sock_error)
         first_tx = event.sniff if event.sniff_flow == "tx" else None
         first_rx = event.sniff if event.sniff_flow == "rx" else None
@@ -121,6 +124,13 @@ class ConnectionTracker:
                 sni=describe_sni(first_tx, first_rx),
             )
         )
+
+    def visible_connection(self, conn_id: int) -> tuple[Record, Conn] | None:
+        """The open record and identity of a connection being reported, if it is."""
+        entry = self._open.get(conn_id)
+        if entry is None or not entry.visible or entry.opened is None:
+            return None
+        return entry.opened, entry.conn
 
     def close_remaining(self, remaining: list[ConnClose]) -> None:
         """Closes connections still open when the sensor stops (status open_at_exit)."""

@@ -1,0 +1,135 @@
+"""Plaintext HTTP/1.1 payloads parsed into transaction records (both ends traced)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from .helpers import CURL, PYTHON, Lab, Peer
+
+pytestmark = pytest.mark.e2e
+
+# A keep-alive HTTP/1.1 server: GET /items/N answers N bytes, POST echoes the body.
+SERVER = r"""
+import json, os, signal, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+signal.alarm(30)
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def _send(self, status, body, ctype):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Set-Cookie", "session=abc123")
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        size = int(self.path.rsplit("/", 1)[1])
+        self._send(200, bytes(i % 251 for i in range(size)), "application/octet-stream")
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self._send(201, b"echo:" + body, "text/plain")
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(json.dumps({"event": "listening", "pid": os.getpid(), "port": server.server_port}),
+      flush=True)
+server.serve_forever()
+"""
+
+# Three requests on one keep-alive connection with http.client.
+CLIENT = r"""
+import http.client, json, os, signal, sys
+signal.alarm(30)
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for path in ("/items/10", "/items/20", "/items/30"):
+    conn.request("GET", path, headers={"X-Api-Key": "k-123"})
+    conn.getresponse().read()
+conn.close()
+"""
+
+
+def start_server(e2e: Lab, tmp_path: Path) -> tuple[Peer, int]:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    server = e2e.spawn([PYTHON, str(script)], cgroup=e2e.cgroup, stem="http-server")
+    return server, int(server.wait_message("listening")["port"])
+
+
+def test_curl_post_both_ends(e2e: Lab, tmp_path: Path) -> None:
+    server, port = start_server(e2e, tmp_path)
+    sensor = e2e.sensor(extra=["--capture-level", "full"])
+    url = f"http://127.0.0.1:{port}/v1/echo?x=1"
+    argv = [CURL, "-sS", "--noproxy", "*", "-H", "Authorization: Bearer s3cr3t", "-d", "hello"]
+    curl = e2e.spawn([*argv, url], cgroup=e2e.cgroup, stem="curl")
+    curl.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 2, what="two http records")
+    sensor.finish()
+    records = sensor.http_records()
+
+    client = next(r for r in records if r["process"]["pid"] == curl.pid)
+    served = next(r for r in records if r["process"]["pid"] == server.pid)
+    for record, direction in ((client, "egress"), (served, "ingress")):
+        assert record["direction"] == direction
+        assert record["capture_source"] == "plaintext"
+        request, response = record["request"], record["response"]
+        assert (request["method"], request["path"]) == ("POST", "/v1/echo?x=1")
+        assert request["url"] == f"http://127.0.0.1:{port}/v1/echo?x=1"
+        assert request["protocol"] == "HTTP/1.1"
+        assert request["user_agent"].startswith("curl/")
+        assert base64.b64decode(request["body"]) == b"hello"
+        assert ["Authorization", "Bearer [REDACTED]"] in request["headers"]
+        assert response["status"] == 201
+        assert response["content_type"] == "text/plain"
+        assert ["Set-Cookie", "[REDACTED]"] in response["headers"]
+        assert base64.b64decode(response["body"]) == b"echo:hello"
+        assert record["truncated"] == {"request_body": False, "response_body": False}
+    assert (client["bytes_sent"], client["bytes_received"]) == (5, 10)
+    assert (served["bytes_sent"], served["bytes_received"]) == (10, 5)
+
+
+def test_keep_alive_requests_in_order_on_one_connection(e2e: Lab, tmp_path: Path) -> None:
+    _server, port = start_server(e2e, tmp_path)
+    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "headers"])
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    client = e2e.spawn([PYTHON, str(script), str(port)], cgroup=e2e.cgroup, stem="client")
+    client.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 3, what="three http records")
+    connections = sensor.finish()
+    records = sensor.http_records()
+
+    assert [r["request"]["path"] for r in records] == ["/items/10", "/items/20", "/items/30"]
+    assert [r["bytes_received"] for r in records] == [10, 20, 30]
+    (conn_open, conn_close) = connections
+    assert {r["connection_id"] for r in records} == {conn_open["connection_id"]}
+    assert conn_close["bytes_received"] > 60
+    for record in records:
+        assert record["process"]["pid"] == client.pid
+        assert ["X-Api-Key", "[REDACTED]"] in record["request"]["headers"]
+        assert "body" not in record["request"]
+
+
+@pytest.mark.parametrize(("cap", "truncated"), [(2 << 20, False), (1000, True)])
+def test_large_body_whole_or_truncated(e2e: Lab, tmp_path: Path, cap: int, truncated: bool) -> None:
+    size = (1 << 20) + 17
+    _server, port = start_server(e2e, tmp_path)
+    extra = ["--direction", "egress", "--capture-level", "full", "--max-body-bytes", str(cap)]
+    sensor = e2e.sensor(extra=extra)
+    url = f"http://127.0.0.1:{port}/items/{size}"
+    curl = e2e.spawn(
+        [CURL, "-sS", "--noproxy", "*", "-o", "/dev/null", url], cgroup=e2e.cgroup, stem="curl"
+    )
+    curl.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")
+    sensor.finish()
+    (record,) = sensor.http_records()
+
+    expected = bytes(i % 251 for i in range(size))
+    body = base64.b64decode(record["response"]["body"])
+    assert record["response"]["body_size"] == size
+    assert record["truncated"]["response_body"] is truncated
+    assert body == expected[: min(cap, size)]
