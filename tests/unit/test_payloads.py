@@ -1,0 +1,152 @@
+"""PayloadTracker: data events put back in order per direction, gaps, parser choice."""
+
+from __future__ import annotations
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+
+from flowtap.events import Conn, Data, Endpoint, Flow
+from flowtap.records.connection import Record, WallClock
+from flowtap.records.http import HttpRecordOptions
+from flowtap.tracking.payloads import PayloadTracker
+
+REQUEST = b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+PROCESS = {"pid": 4242, "comm": "curl"}
+
+
+def conn(direction: str = "egress") -> Conn:
+    return Conn(
+        conn_id=1,
+        start_ns=0,
+        family="ipv4",
+        protocol="tcp",
+        direction="egress" if direction == "egress" else "ingress",
+        local=Endpoint("127.0.0.1", 40000),
+        remote=Endpoint("127.0.0.1", 80),
+    )
+
+
+def tracker(
+    records: list[Record], *, direction: str = "egress", known: bool = True
+) -> PayloadTracker:
+    def lookup(conn_id: int) -> tuple[Record, Conn] | None:
+        return ({"process": PROCESS}, conn(direction)) if known and conn_id == 1 else None
+
+    return PayloadTracker(
+        records.append, lookup, HttpRecordOptions(level="full"), clock=WallClock()
+    )
+
+
+def data(flow: Flow, position: int, payload: bytes) -> Data:
+    return Data(timestamp_ns=1_000, conn_id=1, flow=flow, position=position, data=payload)
+
+
+def test_egress_request_then_response() -> None:
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, REQUEST))
+    payloads.on_data(data("rx", 0, RESPONSE))
+
+    (record,) = records
+    assert record["request"]["path"] == "/a"
+    assert record["response"]["status"] == 200
+    assert (record["bytes_sent"], record["bytes_received"]) == (0, 5)
+    assert payloads.stats.transactions == 1
+
+
+def test_ingress_swaps_the_sides() -> None:
+    records: list[Record] = []
+    payloads = tracker(records, direction="ingress")
+
+    payloads.on_data(data("rx", 0, REQUEST))  # the client's request arrives
+    payloads.on_data(data("tx", 0, RESPONSE))
+
+    (record,) = records
+    assert record["direction"] == "ingress"
+    assert (record["bytes_sent"], record["bytes_received"]) == (5, 0)
+
+
+@pytest.mark.parametrize("cut", [1, 10, len(REQUEST) - 1])
+def test_pieces_in_order_and_repeated_bytes(cut: int) -> None:
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, REQUEST[:cut]))
+    payloads.on_data(data("tx", 0, REQUEST[:cut]))  # seen already: ignored
+    payloads.on_data(data("tx", cut - 1, REQUEST[cut - 1 :]))  # overlaps by one byte
+    payloads.on_data(data("rx", 0, RESPONSE))
+
+    (record,) = records
+    assert record["request"]["path"] == "/a"
+    assert payloads.stats.gaps == 0
+    assert payloads.stats.bytes == len(REQUEST) + len(RESPONSE)
+
+
+def test_a_gap_is_counted_and_given_to_the_parser() -> None:
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, REQUEST))
+    payloads.on_data(data("rx", 0, RESPONSE[:20]))
+    payloads.on_data(data("rx", 30, RESPONSE[30:]))  # 10 bytes lost in the kernel
+
+    assert (payloads.stats.gaps, payloads.stats.gap_bytes) == (1, 10)
+    (record,) = records
+    assert record["error"] == "gap"
+
+
+def test_http2_chosen_by_the_client_preface() -> None:
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    client.initiate_connection()
+    server.initiate_connection()
+    headers = [(":method", "GET"), (":path", "/h2"), (":authority", "x"), (":scheme", "http")]
+    client.send_headers(1, headers, end_stream=True)
+    to_server = client.data_to_send()
+    server.receive_data(to_server)
+    server.send_headers(1, [(":status", "204")], end_stream=True)
+    to_client = server.data_to_send()
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, to_server))
+    payloads.on_data(data("rx", 0, to_client))
+
+    (record,) = records
+    assert (record["request"]["protocol"], record["request"]["path"]) == ("HTTP/2", "/h2")
+    assert (record["response"]["status"], record["stream_id"]) == (204, 1)
+
+
+def test_close_flushes_a_request_without_response() -> None:
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, REQUEST))
+    payloads.on_close(1, 5_000)
+
+    (record,) = records
+    assert (record["response"], record["error"]) == (None, "no response")
+
+
+def test_unknown_connection_is_counted() -> None:
+    records: list[Record] = []
+    payloads = tracker(records, known=False)
+
+    payloads.on_data(data("tx", 0, REQUEST))
+
+    assert records == []
+    assert payloads.stats.unknown_connection == 1
+
+
+def test_junk_stops_the_parser_once() -> None:
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, b"GET \x00\x01\x02 junk\r\n\r\n"))
+    payloads.on_data(data("tx", 21, b"more junk"))
+
+    assert payloads.stats.parser_errors == 1
+    assert records == []
