@@ -544,3 +544,20 @@ def host_facts() -> JsonDict:
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "python": platform.python_version(),
     }
+
+
+def print_provenance(facts: dict[str, Any], command: str) -> None:
+    """What was measured: warns if the BPF object changed during the run."""
+    now = host_facts()
+    if now["bpf_objects_sha256"] != facts["bpf_objects_sha256"]:
+        facts["warnings"].append(
+            f"the BPF object changed during the run: {facts['bpf_objects_sha256']} -> "
+            f"{now['bpf_objects_sha256']} (someone ran `make bpf`): steps measured different code"
+        )
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}")
+    print(
+        f"sensor: git {facts['git_head']}, uncommitted changes in src/ or bpf/: "
+        f"{len(facts['uncommitted_sensor_changes'])}, objects {facts['bpf_objects_sha256']}"
+    )
+    print(f"command: {command}")

@@ -47,6 +47,7 @@ from bench.common import (
     markdown_table,
     median,
     nonzero_drops,
+    print_provenance,
     require_root,
     require_sensor,
     run_loadgen,
@@ -641,19 +642,7 @@ def report(
     print()
     print(runs_table(runs, units))
     print()
-    now = host_facts()
-    if now["bpf_objects_sha256"] != facts["bpf_objects_sha256"]:
-        facts["warnings"].append(
-            f"the BPF object changed during the run: {facts['bpf_objects_sha256']} -> "
-            f"{now['bpf_objects_sha256']} (someone ran `make bpf`): steps measured different code"
-        )
-    for warning in facts["warnings"]:
-        print(f"warning: {warning}")
-    print(
-        f"sensor: git {facts['git_head']}, uncommitted changes in src/ or bpf/: "
-        f"{len(facts['uncommitted_sensor_changes'])}, objects {facts['bpf_objects_sha256']}"
-    )
-    print(f"command: {command}")
+    print_provenance(facts, command)
     path = write_results(
         "slowdown",
         {
