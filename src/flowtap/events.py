@@ -167,10 +167,7 @@ class EventDecoder:
         self.state_layout = btf.struct_layout("ft_conn_state")
         # Data events are sent at their real length: a fixed part, then `length` bytes.
         self._data_kind = kinds["FT_EVENT_DATA"]
-        self._data_layout = self._layouts[self._data_kind]
-        self._data_fixed = self._data_layout.size - len(
-            self._data_layout.unpack(bytes(self._data_layout.size)).raw("data")
-        )
+        self._data_head = self._layouts[self._data_kind].head()
 
     def layout(self, kind_name: str) -> StructLayout:
         """The layout of one event kind, for tests that build records from bytes."""
@@ -296,12 +293,12 @@ class EventDecoder:
         )
 
     def _data(self, data: bytes) -> Data:
-        if len(data) < self._data_fixed:
+        fixed = self._data_head.size
+        if len(data) < fixed:
             raise DecodeError(f"data event of {len(data)} bytes is shorter than its header")
-        padded = data + bytes(max(self._data_layout.size - len(data), 0))
-        f = self._data_layout.unpack(padded)
+        f = self._data_head.unpack(data)
         length = f.integer("length")
-        if length > len(data) - self._data_fixed:
+        if length > len(data) - fixed:
             raise DecodeError(f"data length {length} exceeds the {len(data)} bytes received")
         flow = self._flow.get(f.integer("flow"))
         if flow is None:
@@ -311,7 +308,7 @@ class EventDecoder:
             conn_id=f.integer("conn_id"),
             flow=flow,
             position=f.integer("position"),
-            data=data[self._data_fixed : self._data_fixed + length],
+            data=data[fixed : fixed + length],
         )
 
     def _exit(self, f: Fields) -> Exit:

@@ -88,7 +88,7 @@ class Sensor:
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
-        self._last_kernel_counters: dict[str, int] = {}
+        self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
 
     # --- start-up -------------------------------------------------------------------
@@ -293,8 +293,8 @@ class Sensor:
     def report_drops(self, *, final: bool) -> dict[str, int]:
         report = self.drop_report()
         lost = {name: value for name, value in report.items() if value}
-        changed = report != self._last_kernel_counters
-        self._last_kernel_counters = report
+        changed = report != self._last_drop_report
+        self._last_drop_report = report
         summary = (
             f"events {self.counters.events}, records {self.counters.records}, "
             f"open connections {self.tracker.open_count}"

@@ -8,6 +8,7 @@ bpf/flowtap.h is the single definition of every record; clang writes its exact l
 from __future__ import annotations
 
 import ctypes
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,16 @@ class StructLayout:
         if len(data) < self.size:
             raise ValueError(f"{self.name}: {len(data)} bytes, need {self.size}")
         return Fields(self, self.codec.unpack_from(data))
+
+    def head(self) -> StructLayout:
+        """The struct without its last field: the fixed part of a record sent at its real
+        length (a trailing array of which only some bytes are valid)."""
+        last = _field_formats(self.codec.format)[-1]
+        fmt = re.sub(r"\d*x$", "", self.codec.format)
+        if not fmt.endswith(last):
+            raise ValueError(f"{self.name}: cannot split off its last field")
+        codec = struct.Struct(fmt[: -len(last)])
+        return StructLayout(self.name + " head", codec.size, self.names[:-1], codec)
 
     def pack(self, values: dict[str, int | bytes]) -> bytes:
         """Builds the struct's bytes; fields not given are zero."""

@@ -188,7 +188,8 @@ class ConnectionTracker:
         opened = open_record(
             conn,
             process_record(info, task.tid),
-            # When the connection began (connect() or accept()), so open <= close always.
+            # When the kernel registered it (SYN_SENT, or the end of the handshake for
+            # ingress), so open <= close always.
             self._clock.rfc3339(conn.start_ns),
             state=state,
             error=error,
