@@ -70,6 +70,7 @@ const enum ft_event_kind *anchor_kind __attribute__((unused));
 const enum ft_counter *anchor_counter __attribute__((unused));
 const enum ft_direction *anchor_direction __attribute__((unused));
 const enum ft_flow *anchor_flow __attribute__((unused));
+const enum ft_source *anchor_source __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -132,6 +133,38 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } filter_cgroup SEC(".maps");
+
+/* An SSL_read/SSL_write call in progress, from its entry probe to its return probe. */
+struct ssl_call {
+	__u64 ssl; /* SSL * */
+	__u64 buf;
+	__u64 out; /* size_t * of the _ex variants' length; 0: the return value is the length */
+	__u64 sk; /* the socket the call read or wrote, seen by sock_*_length meanwhile */
+	__u32 flow; /* enum ft_flow */
+	__u32 pad;
+};
+
+/* Thread (pid_tgid) -> its SSL call in progress. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct ssl_call);
+} ssl_calls SEC(".maps");
+
+/* The connection an SSL object last moved bytes on, for reads OpenSSL serves from its
+ * own buffer with no syscall. conn_id tells a reused struct sock from the one seen. */
+struct ssl_socket {
+	__u64 sk;
+	__u64 conn_id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* SSL * */
+	__type(value, struct ssl_socket);
+} ssl_sockets SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -660,7 +693,8 @@ static __always_inline bool looks_like_http(const __u8 *data, __u32 len)
 	return false;
 }
 
-#define FT_PAYLOAD_STEPS 40 /* chunks and iovecs per call: up to ~128 KiB copied */
+#define FT_PAYLOAD_STEPS 40 /* chunks and iovecs per syscall: up to ~128 KiB copied */
+#define FT_TLS_PAYLOAD_STEPS 512 /* chunks per SSL call: up to 2 MiB copied */
 
 struct payload_walk {
 	struct user_io io;
@@ -671,6 +705,7 @@ struct payload_walk {
 	__u64 position;
 	__u64 conn_id;
 	__u32 flow;
+	__u32 source;
 };
 
 /* One step of emit_payload (a bpf_loop callback: verified once, not per iteration). */
@@ -711,6 +746,8 @@ static long payload_step(__u64 index, struct payload_walk *walk)
 	e->position = walk->position;
 	e->flow = walk->flow;
 	e->length = n;
+	e->source = walk->source;
+	e->pad = 0;
 	if (bpf_ringbuf_output(&events, e, sizeof(*e) - FT_DATA_LEN + n, wakeup_flags(sizeof(*e))))
 		count(FT_CNT_RINGBUF_FULL);
 	walk->position += n;
@@ -733,6 +770,7 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 		.position = position,
 		.conn_id = state->conn.conn_id,
 		.flow = flow,
+		.source = FT_SOURCE_SOCKET,
 	};
 
 	if (!syscall_io(&walk.io))
@@ -853,6 +891,16 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 	return tracked;
 }
 
+/* A socket moved bytes inside an SSL call of this thread: that is the call's connection. */
+static __always_inline void note_ssl_socket(const struct sock *sk)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &id);
+
+	if (call)
+		call->sk = (__u64)sk;
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
@@ -862,6 +910,8 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 	state = lookup_conn(sk);
 	if (state && state->owner_pending && !claim_ingress(sk, state))
 		return 0;
+	if (state)
+		note_ssl_socket(sk);
 	if (state && ret <= 0)
 		note_udp_error(state, ret);
 	if (ret <= 0)
@@ -907,6 +957,7 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 		return 0;
 	if (state->owner_pending && !claim_ingress(sk, state))
 		return 0;
+	note_ssl_socket(sk);
 	if (ret > 0) {
 		__u64 position = __sync_fetch_and_add(&state->bytes_received, ret);
 
@@ -1006,5 +1057,130 @@ int BPF_PROG(on_exit, struct task_struct *task)
 		return 0;
 	fill_current_task(&e->task);
 	submit(e, sizeof(*e));
+	return 0;
+}
+
+/*
+ * OpenSSL: plaintext at SSL_read/SSL_write, attached by userspace per library file
+ * (tls/attach.py), either at the exported functions or at the internal function both
+ * variants call, whose first instruction the kernel emulates instead of single-stepping
+ * (tls/placement.py). The entry probe keeps the buffer; the return probe copies what the
+ * call really moved and ties it to the socket the same thread used meanwhile.
+ */
+static __always_inline int ssl_enter(void *ssl, void *buf, void *out, __u32 flow)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call call = {
+		.ssl = (__u64)ssl,
+		.buf = (__u64)buf,
+		.out = (__u64)out,
+		.flow = flow,
+	};
+
+	if (!current_is_traced())
+		return 0;
+	if (bpf_map_update_elem(&ssl_calls, &id, &call, BPF_ANY))
+		count(FT_CNT_TLS_CALLS_FULL);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf)
+{
+	return ssl_enter(ssl, buf, NULL, FT_FLOW_RX);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, __u64 *readbytes)
+{
+	return ssl_enter(ssl, buf, readbytes, FT_FLOW_RX);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, void *buf)
+{
+	return ssl_enter(ssl, buf, NULL, FT_FLOW_TX);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, __u64 *written)
+{
+	return ssl_enter(ssl, buf, written, FT_FLOW_TX);
+}
+
+/* The connection of a finished SSL call: its own socket, else the SSL object's last one. */
+static __always_inline struct ft_conn_state *ssl_connection(const struct ssl_call *call)
+{
+	struct ssl_socket *cached;
+	struct ft_conn_state *state;
+	struct ssl_socket seen;
+
+	if (call->sk) {
+		state = bpf_map_lookup_elem(&conns, &call->sk);
+		if (!state || state->conn.protocol != IPPROTO_TCP)
+			return NULL; /* not traced (filters, loopback) */
+		seen.sk = call->sk;
+		seen.conn_id = state->conn.conn_id;
+		bpf_map_update_elem(&ssl_sockets, &call->ssl, &seen, BPF_ANY);
+		return state;
+	}
+	cached = bpf_map_lookup_elem(&ssl_sockets, &call->ssl);
+	if (!cached) {
+		count(FT_CNT_TLS_UNATTRIBUTED);
+		return NULL;
+	}
+	state = bpf_map_lookup_elem(&conns, &cached->sk);
+	if (!state || state->conn.conn_id != cached->conn_id)
+		return NULL; /* that connection is over */
+	return state;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_return, int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ft_conn_state *state;
+	struct ssl_call *found;
+	struct ssl_call call;
+	__u64 length = ret;
+	__u64 position;
+
+	found = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (!found)
+		return 0;
+	call = *found;
+	bpf_map_delete_elem(&ssl_calls, &id);
+	/* Non-positive: an error, or the _ex variants' failure: no data moved. */
+	if (ret <= 0)
+		return 0;
+	if (call.out && bpf_probe_read_user(&length, sizeof(length), (void *)call.out)) {
+		count(FT_CNT_PAYLOAD_READ_FAILED);
+		return 0;
+	}
+	if (!length)
+		return 0;
+	state = ssl_connection(&call);
+	if (!state)
+		return 0;
+	state->tls = 1;
+	state->capture = 0;
+	if (call.flow == FT_FLOW_TX)
+		position = __sync_fetch_and_add(&state->tls_sent, length);
+	else
+		position = __sync_fetch_and_add(&state->tls_received, length);
+	if (cfg.capture_payload) {
+		struct payload_walk walk = {
+			.io = { .buf = (void *)call.buf, .len = length },
+			.seg = (void *)call.buf,
+			.seg_len = length,
+			.left = length,
+			.position = position,
+			.conn_id = state->conn.conn_id,
+			.flow = call.flow,
+			.source = FT_SOURCE_OPENSSL,
+		};
+
+		bpf_loop(FT_TLS_PAYLOAD_STEPS, payload_step, &walk, 0);
+	}
 	return 0;
 }

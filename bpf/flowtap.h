@@ -35,6 +35,12 @@ enum ft_flow {
 	FT_FLOW_RX = 2,
 };
 
+/* Where a data event's bytes were seen. */
+enum ft_source {
+	FT_SOURCE_SOCKET = 1, /* the socket syscall's user buffer: what went on the wire */
+	FT_SOURCE_OPENSSL = 2, /* SSL_read/SSL_write's buffer: TLS plaintext */
+};
+
 /* Indexes of the per-CPU counters map; userspace sums them across CPUs. */
 enum ft_counter {
 	FT_CNT_RINGBUF_FULL = 0,
@@ -44,7 +50,9 @@ enum ft_counter {
 	FT_CNT_INGRESS_UNATTRIBUTED = 4, /* accepted, closed unused, listener unknown */
 	FT_CNT_LISTENER_TABLE_FULL = 5,
 	FT_CNT_PAYLOAD_READ_FAILED = 6, /* payload bytes not copied: userspace sees a gap */
-	FT_CNT_MAX = 7,
+	FT_CNT_TLS_UNATTRIBUTED = 7, /* TLS plaintext whose socket is unknown (memory BIOs) */
+	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: its table was full */
+	FT_CNT_MAX = 9,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -140,10 +148,13 @@ struct ft_conn_state {
 	__u32 finished; /* the close event went out (or is going out) */
 	__u8 listener_traced; /* ingress: the listener's owner passes the filters */
 	__u8 capture; /* its first bytes look like HTTP: copy its payload */
-	__u8 pad[2];
+	__u8 tls; /* TLS plaintext seen through the OpenSSL probes: ciphertext is not copied */
+	__u8 pad;
 	__u64 cookie; /* socket cookie: tells a reused struct sock from the one tracked */
 	__u32 datagrams_sent; /* UDP (DNS): queries and answers, to end the exchange */
 	__u32 datagrams_received;
+	__u64 tls_sent; /* plaintext positions: bytes through SSL_write / SSL_read so far */
+	__u64 tls_received;
 	struct ft_sniff sniff; /* last: only what is before sniff.data is zeroed */
 };
 
@@ -175,6 +186,8 @@ struct ft_data_event {
 	__u64 position;
 	__u32 flow; /* enum ft_flow */
 	__u32 length; /* bytes valid in data */
+	__u32 source; /* enum ft_source: positions count per source */
+	__u32 pad;
 	__u8 data[FT_DATA_LEN];
 };
 

@@ -18,6 +18,7 @@ AF_INET6 = socket.AF_INET6
 
 Direction = Literal["egress", "ingress"]
 Flow = Literal["tx", "rx"]
+Source = Literal["socket", "openssl"]
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -86,6 +87,7 @@ class Data:
     flow: Flow
     position: int
     data: bytes
+    source: Source = "socket"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,11 @@ class EventDecoder:
             directions["FT_DIR_INGRESS"]: "ingress",
         }
         self._flow: dict[int, Flow] = {flows["FT_FLOW_TX"]: "tx", flows["FT_FLOW_RX"]: "rx"}
+        sources = btf.enum_values("ft_source")
+        self._source: dict[int, Source] = {
+            sources["FT_SOURCE_SOCKET"]: "socket",
+            sources["FT_SOURCE_OPENSSL"]: "openssl",
+        }
         self._layouts: dict[int, StructLayout] = {
             kinds["FT_EVENT_CONN_OPEN"]: btf.struct_layout("ft_conn_open_event"),
             kinds["FT_EVENT_CONN_CLOSE"]: btf.struct_layout("ft_conn_close_event"),
@@ -303,12 +310,16 @@ class EventDecoder:
         flow = self._flow.get(f.integer("flow"))
         if flow is None:
             raise DecodeError(f"unknown flow {f.integer('flow')!r}")
+        source = self._source.get(f.integer("source"))
+        if source is None:
+            raise DecodeError(f"unknown data source {f.integer('source')!r}")
         return Data(
             timestamp_ns=f.integer("hdr.timestamp_ns"),
             conn_id=f.integer("conn_id"),
             flow=flow,
             position=f.integer("position"),
             data=data[fixed : fixed + length],
+            source=source,
         )
 
     def _exit(self, f: Fields) -> Exit:

@@ -32,6 +32,7 @@ from flowtap.loader.system import bpf_object_path, require_btf, require_root
 from flowtap.records.connection import Record
 from flowtap.records.http import HttpRecordOptions
 from flowtap.sinks.base import Sink, open_private
+from flowtap.tls.attach import OpenSslProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
@@ -90,6 +91,7 @@ class Sensor:
         self._kernel_counter_names: dict[int, str] = {}
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
+        self.tls: OpenSslProbes | None = None
 
     # --- start-up -------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ class Sensor:
         self._fill_filters(obj)
         self._ring = RingBuffer(obj.map("events"), self._on_record)
         for program in obj.programs():
+            if program.section.startswith(("uprobe", "uretprobe")):
+                continue  # attached per TLS library file, below
             link = program.attach()
             self._links.append(link)
             log.debug("attached %s", link.description)
@@ -121,6 +125,8 @@ class Sensor:
         found = self.registry.scan()
         log.info("attributed %d processes already running", found)
         self._add_existing_listeners(obj, btf)
+        if self.config.capture_level != "none":
+            self._attach_tls(obj)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
@@ -201,6 +207,20 @@ class Sensor:
                 key = key_layout.pack({"netns": netns, "port": listener.port})
                 listeners.update(key, value, BpfMap.BPF_NOEXIST)
 
+    def _attach_tls(self, obj: BpfObject) -> None:
+        """OpenSSL probes on the host's libssl and on what running traced processes map."""
+        self.tls = OpenSslProbes(obj)
+        self.tls.attach_system_libraries()
+        traced = self._traced_pid_set(obj)
+        pids = [
+            pid
+            for pid in running_pids()
+            if pid != os.getpid()
+            and (traced is None or pid in traced)
+            and (self.config.cgroup is None or in_cgroup(pid, self.config.cgroup))
+        ]
+        self.tls.scan_all(pids)
+
     def _traced_pid_set(self, obj: BpfObject) -> set[int] | None:
         """The --pid set as the kernel has it now (None: no --pid filter)."""
         if not self.config.pids:
@@ -241,12 +261,18 @@ class Sensor:
         match event:
             case ConnOpen():
                 self.tracker.on_open(event)
+                if self.tls is not None:
+                    self.tls.on_connection(event.task.pid)
             case ConnClose():
                 self.tracker.on_close(event)
             case Exec():
                 self.registry.on_exec(event)
+                if self.tls is not None:
+                    self.tls.scan_process(event.task.pid)
             case Exit():
                 self.registry.on_exit(event)
+                if self.tls is not None:
+                    self.tls.forget_process(event.task.pid)
             case Data():
                 self.payloads.on_data(event)
 
@@ -308,7 +334,7 @@ class Sensor:
     def _write_stats(self, drops: dict[str, int]) -> None:
         if self.config.stats_file is None:
             return
-        stats = {
+        stats: dict[str, object] = {
             "events": self.counters.events,
             "events_by_kind": self.counters.by_kind,
             "records": self.counters.records,
@@ -318,12 +344,20 @@ class Sensor:
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
+        if self.tls is not None:
+            stats["tls"] = {
+                "files_examined": self.tls.stats.files_examined,
+                "attach_failures": self.tls.stats.attach_failures,
+                "attached": self.tls.stats.attached,
+            }
         with open_private(str(self.config.stats_file), append=False) as stream:
             stream.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
     # --- shutdown -------------------------------------------------------------------
 
     def _detach(self) -> None:
+        if self.tls is not None:
+            self.tls.detach()
         for link in self._links:
             link.destroy()
         self._links.clear()

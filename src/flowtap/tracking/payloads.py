@@ -1,7 +1,8 @@
 """Payload reassembly: data events in, HTTP transaction records out.
 
 Each connection's two byte streams are put back in order by position; a jump in position
-is a gap (bytes the kernel could not copy), handed to the parser as such. The parser
+is a gap (bytes the kernel could not copy), handed to the parser as such. Bytes seen at the
+socket and TLS plaintext seen in OpenSSL are separate streams with their own positions. The parser
 (HTTP/1.x, or HTTP/2 when the client starts with its preface) yields transactions, which
 become records through records/http.py.
 """
@@ -13,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowtap.events import Conn, Data, Flow
+from flowtap.events import Conn, Data, Flow, Source
 from flowtap.protocols.http1 import Http1Parser
 from flowtap.protocols.http2 import Http2Parser
 from flowtap.protocols.messages import Side, Transaction
@@ -24,6 +25,9 @@ log = logging.getLogger("flowtap.payloads")
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _MAX_STREAMS = 4096
+
+# The capture_source of records, by where the bytes were seen.
+_CAPTURE_SOURCES: dict[Source, str] = {"socket": "plaintext", "openssl": "openssl"}
 
 # Which end of the HTTP exchange each direction of the traced socket is.
 _SIDES: dict[tuple[str, Flow], Side] = {
@@ -66,18 +70,16 @@ class PayloadTracker:
         options: HttpRecordOptions,
         *,
         clock: WallClock | None = None,
-        capture_source: str = "plaintext",
     ) -> None:
         self._emit = emit
         self._lookup = lookup
         self._options = options
         self._clock = clock or WallClock()
-        self._source = capture_source
-        self._streams: OrderedDict[int, _Stream] = OrderedDict()
+        self._streams: OrderedDict[tuple[int, Source], _Stream] = OrderedDict()
         self.stats = PayloadStats()
 
     def on_data(self, event: Data) -> None:
-        stream = self._stream(event.conn_id)
+        stream = self._stream(event.conn_id, event.source)
         if stream is None or stream.failed:
             return
         side = _SIDES[(stream.direction, event.flow)]
@@ -106,13 +108,14 @@ class PayloadTracker:
         self._handle(stream, stream.parser.feed(side, data, event.timestamp_ns))
 
     def on_close(self, conn_id: int, timestamp_ns: int) -> None:
-        """The connection ended: what its parser still holds becomes records now."""
-        stream = self._streams.pop(conn_id, None)
-        if stream is not None and stream.parser is not None and not stream.failed:
-            self._handle(stream, stream.parser.close(timestamp_ns))
+        """The connection ended: what its parsers still hold becomes records now."""
+        for source in _CAPTURE_SOURCES:
+            stream = self._streams.pop((conn_id, source), None)
+            if stream is not None and stream.parser is not None and not stream.failed:
+                self._handle(stream, stream.parser.close(timestamp_ns))
 
-    def _stream(self, conn_id: int) -> _Stream | None:
-        stream = self._streams.get(conn_id)
+    def _stream(self, conn_id: int, source: Source) -> _Stream | None:
+        stream = self._streams.get((conn_id, source))
         if stream is not None:
             return stream
         found = self._lookup(conn_id)
@@ -124,13 +127,13 @@ class PayloadTracker:
             connection_id=conn_id,
             process=opened["process"],
             direction=conn.direction,
-            tls=False,
-            capture_source=self._source,
+            tls=source != "socket",
+            capture_source=_CAPTURE_SOURCES[source],
         )
         stream = _Stream(ctx=ctx, direction=conn.direction)
-        self._streams[conn_id] = stream
+        self._streams[(conn_id, source)] = stream
         if len(self._streams) > _MAX_STREAMS:
-            old_id, _ = self._streams.popitem(last=False)
+            (old_id, _), _ = self._streams.popitem(last=False)
             self.stats.evicted += 1
             log.debug("payload state of connection %d evicted", old_id)
         return stream

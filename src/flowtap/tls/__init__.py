@@ -1,0 +1,1 @@
+"""Native TLS: find TLS libraries in processes' memory and attach the plaintext probes."""

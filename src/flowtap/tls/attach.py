@@ -1,0 +1,131 @@
+"""OpenSSL probes: attached once per file (device and inode), for every process.
+
+A file is examined the first time a traced process is seen running code from it: at
+start for the host's libssl and every process, at exec for the new executable, and when a
+process opens a connection (libraries loaded since, with dlopen). The kernel's pid and
+cgroup filters decide whose calls are captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowtap.loader.errors import BpfError
+from flowtap.loader.libbpf import BpfLink, BpfObject
+from flowtap.tls.elf import ElfImage, ElfReadError, contains_any
+from flowtap.tls.libraries import (
+    FileKey,
+    MappedFile,
+    executable_mappings,
+    file_key,
+    system_tls_libraries,
+)
+from flowtap.tls.placement import NotOpenSslError, Placement, plan
+
+log = logging.getLogger("flowtap.tls")
+
+RETURN_PROGRAM = "ssl_return"
+# A process's maps are read again on a new connection at most this often (dlopen).
+_RESCAN_INTERVAL_S = 2.0
+_SIGNATURES = (b"SSL_write\0", b"SSL_read\0")
+
+
+@dataclass(slots=True)
+class AttachedFile:
+    path: str
+    placement: Placement
+    links: list[BpfLink] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TlsStats:
+    files_examined: int = 0
+    attach_failures: int = 0
+    attached: list[dict[str, str]] = field(default_factory=list)
+
+
+class OpenSslProbes:
+    def __init__(self, obj: BpfObject) -> None:
+        self._obj = obj
+        self._attached: dict[FileKey, AttachedFile] = {}
+        self._examined: set[FileKey] = set()
+        self._scanned_at: dict[int, float] = {}
+        self.stats = TlsStats()
+
+    def attach_system_libraries(self) -> None:
+        for path in system_tls_libraries():
+            try:
+                key = file_key(path)
+            except OSError:
+                continue
+            self._examine(MappedFile(key, str(path), path))
+
+    def scan_process(self, pid: int) -> None:
+        self._scanned_at[pid] = time.monotonic()
+        for mapped in executable_mappings(pid):
+            self._examine(mapped)
+
+    def on_connection(self, pid: int) -> None:
+        """A traced process opened a connection: look for libraries loaded meanwhile."""
+        last = self._scanned_at.get(pid)
+        if last is None or time.monotonic() - last >= _RESCAN_INTERVAL_S:
+            self.scan_process(pid)
+
+    def forget_process(self, pid: int) -> None:
+        self._scanned_at.pop(pid, None)
+
+    def scan_all(self, pids: list[int]) -> None:
+        for pid in pids:
+            self.scan_process(pid)
+
+    def _examine(self, mapped: MappedFile) -> None:
+        if mapped.key in self._examined:
+            return
+        self._examined.add(mapped.key)
+        self.stats.files_examined += 1
+        try:
+            if not contains_any(mapped.access, _SIGNATURES):
+                return
+            with ElfImage(mapped.access) as image:
+                placement = plan(image)
+        except NotOpenSslError:
+            return
+        except (OSError, ElfReadError) as exc:
+            log.debug("%s: not examined: %s", mapped.path, exc)
+            return
+        self._attach(mapped, placement)
+
+    def _attach(self, mapped: MappedFile, placement: Placement) -> None:
+        attached = AttachedFile(mapped.path, placement)
+        target = str(mapped.access)
+        try:
+            for probe in placement.probes:
+                entry = self._obj.program(probe.entry_program)
+                attached.links.append(entry.attach_uprobe(target, probe.offset))
+                ret = self._obj.program(RETURN_PROGRAM)
+                attached.links.append(ret.attach_uprobe(target, probe.offset, retprobe=True))
+        except BpfError as exc:
+            self.stats.attach_failures += 1
+            for link in attached.links:
+                link.destroy()
+            log.warning("openssl probes not attached to %s: %s", mapped.path, exc)
+            return
+        self._attached[mapped.key] = attached
+        self.stats.attached.append(
+            {"path": mapped.path, "placement": placement.kind, "detail": placement.describe()}
+        )
+        log.info("openssl probes attached to %s: %s", mapped.path, placement.describe())
+
+    def detach(self) -> None:
+        for attached in self._attached.values():
+            for link in attached.links:
+                link.destroy()
+        self._attached.clear()
+
+
+def running_pids(proc: Path = Path("/proc")) -> list[int]:
+    return sorted(int(name) for name in os.listdir(proc) if name.isdigit())
