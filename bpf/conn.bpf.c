@@ -891,7 +891,10 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 	return tracked;
 }
 
-/* A socket moved bytes inside an SSL call of this thread: that is the call's connection. */
+/*
+ * A socket moved bytes inside an SSL call of this thread: that is the call's connection,
+ * traced or not (an untraced one is not counted as unattributed).
+ */
 static __always_inline void note_ssl_socket(const struct sock *sk)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -907,11 +910,10 @@ int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 	struct ft_conn_state *state;
 	__u64 position;
 
+	note_ssl_socket(sk);
 	state = lookup_conn(sk);
 	if (state && state->owner_pending && !claim_ingress(sk, state))
 		return 0;
-	if (state)
-		note_ssl_socket(sk);
 	if (state && ret <= 0)
 		note_udp_error(state, ret);
 	if (ret <= 0)
@@ -952,12 +954,12 @@ int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 
 	if (flags & MSG_PEEK)
 		return 0;
+	note_ssl_socket(sk);
 	state = lookup_conn(sk);
 	if (!state)
 		return 0;
 	if (state->owner_pending && !claim_ingress(sk, state))
 		return 0;
-	note_ssl_socket(sk);
 	if (ret > 0) {
 		__u64 position = __sync_fetch_and_add(&state->bytes_received, ret);
 

@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         format="flowtap: %(message)s",
         stream=sys.stderr,
     )
+    # -v is for the sensor's own messages; hpack logs every header it decodes.
+    logging.getLogger("hpack").setLevel(logging.WARNING)
     config = config_from_args(args)
     try:
         config.validate()

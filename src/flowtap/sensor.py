@@ -268,7 +268,7 @@ class Sensor:
             case Exec():
                 self.registry.on_exec(event)
                 if self.tls is not None:
-                    self.tls.scan_process(event.task.pid)
+                    self.tls.on_exec(event.task.pid)
             case Exit():
                 self.registry.on_exit(event)
                 if self.tls is not None:

@@ -409,7 +409,7 @@ class Sensor:
         return [r for r in self.all_records() if r.get("type") == "http"]
 
     def describe(self) -> str:
-        records = "\n".join(json.dumps(r) for r in self.records()) or "(no records)"
+        records = "\n".join(json.dumps(r) for r in self.all_records()) or "(no records)"
         return f"records:\n{records}\nsensor log:\n{self.stderr()}"
 
     def wait_for(
@@ -437,6 +437,16 @@ class Sensor:
             return None
 
         return self.wait_for(closed, timeout, f"a closed connection with {criteria}")
+
+    def wait_log(self, text: str, timeout: float = RECORD_TIMEOUT_S) -> None:
+        """Waits until the sensor's log contains text."""
+
+        def logged() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"flowtap exited {self.popen.returncode}\n{self.stderr()}")
+            return text in self.log.read_text(errors="replace")
+
+        wait_until(logged, timeout, f"{text!r} in the sensor's log", describe=self.stderr)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
         """SIGINT, bounded wait, exit code 0; returns the stats file's JSON."""
@@ -502,8 +512,15 @@ class Lab:
         """A path for a go/hold file (not created)."""
         return self._name(stem)
 
-    def spawn(self, argv: Sequence[str], *, cgroup: Cgroup | None, stem: str) -> Peer:
-        """Starts argv (in `cgroup`, joined before exec, when given)."""
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        cgroup: Cgroup | None,
+        stem: str,
+        env: dict[str, str] | None = None,
+    ) -> Peer:
+        """Starts argv (in `cgroup`, joined before exec, when given), with env added."""
         log = self._name(stem + ".stderr")
         with log.open("wb") as stderr:
             popen = subprocess.Popen(
@@ -511,7 +528,7 @@ class Lab:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                env=child_env(),
+                env={**child_env(), **(env or {})},
                 preexec_fn=cgroup.preexec() if cgroup is not None else None,
             )
         peer = Peer(argv, popen, log)

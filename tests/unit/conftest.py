@@ -32,6 +32,7 @@ _KIND_OF_STRUCT = {
     "ft_conn_close_event": "FT_EVENT_CONN_CLOSE",
     "ft_exec_event": "FT_EVENT_EXEC",
     "ft_exit_event": "FT_EVENT_EXIT",
+    "ft_data_event": "FT_EVENT_DATA",
 }
 
 

@@ -139,7 +139,9 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_INGRESS_UNATTRIBUTED": 4,
         "FT_CNT_LISTENER_TABLE_FULL": 5,
         "FT_CNT_PAYLOAD_READ_FAILED": 6,
-        "FT_CNT_MAX": 7,
+        "FT_CNT_TLS_UNATTRIBUTED": 7,
+        "FT_CNT_TLS_CALLS_FULL": 8,
+        "FT_CNT_MAX": 9,
     }
 
 

@@ -98,26 +98,62 @@ def test_a_gap_is_counted_and_given_to_the_parser() -> None:
     assert record["error"] == "gap"
 
 
-def test_http2_chosen_by_the_client_preface() -> None:
+def h2_exchange() -> tuple[bytes, bytes, bytes]:
+    """(server's SETTINGS, client's preface and request, server's response) of one GET."""
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-    client.initiate_connection()
     server.initiate_connection()
+    settings = server.data_to_send()
+    client.initiate_connection()
     headers = [(":method", "GET"), (":path", "/h2"), (":authority", "x"), (":scheme", "http")]
     client.send_headers(1, headers, end_stream=True)
     to_server = client.data_to_send()
     server.receive_data(to_server)
     server.send_headers(1, [(":status", "204")], end_stream=True)
-    to_client = server.data_to_send()
+    return settings, to_server, server.data_to_send()
+
+
+def test_http2_chosen_by_the_client_preface() -> None:
+    settings, to_server, to_client = h2_exchange()
     records: list[Record] = []
     payloads = tracker(records)
 
     payloads.on_data(data("tx", 0, to_server))
-    payloads.on_data(data("rx", 0, to_client))
+    payloads.on_data(data("rx", 0, settings + to_client))
 
     (record,) = records
     assert (record["request"]["protocol"], record["request"]["path"]) == ("HTTP/2", "/h2")
     assert (record["response"]["status"], record["stream_id"]) == (204, 1)
+
+
+def test_http2_chosen_by_the_server_settings_seen_first() -> None:
+    """An HTTP/2 server writes its SETTINGS before it reads the client's preface."""
+    settings, to_server, to_client = h2_exchange()
+    records: list[Record] = []
+    payloads = tracker(records, direction="ingress")
+
+    payloads.on_data(data("tx", 0, settings))
+    payloads.on_data(data("rx", 0, to_server))
+    payloads.on_data(data("tx", len(settings), to_client))
+
+    (record,) = records
+    assert (record["request"]["protocol"], record["response"]["status"]) == ("HTTP/2", 204)
+    assert payloads.stats.parser_errors == 0
+
+
+def test_socket_and_tls_plaintext_are_separate_streams() -> None:
+    """The same connection's ciphertext positions never mix with its plaintext ones."""
+    records: list[Record] = []
+    payloads = tracker(records)
+
+    payloads.on_data(data("tx", 0, REQUEST))
+    payloads.on_data(Data(2_000, 1, "tx", 0, REQUEST, "openssl"))
+    payloads.on_data(Data(3_000, 1, "rx", 0, RESPONSE, "openssl"))
+
+    (record,) = records
+    assert record["capture_source"] == "openssl"
+    assert record["request"]["scheme"] == "https"
+    assert payloads.stats.gaps == 0
 
 
 def test_close_flushes_a_request_without_response() -> None:

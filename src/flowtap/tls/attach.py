@@ -54,6 +54,7 @@ class OpenSslProbes:
         self._attached: dict[FileKey, AttachedFile] = {}
         self._examined: set[FileKey] = set()
         self._scanned_at: dict[int, float] = {}
+        self._connected: set[int] = set()  # processes whose first connection was seen
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -69,14 +70,23 @@ class OpenSslProbes:
         for mapped in executable_mappings(pid):
             self._examine(mapped)
 
+    def on_exec(self, pid: int) -> None:
+        """A traced program started: its executable now (OpenSSL linked in); its shared
+        libraries are mapped after this, and are looked at on its first connection."""
+        self.scan_process(pid)
+        self._connected.discard(pid)
+
     def on_connection(self, pid: int) -> None:
         """A traced process opened a connection: look for libraries loaded meanwhile."""
         last = self._scanned_at.get(pid)
-        if last is None or time.monotonic() - last >= _RESCAN_INTERVAL_S:
+        first = pid not in self._connected
+        if first or last is None or time.monotonic() - last >= _RESCAN_INTERVAL_S:
+            self._connected.add(pid)
             self.scan_process(pid)
 
     def forget_process(self, pid: int) -> None:
         self._scanned_at.pop(pid, None)
+        self._connected.discard(pid)
 
     def scan_all(self, pids: list[int]) -> None:
         for pid in pids:
@@ -87,17 +97,9 @@ class OpenSslProbes:
             return
         self._examined.add(mapped.key)
         self.stats.files_examined += 1
-        try:
-            if not contains_any(mapped.access, _SIGNATURES):
-                return
-            with ElfImage(mapped.access) as image:
-                placement = plan(image)
-        except NotOpenSslError:
-            return
-        except (OSError, ElfReadError) as exc:
-            log.debug("%s: not examined: %s", mapped.path, exc)
-            return
-        self._attach(mapped, placement)
+        placement = inspect_file(mapped.access, mapped.path)
+        if placement is not None:
+            self._attach(mapped, placement)
 
     def _attach(self, mapped: MappedFile, placement: Placement) -> None:
         attached = AttachedFile(mapped.path, placement)
@@ -125,6 +127,23 @@ class OpenSslProbes:
             for link in attached.links:
                 link.destroy()
         self._attached.clear()
+
+
+def inspect_file(access: Path, shown_as: str) -> Placement | None:
+    """Where to probe this file; None when it has no OpenSSL or cannot be read. Raises
+    nothing: a damaged or hostile file on the host must not stop the sensor."""
+    try:
+        if not contains_any(access, _SIGNATURES):
+            return None
+        with ElfImage(access) as image:
+            return plan(image)
+    except NotOpenSslError:
+        return None
+    except (OSError, ElfReadError) as exc:
+        log.debug("%s: not examined: %s", shown_as, exc)
+    except Exception as exc:  # the ELF library's errors are not one family
+        log.warning("%s: not examined, unreadable ELF: %s: %s", shown_as, type(exc).__name__, exc)
+    return None
 
 
 def running_pids(proc: Path = Path("/proc")) -> list[int]:

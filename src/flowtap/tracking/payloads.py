@@ -38,6 +38,15 @@ _SIDES: dict[tuple[str, Flow], Side] = {
 }
 
 
+def _starts_http2(side: Side, data: bytes) -> bool:
+    """HTTP/2 from the first bytes seen: the client's preface or, when the server is seen
+    first (an HTTP/2 server sends its SETTINGS at once; an HTTP/1 one never speaks
+    first), a SETTINGS frame header: type 4 on stream 0."""
+    if side == "client":
+        return data.startswith(_H2_PREFACE[: len(data)])
+    return len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\0\0\0\0"
+
+
 @dataclass(slots=True)
 class PayloadStats:
     bytes: int = 0
@@ -101,7 +110,7 @@ class PayloadTracker:
             return
         self.stats.bytes += len(data)
         if stream.parser is None:
-            h2 = side == "client" and data.startswith(_H2_PREFACE[: len(data)])
+            h2 = _starts_http2(side, data)
             # Bodies are only kept when records carry them.
             keep = self._options.max_body_bytes if self._options.level == "full" else 0
             stream.parser = Http2Parser(max_body=keep) if h2 else Http1Parser(max_body=keep)

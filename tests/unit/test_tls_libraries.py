@@ -1,0 +1,98 @@
+"""Finding the files a process runs code from (/proc/PID/maps), and inspecting them."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flowtap.tls.attach import inspect_file
+from flowtap.tls.libraries import executable_mappings, parse_maps_line
+
+LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+
+MAPS = """\
+55d0c0a00000-55d0c0a2a000 r--p 00000000 fd:01 1311 /usr/bin/curl
+55d0c0a2a000-55d0c0a8b000 r-xp 0002a000 fd:01 1311 /usr/bin/curl
+7f1c4a000000-7f1c4a021000 rw-p 00000000 00:00 0
+7f1c4a200000-7f1c4a25e000 r-xp 0001f000 fd:01 2660 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f1c4a300000-7f1c4a3a0000 r-xp 00000000 00:2d 91 /tmp/old lib.so (deleted)
+7f1c4a3a0000-7f1c4a3b0000 r-xp 00001000 fd:01 2660 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7ffd5c3f0000-7ffd5c411000 rw-p 00000000 00:00 0 [stack]
+7ffd5c5f0000-7ffd5c5f2000 r-xp 00000000 00:00 0 [vdso]
+"""
+
+
+def test_parse_maps_line() -> None:
+    line = "7f1c4a200000-7f1c4a25e000 r-xp 0001f000 fd:01 2660 /usr/lib/libssl.so.3"
+    assert parse_maps_line(line) == (
+        "7f1c4a200000-7f1c4a25e000",
+        "r-xp",
+        (0xFD, 0x01, 2660),
+        "/usr/lib/libssl.so.3",
+    )
+    # Anonymous, special and malformed lines are not files.
+    for other in (
+        "7f1c4a000000-7f1c4a021000 rw-p 00000000 00:00 0",
+        "7ffd5c5f0000-7ffd5c5f2000 r-xp 00000000 00:00 0 [vdso]",
+        "7f-7f r-xp 0 zz:01 5 /x",
+        "7f-7f r-xp 0 fd:01 notanumber /x",
+        "garbage",
+        "",
+    ):
+        assert parse_maps_line(other) is None
+
+
+def test_executable_mappings_once_per_file(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "42" / "map_files").mkdir(parents=True)
+    (proc / "42" / "maps").write_text(MAPS)
+    # map_files reaches the curl mapping; the others go through the process's root.
+    (proc / "42" / "map_files" / "55d0c0a2a000-55d0c0a8b000").write_text("")
+
+    found = executable_mappings(42, proc)
+
+    assert [(m.key, m.path) for m in found] == [
+        ((0xFD, 1, 1311), "/usr/bin/curl"),
+        ((0xFD, 1, 2660), "/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+        ((0, 0x2D, 91), "/tmp/old lib.so"),
+    ]
+    assert found[0].access == proc / "42" / "map_files" / "55d0c0a2a000-55d0c0a8b000"
+    assert found[1].access == proc / "42" / "root" / "usr/lib/x86_64-linux-gnu/libssl.so.3"
+
+
+def test_process_gone(tmp_path: Path) -> None:
+    assert executable_mappings(7, tmp_path) == []
+
+
+@pytest.mark.skipif(not LIBSSL.exists(), reason="needs Debian's libssl.so.3")
+def test_damaged_libraries_never_raise(tmp_path: Path) -> None:
+    """Flipped bytes and cut files: inspect_file returns a plan or None, never raises."""
+    original = LIBSSL.read_bytes()
+    rng = random.Random(1234)
+    target = tmp_path / "libssl.so.3"
+    for round_ in range(60):
+        data = bytearray(original[: rng.choice((64, 4096, len(original)))])
+        for _ in range(rng.randint(1, 40)):
+            # Mostly the headers and tables, where a parser is most exposed.
+            span = 8192 if round_ % 2 else len(data)
+            data[rng.randrange(min(span, len(data)))] = rng.randrange(256)
+        target.write_bytes(bytes(data))
+        inspect_file(target, "fuzzed")
+
+
+@pytest.mark.skipif(not LIBSSL.exists(), reason="needs Debian's libssl.so.3")
+def test_debian_libssl_is_probed_at_its_internal_functions(tmp_path: Path) -> None:
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, copy)
+
+    placement = inspect_file(copy, "libssl")
+
+    assert placement is not None
+    assert placement.kind == "internal"
+    assert [p.entry_program for p in placement.probes] == [
+        "ssl_read_ex_enter",
+        "ssl_write_ex_enter",
+    ]
