@@ -9,6 +9,9 @@ sensor is started before each "with" run and stopped (SIGINT, drain, stats) afte
       receive 100 bytes, close (bench/loadgen.c, one client, one server process).
   (c) a null system call loop (getppid): no socket at all, for what every process on
       the host pays per system call while the sensor's syscall tracepoints are on.
+  (d) wrk-tls: (a) over HTTPS (a 100-byte body, TLS 1.3, keep-alive): nginx and wrk both
+      on libssl.so.3, so both ends are probed; run with --sensor-args
+      "--capture-level full" for the issue's full-capture figure.
 
 The sensor runs as a user would run it: `--include-loopback` and no scope filter, so
 it traces every connection on the host; its stats and records must show that it saw
@@ -60,6 +63,7 @@ from bench.common import (
 TARGET = 0.95
 WRK_CONNECTIONS = 10
 INDEX_HTML = b"<!doctype html><title>flowtap</title><p>" + b"x" * 512 + b"</p>\n"
+TLS_BODY = b"y" * 99 + b"\n"  # the issue's HTTPS workload: a 100-byte body
 
 
 @dataclass
@@ -159,6 +163,14 @@ http {{
         root {dir}/www;
         location / {{ }}
     }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {dir}/server.pem;
+        ssl_certificate_key {dir}/server.key;
+        ssl_session_cache off;
+        root {dir}/www;
+        location / {{ }}
+    }}
 }}
 """
 
@@ -182,6 +194,7 @@ def process_tree(pid: int) -> list[int]:
 @dataclass
 class Nginx:
     port: int
+    tls_port: int
     master: int
 
     def pids(self) -> list[int]:
@@ -195,12 +208,14 @@ def pinned(command: list[str], cpu: int | None) -> list[str]:
 @contextlib.contextmanager
 def nginx_server(nginx: str, workdir: Path, cpu: int | None) -> Iterator[Nginx]:
     """nginx, one worker, on a free 127.0.0.1 port, from a config generated in workdir."""
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     (workdir / "www").mkdir()
     (workdir / "tmp").mkdir()
     (workdir / "www" / "index.html").write_bytes(INDEX_HTML)
+    (workdir / "www" / "body100").write_bytes(TLS_BODY)
+    self_signed_certificate(workdir)
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, port=port))
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port, tls_port=tls_port))
     log = (workdir / "nginx.out").open("wb")
     proc = subprocess.Popen(
         pinned([nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")], cpu),
@@ -211,11 +226,12 @@ def nginx_server(nginx: str, workdir: Path, cpu: int | None) -> Iterator[Nginx]:
     try:
         try:
             wait_listening(port, 15.0)
+            wait_listening(tls_port, 15.0)
         except BenchError:
             proc.poll()
             text = (workdir / "nginx.out").read_text(errors="replace")
             raise BenchError(f"nginx did not start (exit {proc.returncode}): {text}") from None
-        yield Nginx(port, proc.pid)
+        yield Nginx(port, tls_port, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGQUIT)  # graceful: the master stops its worker
@@ -227,17 +243,21 @@ def nginx_server(nginx: str, workdir: Path, cpu: int | None) -> Iterator[Nginx]:
         log.close()
 
 
+def self_signed_certificate(workdir: Path) -> None:
+    """server.pem and server.key (EC P-256) for nginx's TLS listener."""
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"]
+    command += ["ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    command += ["-keyout", str(workdir / "server.key"), "-out", str(workdir / "server.pem")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"openssl could not make a certificate: {done.stderr}")
+
+
 _RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
 
 
-def run_wrk(wrk: str, port: int, seconds: int, cpu: int | None) -> tuple[float, JsonDict]:
-    command = [
-        wrk,
-        "-t1",
-        f"-c{WRK_CONNECTIONS}",
-        f"-d{seconds}s",
-        f"http://127.0.0.1:{port}/index.html",
-    ]
+def run_wrk(wrk: str, url: str, seconds: int, cpu: int | None) -> tuple[float, JsonDict]:
+    command = [wrk, "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", url]
     command = pinned(command, cpu)
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 60, check=False
@@ -450,7 +470,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default="wrk,loop,syscalls",
-        help="comma-separated subset of wrk,loop,syscalls",
+        help="comma-separated subset of wrk,loop,syscalls,wrk-tls",
     )
     parser.add_argument(
         "--cpu",
@@ -492,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sensor_cpu < 0:
         args.sensor_cpu = None
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - {"wrk", "loop", "syscalls"}
+    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if not 1 <= args.pairs <= 20 or not 1 <= args.seconds <= 60:
@@ -506,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_root()
         require_sensor()
-        nginx, wrk = ensure_tools(not args.no_install) if "wrk" in args.workloads else ("", "")
+        wants_nginx = {"wrk", "wrk-tls"} & set(args.workloads)
+        nginx, wrk = ensure_tools(not args.no_install) if wants_nginx else ("", "")
     except BenchError as exc:
         print(f"slowdown: {exc}", file=sys.stderr)
         return 2
@@ -531,10 +552,32 @@ def main(argv: list[str] | None = None) -> int:
                     Workload(
                         name=f"(a) wrk -t1 -c{WRK_CONNECTIONS} -d{args.seconds}s, nginx 1 worker",
                         unit="req/s",
-                        run=lambda: run_wrk(wrk, server.port, args.seconds, cpu),
+                        run=lambda: run_wrk(
+                            wrk, f"http://127.0.0.1:{server.port}/index.html", args.seconds, cpu
+                        ),
                         port=lambda: server.port,
                         expected_opens=lambda _detail: 2 * WRK_CONNECTIONS,
                         pids=server.pids,
+                    )
+                )
+            if "wrk-tls" in args.workloads:
+                tls_dir = workdir / "nginx-tls"
+                tls_dir.mkdir()
+                tls_server = stack.enter_context(nginx_server(nginx, tls_dir, cpu))
+                workloads.append(
+                    Workload(
+                        name=f"(d) HTTPS: wrk -t1 -c{WRK_CONNECTIONS} -d{args.seconds}s, "
+                        "nginx 1 worker, 100-byte body, both on libssl.so.3",
+                        unit="req/s",
+                        run=lambda: run_wrk(
+                            wrk,
+                            f"https://127.0.0.1:{tls_server.tls_port}/body100",
+                            args.seconds,
+                            cpu,
+                        ),
+                        port=lambda: tls_server.tls_port,
+                        expected_opens=lambda _detail: 2 * WRK_CONNECTIONS,
+                        pids=tls_server.pids,
                     )
                 )
             if "loop" in args.workloads:

@@ -51,7 +51,7 @@ enum ft_counter {
 	FT_CNT_LISTENER_TABLE_FULL = 5,
 	FT_CNT_PAYLOAD_READ_FAILED = 6, /* payload bytes not copied: userspace sees a gap */
 	FT_CNT_TLS_UNATTRIBUTED = 7, /* TLS plaintext whose socket is unknown (memory BIOs) */
-	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: its table was full */
+	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: no memory for its state */
 	FT_CNT_MAX = 9,
 };
 

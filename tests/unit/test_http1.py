@@ -360,32 +360,79 @@ def test_response_with_content_length_cut_by_close() -> None:
     assert bodies(out) == [b"abc"]
 
 
-def test_gap_mid_response_body() -> None:
+def test_gap_inside_a_known_length_body_is_skipped() -> None:
+    """sendfile() bytes have no user buffer: a hole in a Content-Length body is stepped
+    over, the body is flagged truncated, and parsing goes on."""
     p = Http1Parser()
-    p.feed("client", get("/g"), 1)
+    p.feed("client", get("/g") + get("/h"), 1)
     assert p.feed("server", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst", 2) == []
-    out = p.gap("server", 50)
-    assert len(out) == 1
-    assert out[0].error == "gap"
-    assert targets(out) == ["/g"]
-    assert bodies(out) == [b"first"]
-    # That direction is no longer parsed.
-    assert p.feed("server", b"x" * 45 + ok(b"later"), 3) == []
-    assert p.close(4) == []
+    assert p.gap("server", 50) == []
+    out = p.feed("server", b"x" * 45 + ok(b"later"), 3)
+    assert targets(out) == ["/g", "/h"]
+    assert [tx.error for tx in out] == [None, None]
+    first = out[0].response
+    assert first is not None
+    assert (bytes(first.body.data), first.body.size, first.body.truncated) == (b"first", 100, True)
+    assert bodies(out)[1] == b"later"
     assert p.failed is None
+
+
+def test_gap_inside_a_chunk_is_skipped() -> None:
+    p = Http1Parser()
+    p.feed("client", get("/c"), 1)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabcd"
+    assert p.feed("server", head, 2) == []
+    assert p.gap("server", 8) == []
+    out = p.feed("server", b"mnop\r\n0\r\n\r\n", 3)
+    assert targets(out) == ["/c"]
+    response = out[0].response
+    assert response is not None and out[0].error is None
+    assert (bytes(response.body.data), response.body.size) == (b"abcd", 16)
 
 
 def test_gap_mid_request_body_pairs_with_its_response() -> None:
     p = Http1Parser()
     assert p.feed("client", b"POST /p HTTP/1.1\r\nContent-Length: 10\r\n\r\nab", 1) == []
-    assert p.gap("client", 3) == []
-    assert p.feed("client", b"cdefGET /lost HTTP/1.1\r\n\r\n", 2) == []
-    out = p.feed("server", ok(b"r"), 3)
-    assert len(out) == 1
-    assert out[0].error == "gap"
-    assert out[0].request is not None and out[0].request.target == "/p"
-    assert bodies(out) == [b"r"]
+    assert p.gap("client", 4) == []
+    assert p.feed("client", b"cdefGET /next HTTP/1.1\r\n\r\n", 2) == []
+    out = p.feed("server", ok(b"r") + ok(b"s"), 3)
+    assert targets(out) == ["/p", "/next"]
+    assert bodies(out) == [b"r", b"s"]
+    request = out[0].request
+    assert request is not None and request.body.truncated and request.body.size == 10
     assert p.close(4) == []
+
+
+def test_gap_in_a_header_section_resyncs_at_the_next_request() -> None:
+    p = Http1Parser()
+    assert p.feed("client", b"GET /lost HTTP/1.1\r\nHo", 1) == []
+    assert p.gap("client", 30) == []
+    # Bytes that do not start a message are passed over; a request line resumes.
+    assert p.feed("client", b"st: x\r\n\r\n", 2) == []
+    assert p.feed("client", get("/after"), 3) == []
+    out = p.feed("server", ok(b"one") + ok(b"two"), 4)
+    assert [tx.error for tx in out] == ["gap", None]
+    assert targets(out) == [None, "/after"]  # the first lost its request head
+    assert bodies(out) == [b"one", b"two"]
+    assert p.failed is None
+
+
+def test_response_lost_whole_resyncs_with_the_latest_request() -> None:
+    p = Http1Parser()
+    p.feed("client", get("/1"), 1)
+    assert p.feed("server", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 2) == []
+    # More than the body left: the end of response 1 and the start of another are gone.
+    out = p.gap("server", 500)
+    assert targets(out) == ["/1"]
+    assert out[0].error == "gap"
+    p.feed("client", get("/2"), 3)
+    p.feed("client", get("/3"), 4)
+    out = p.feed("server", ok(b"three"), 5)
+    assert [(tx.error, tx.request.target if tx.request else None) for tx in out] == [
+        ("gap", "/2"),
+        (None, "/3"),
+    ]
+    assert bodies(out)[1] == b"three"
 
 
 # -- Upgrade and CONNECT --------------------------------------------------------------

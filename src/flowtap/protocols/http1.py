@@ -9,9 +9,9 @@ How the bytes reach llhttp
 --------------------------
 Every message is made to end exactly at the end of a piece handed to ``feed_data``:
 
-* a header section is fed one line at a time (a line ends at ``\\n``), which also lets the
-  header budget be counted before llhttp (and httptools, which joins a header's pieces)
-  holds the bytes;
+* a header section is fed whole when it is all there (up to its blank line), else one
+  line at a time (a line ends at ``\\n``); either way the header budget is counted
+  before llhttp (and httptools, which joins a header's pieces) holds the bytes;
 * a Content-Length body is fed exactly its remaining length;
 * a chunked body is fed chunk-size line, then chunk data plus CRLF, then the trailer lines;
 * only a close-delimited response body (no length: it ends at close) is fed as it comes.
@@ -51,6 +51,12 @@ __all__ = ["Http1Parser"]
 # 1xx responses remembered before a final response (a server could send them forever).
 _MAX_INFORMATIONAL = 32
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
+# What a message's first bytes look like, to go on after lost bytes.
+_MESSAGE_START: dict[Side, re.Pattern[bytes]] = {
+    "client": re.compile(rb"[A-Z][A-Z-]{2,15} [!-~]+ HTTP/1\.[01]\r?\n"),
+    "server": re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9][ \r]"),
+}
+_FILLER = bytes(64 << 10)  # stand-in for lost body bytes
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -97,6 +103,7 @@ class _Stream:
     # Client bytes after an Upgrade/CONNECT request, until the server answers.
     held: bytearray | None = None
     held_overflow: bool = False
+    body_hole: bool = False  # bytes of this body were lost: the rest is counted, not kept
 
     def new_message(self) -> None:
         self.started = False
@@ -111,6 +118,7 @@ class _Stream:
         self.chunk_left = 0
         self.chunk_line = bytearray()
         self.in_trailer = False
+        self.body_hole = False
 
 
 class _Callbacks:
@@ -142,6 +150,19 @@ class _Callbacks:
 
     def on_message_complete(self) -> None:
         self._owner._on_message_complete(self._side)
+
+
+def _whole_head_end(data: bytes, pos: int) -> int:
+    """Where a header section that starts at pos and is here whole ends (after its blank
+    line); 0 when it is not here whole, or has bare-LF lines that could end it sooner."""
+    blank = data.find(b"\r\n\r\n", pos)
+    if blank < 0:
+        return 0
+    first_end = data.find(b"\n\n", pos, blank + 4)
+    lf_crlf = data.find(b"\n\r\n", pos, blank + 4)
+    if first_end >= 0 or lf_crlf != blank + 1:
+        return 0
+    return blank + 4
 
 
 class Http1Parser:
@@ -192,14 +213,22 @@ class Http1Parser:
         if self._failed is not None or self._closed or not data:
             return []
         self._now = timestamp_ns
-        self._guard(lambda: self._feed_stream(self._streams[side], bytes(data)))
+        st = self._streams[side]
+        if st.stopped == "gap" and _MESSAGE_START[side].match(data):
+            self._resync(st)
+        self._guard(lambda: self._feed_stream(st, bytes(data)))
         return self._take()
 
     def gap(self, side: Side, missing: int) -> list[Transaction]:
-        """``missing`` bytes ``side`` sent were lost: give up its message, stop that side."""
+        """``missing`` bytes ``side`` sent were lost. Inside a body of known length they
+        are skipped (the body is flagged truncated); otherwise the message in progress is
+        given up, and that side waits for the start of a message to go on."""
         st = self._streams[side]
         if self._failed is not None or self._closed or st.stopped is not None:
             return []
+        if self._skippable(st, missing):
+            self._guard(lambda: self._skip(st, missing))
+            return self._take()
         st.stopped = "gap"
         if side == "client":
             st.held = None
@@ -225,6 +254,37 @@ class Http1Parser:
                 entry.error = "gap"
                 self._emit(entry)
         return self._take()
+
+    def _skippable(self, st: _Stream, missing: int) -> bool:
+        if st.in_headers or st.in_trailer or st.held is not None or st.reset_pending:
+            return False
+        if st.chunked:
+            return 0 < missing <= st.chunk_left - 2  # the chunk's CRLF must be seen
+        return st.content_left is not None and 0 < missing <= st.content_left
+
+    def _skip(self, st: _Stream, missing: int) -> None:
+        """Feeds llhttp stand-in bytes for a hole in a body, keeping none of them."""
+        st.body_hole = True
+        left = missing
+        while left > 0 and st.stopped is None and self._failed is None:
+            step = min(left, len(_FILLER))
+            self._feed_stream(st, _FILLER[:step])
+            left -= step
+
+    def _resync(self, st: _Stream) -> None:
+        """A side that lost bytes goes on at what looks like a message's first line."""
+        st.stopped = None
+        st.held = None
+        self._reset(st)
+        if st.side == "server":
+            # Without pipelining one request waits for this response: the latest. Those
+            # before it lost their responses in the gap.
+            while len(self._unanswered) > 1:
+                entry = self._unanswered.popleft()
+                entry.error = entry.error or "gap"
+                entry.response_done = True
+                if entry.request_done:
+                    self._emit(entry)
 
     def close(self, timestamp_ns: int) -> list[Transaction]:
         """End of the connection: close-delimited bodies end, the rest is returned."""
@@ -316,6 +376,11 @@ class Http1Parser:
     def _piece_end(self, st: _Stream, data: bytes, pos: int) -> int:
         """Where the next piece for llhttp ends, so that no message ends inside a piece."""
         n = len(data)
+        if st.in_headers and not st.header_bytes:
+            end = _whole_head_end(data, pos)
+            if end and end - pos <= self.max_header_bytes:
+                st.header_bytes = end - pos
+                return end
         if st.in_headers or st.in_trailer:
             nl = data.find(b"\n", pos)
             end = n if nl < 0 else nl + 1
@@ -519,7 +584,7 @@ class Http1Parser:
         body = message.body
         body.size += len(data)
         room = self.max_body - len(body.data)
-        if room > 0:
+        if room > 0 and not st.body_hole:
             body.data += data[:room]
         body.truncated = body.size > len(body.data)
 

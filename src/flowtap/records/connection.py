@@ -18,11 +18,15 @@ class WallClock:
 
     def __init__(self) -> None:
         self._offset_ns = time.time_ns() - time.monotonic_ns()
+        self._second = -1
+        self._stamp = ""
 
     def rfc3339(self, monotonic_ns: int) -> str:
         seconds, nanos = divmod(monotonic_ns + self._offset_ns, 1_000_000_000)
-        stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{stamp}.{nanos // 1000:06d}Z"
+        if seconds != self._second:  # records come thousands a second: format it once
+            self._stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = seconds
+        return f"{self._stamp}.{nanos // 1000:06d}Z"
 
 
 def process_record(info: ProcessInfo, tid: int) -> Record:

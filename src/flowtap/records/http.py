@@ -70,6 +70,14 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
     return next((value for key, value in headers if key.lower() == wanted), None)
 
 
+def first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased name -> first value: one pass for all the headers a record names."""
+    values: dict[str, str] = {}
+    for key, value in headers:
+        values.setdefault(key.lower(), value)
+    return values
+
+
 def _body(body: Body, options: HttpRecordOptions) -> tuple[str, bool]:
     """(base64 of the first max_body_bytes, truncated)."""
     kept = bytes(body.data[: options.max_body_bytes])
@@ -109,7 +117,8 @@ def _protocol(version: str) -> str:
 
 def request_part(request: Request, ctx: ConnectionContext, options: HttpRecordOptions) -> Record:
     scheme, authority, path = _target(request, ctx.tls)
-    content_type = header(request.headers, "content-type")
+    named = first_values(request.headers)
+    content_type = named.get("content-type")
     part: Record = {
         "method": request.method,
         "scheme": scheme,
@@ -117,7 +126,7 @@ def request_part(request: Request, ctx: ConnectionContext, options: HttpRecordOp
         "path": path,
         "url": f"{scheme}://{authority}{path}" if authority else path,
         "protocol": _protocol(request.version),
-        "user_agent": header(request.headers, "user-agent"),
+        "user_agent": named.get("user-agent"),
         "content_type": content_type,
         "body_size": request.body.size,
     }
@@ -129,15 +138,16 @@ def request_part(request: Request, ctx: ConnectionContext, options: HttpRecordOp
 
 
 def response_part(response: Response, options: HttpRecordOptions) -> Record:
+    named = first_values(response.headers)
     part: Record = {
         "status": response.status,
         "reason": response.reason,
-        "content_type": header(response.headers, "content-type"),
+        "content_type": named.get("content-type"),
         "body_size": response.body.size,
     }
     if response.informational:
         part["informational"] = list(response.informational)
-    grpc_status = header(response.headers, "grpc-status")
+    grpc_status = named.get("grpc-status")
     if grpc_status is not None:
         part["grpc_status"] = int(grpc_status) if grpc_status.isdigit() else grpc_status
     _add_detail(part, response.headers, response.body, options)
