@@ -36,7 +36,7 @@ def records(btf: Btf, count: int) -> list[bytes]:
     """An open, count request/response pairs of TLS plaintext, then a close."""
     kinds, flows = btf.enum_values("ft_event_kind"), btf.enum_values("ft_flow")
     sources, directions = btf.enum_values("ft_source"), btf.enum_values("ft_direction")
-    conn = {
+    conn: dict[str, int | bytes] = {
         "conn.conn_id": 1,
         "conn.family": 2,
         "conn.protocol": 6,
@@ -57,7 +57,7 @@ def records(btf: Btf, count: int) -> list[bytes]:
     for i in range(count):
         for flow, payload in (("FT_FLOW_TX", REQUEST), ("FT_FLOW_RX", RESPONSE)):
             position = i * len(payload)
-            fields = {
+            fields: dict[str, int | bytes] = {
                 "hdr.kind": kinds["FT_EVENT_DATA"],
                 "hdr.timestamp_ns": 10 + 2 * i,
                 "conn_id": 1,
