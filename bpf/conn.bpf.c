@@ -730,6 +730,11 @@ static long payload_step(__u64 index, struct payload_walk *walk)
 		walk->seg_len = iov.iov_len;
 		return 0;
 	}
+	/* A consumer that falls behind loses payload first: connection events keep room. */
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= cfg.payload_limit_bytes) {
+		count(FT_CNT_PAYLOAD_SHED);
+		return 1;
+	}
 	e = bpf_map_lookup_elem(&data_scratch, &zero);
 	if (!e)
 		return 1;

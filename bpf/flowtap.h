@@ -52,7 +52,8 @@ enum ft_counter {
 	FT_CNT_PAYLOAD_READ_FAILED = 6, /* payload bytes not copied: userspace sees a gap */
 	FT_CNT_TLS_UNATTRIBUTED = 7, /* TLS plaintext whose socket is unknown (memory BIOs) */
 	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: no memory for its state */
-	FT_CNT_MAX = 9,
+	FT_CNT_PAYLOAD_SHED = 9, /* payload not copied: the ring buffer is kept for connections */
+	FT_CNT_MAX = 10,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -66,6 +67,8 @@ struct ft_config {
 	__u8 capture_payload; /* copy HTTP connections' bytes for the parsers */
 	__u8 pad[2];
 	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
+	__u32 payload_limit_bytes; /* no payload copied while this much is waiting */
+	__u32 pad2;
 };
 
 /* Who did it: the thread that opened the connection or ran the exec. */

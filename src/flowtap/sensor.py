@@ -144,6 +144,7 @@ class Sensor:
                 "include_loopback": int(cfg.include_loopback),
                 "capture_payload": int(cfg.capture_level != "none"),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
+                "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
             }
         )
         offset, size = btf.variable_offset(".rodata", "cfg")

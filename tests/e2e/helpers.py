@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
 Record = dict[str, Any]
 Message = dict[str, Any]
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().with_name("peer.py")
 BPF_OBJECT = REPO / "src" / "flowtap" / "bpf" / "conn.bpf.o"
 SCHEMA = REPO / "docs" / "schema" / "connection.schema.json"
+HTTP_SCHEMA = REPO / "docs" / "schema" / "http.schema.json"
 CURL = "/usr/bin/curl"
 BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
@@ -305,16 +307,29 @@ def only_pair(records: list[Record], **criteria: Any) -> tuple[Record, Record]:
     return opened, closed
 
 
+def _validator(schema: Path) -> Draft202012Validator:
+    """A validator for one of docs/schema/, which may refer to the others by their $id."""
+    registry: Registry[Any] = Registry().with_resources(
+        (document["$id"], Resource.from_contents(document))
+        for document in (json.loads(path.read_text()) for path in (SCHEMA, HTTP_SCHEMA))
+    )
+    return Draft202012Validator(json.loads(schema.read_text()), registry=registry)
+
+
 def schema_errors(records: list[Record]) -> list[str]:
-    """Violations of docs/schema/connection.schema.json (none checked if it is absent)."""
-    if not SCHEMA.exists():
-        return []
-    validator = Draft202012Validator(json.loads(SCHEMA.read_text()))
-    return [
-        f"connection {record.get('connection_id')} {record.get('event')}: {error.message}"
-        for record in records
-        for error in validator.iter_errors(record)
-    ]
+    """Violations of docs/schema/: connection.schema.json or http.schema.json by type."""
+    validators = {"connection": _validator(SCHEMA), "http": _validator(HTTP_SCHEMA)}
+    errors: list[str] = []
+    for record in records:
+        validator = validators.get(record.get("type", ""))
+        if validator is None:
+            errors.append(f"record of unknown type: {record}")
+            continue
+        errors += [
+            f"{record['type']} record of connection {record.get('connection_id')}: {e.message}"
+            for e in validator.iter_errors(record)
+        ]
+    return errors
 
 
 def assert_well_formed(records: list[Record]) -> None:
@@ -469,6 +484,8 @@ class Sensor:
         stats = self.stop()
         records = self.records()
         assert_well_formed(records)
+        errors = schema_errors(self.http_records())
+        assert not errors, "\n".join(errors)
         assert_no_drops(stats)
         return records
 

@@ -141,7 +141,8 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_PAYLOAD_READ_FAILED": 6,
         "FT_CNT_TLS_UNATTRIBUTED": 7,
         "FT_CNT_TLS_CALLS_FULL": 8,
-        "FT_CNT_MAX": 9,
+        "FT_CNT_PAYLOAD_SHED": 9,
+        "FT_CNT_MAX": 10,
     }
 
 
