@@ -86,14 +86,6 @@ struct {
 	__type(value, struct ft_conn_state);
 } conns SEC(".maps");
 
-/* Where a data event is built before it is copied out at its real length. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct ft_data_event);
-} data_scratch SEC(".maps");
-
 /* Where a new connection's state is built: too big for the BPF stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -696,6 +688,9 @@ static __always_inline bool looks_like_http(const __u8 *data, __u32 len)
 
 #define FT_PAYLOAD_STEPS 40 /* chunks and iovecs per syscall: up to ~128 KiB copied */
 #define FT_TLS_PAYLOAD_STEPS 512 /* chunks per SSL call: up to 2 MiB copied */
+#define FT_DATA_HEAD __builtin_offsetof(struct ft_data_event, data)
+#define FT_DATA_SMALL 256 /* data event sizes reserved in the ring, besides FT_DATA_LEN */
+#define FT_DATA_MEDIUM 1024
 
 struct payload_walk {
 	struct user_io io;
@@ -705,6 +700,7 @@ struct payload_walk {
 	__u64 left; /* bytes of the call not copied yet */
 	__u64 position;
 	__u64 conn_id;
+	__u64 timestamp_ns; /* the call's, for each of its pieces */
 	__u32 flow;
 	__u32 source;
 };
@@ -713,7 +709,6 @@ struct payload_walk {
 static long payload_step(__u64 index, struct payload_walk *walk)
 {
 	struct ft_data_event *e;
-	__u32 zero = 0;
 	__u64 n;
 
 	if (!walk->left)
@@ -735,27 +730,36 @@ static long payload_step(__u64 index, struct payload_walk *walk)
 		count(FT_CNT_PAYLOAD_SHED);
 		return 1;
 	}
-	e = bpf_map_lookup_elem(&data_scratch, &zero);
-	if (!e)
-		return 1;
 	n = walk->seg_len < walk->left ? walk->seg_len : walk->left;
+	/* Reserved in place at one of three sizes (a reservation's size must be a constant):
+	 * no copy through a scratch buffer, and small pieces take little of the ring. */
+	if (n <= FT_DATA_SMALL)
+		e = bpf_ringbuf_reserve(&events, FT_DATA_HEAD + FT_DATA_SMALL, 0);
+	else if (n <= FT_DATA_MEDIUM)
+		e = bpf_ringbuf_reserve(&events, FT_DATA_HEAD + FT_DATA_MEDIUM, 0);
+	else
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(FT_CNT_RINGBUF_FULL);
+		return 1;
+	}
 	if (n > FT_DATA_LEN)
 		n = FT_DATA_LEN;
 	if (bpf_probe_read_user(e->data, n, walk->seg)) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 		count(FT_CNT_PAYLOAD_READ_FAILED);
 		return 1;
 	}
 	e->hdr.kind = FT_EVENT_DATA;
 	e->hdr.pad = 0;
-	e->hdr.timestamp_ns = bpf_ktime_get_ns();
+	e->hdr.timestamp_ns = walk->timestamp_ns;
 	e->conn_id = walk->conn_id;
 	e->position = walk->position;
 	e->flow = walk->flow;
 	e->length = n;
 	e->source = walk->source;
 	e->pad = 0;
-	if (bpf_ringbuf_output(&events, e, sizeof(*e) - FT_DATA_LEN + n, wakeup_flags(sizeof(*e))))
-		count(FT_CNT_RINGBUF_FULL);
+	bpf_ringbuf_submit(e, wakeup_flags(sizeof(*e)));
 	walk->position += n;
 	walk->left -= n;
 	walk->seg += n;
@@ -775,6 +779,7 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 		.left = ret,
 		.position = position,
 		.conn_id = state->conn.conn_id,
+		.timestamp_ns = bpf_ktime_get_ns(),
 		.flow = flow,
 		.source = FT_SOURCE_SOCKET,
 	};
@@ -1175,8 +1180,10 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	state = ssl_connection(&call);
 	if (!state)
 		return 0;
-	state->tls = 1;
-	state->capture = 0;
+	if (!state->tls) {
+		state->tls = 1;
+		state->capture = 0;
+	}
 	if (call.flow == FT_FLOW_TX)
 		position = __sync_fetch_and_add(&state->tls_sent, length);
 	else
@@ -1189,11 +1196,16 @@ int BPF_KRETPROBE(ssl_return, int ret)
 			.left = length,
 			.position = position,
 			.conn_id = state->conn.conn_id,
+			.timestamp_ns = bpf_ktime_get_ns(),
 			.flow = call.flow,
 			.source = FT_SOURCE_OPENSSL,
 		};
 
-		bpf_loop(FT_TLS_PAYLOAD_STEPS, payload_step, &walk, 0);
+		/* Most calls fit one piece: no loop to set up for them. */
+		if (length <= FT_DATA_LEN)
+			payload_step(0, &walk);
+		else
+			bpf_loop(FT_TLS_PAYLOAD_STEPS, payload_step, &walk, 0);
 	}
 	return 0;
 }
