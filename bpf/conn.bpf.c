@@ -62,6 +62,7 @@ const struct ft_conn_open_event *anchor_open __attribute__((unused));
 const struct ft_conn_close_event *anchor_close __attribute__((unused));
 const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
+const struct ft_fork_event *anchor_fork __attribute__((unused));
 const struct ft_data_event *anchor_data __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
 const struct ft_listener *anchor_listener __attribute__((unused));
@@ -1005,6 +1006,21 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 		return 0;
 	if (bpf_map_update_elem(&traced_pids, &child_tgid, &one, BPF_ANY))
 		count(FT_CNT_PID_TABLE_FULL);
+	if (cfg.notify_forks) {
+		struct ft_fork_event *e = reserve(sizeof(*e), FT_EVENT_FORK);
+
+		if (!e)
+			return 0;
+		e->task.pid = child_tgid;
+		e->task.tid = child->pid;
+		e->task.uid = (__u32)bpf_get_current_uid_gid();
+		e->task.pad = 0;
+		bpf_probe_read_kernel_str(e->task.comm, sizeof(e->task.comm), child->comm);
+		e->parent_pid = parent_tgid;
+		e->pad = 0;
+		/* Rare, and its TLS probes should be in place before it does much: wake now. */
+		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	}
 	return 0;
 }
 

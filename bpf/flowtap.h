@@ -23,6 +23,7 @@ enum ft_event_kind {
 	FT_EVENT_EXEC = 3,
 	FT_EVENT_EXIT = 4,
 	FT_EVENT_DATA = 5,
+	FT_EVENT_FORK = 6, /* a traced process forked (only when userspace asks for them) */
 };
 
 enum ft_direction {
@@ -68,7 +69,8 @@ struct ft_config {
 	__u8 pad[2];
 	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
 	__u32 payload_limit_bytes; /* no payload copied while this much is waiting */
-	__u32 pad2;
+	__u8 notify_forks; /* send fork events of traced processes (per-process TLS probes) */
+	__u8 pad2[3];
 };
 
 /* Who did it: the thread that opened the connection or ran the exec. */
@@ -208,6 +210,14 @@ struct ft_exec_event {
 struct ft_exit_event {
 	struct ft_header hdr;
 	struct ft_task task;
+};
+
+/* task is the new process (its first thread); parent_pid the process that forked it. */
+struct ft_fork_event {
+	struct ft_header hdr;
+	struct ft_task task;
+	__u32 parent_pid;
+	__u32 pad;
 };
 
 #endif /* FLOWTAP_H */

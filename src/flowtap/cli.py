@@ -91,6 +91,14 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="body bytes kept per message at --capture-level full (default 65536)",
     )
     payload.add_argument(
+        "--tls-attach",
+        choices=("auto", "file", "process"),
+        default="auto",
+        help="OpenSSL probes once per library for every process (file), or per traced "
+        "process so that others pay nothing (process, needs --pid); auto: process with "
+        "--pid, else file",
+    )
+    payload.add_argument(
         "--no-redaction",
         action="store_true",
         help="show credentials (Authorization, Cookie, API keys) instead of [REDACTED]",
@@ -138,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         capture_level=args.capture_level,
         max_body_bytes=args.max_body_bytes,
         redact=not args.no_redaction,
+        tls_attach=args.tls_attach,
     )
 
 

@@ -13,6 +13,7 @@ from flowtap.records.http import CaptureLevel
 
 Direction = Literal["egress", "ingress", "all"]
 Output = Literal["console", "json"]
+TlsAttach = Literal["auto", "file", "process"]
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class SensorConfig:
     capture_level: CaptureLevel = "summary"
     max_body_bytes: int = 64 << 10
     redact: bool = True
+    tls_attach: TlsAttach = "auto"
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
@@ -74,6 +76,18 @@ class SensorConfig:
             raise ConfigError(f"--max-body-bytes {self.max_body_bytes}: use 0 or more bytes")
         if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
+        if self.tls_attach == "process" and not self.pids:
+            raise ConfigError(
+                "--tls-attach process probes the --pid processes only: give --pid, "
+                "or use --tls-attach file"
+            )
+
+    @property
+    def tls_attach_mode(self) -> Literal["file", "process"]:
+        """Per process when a --pid scope makes that possible, unless told otherwise."""
+        if self.tls_attach == "auto":
+            return "process" if self.pids else "file"
+        return self.tls_attach
 
     @staticmethod
     def _validate_cgroup(path: Path) -> None:

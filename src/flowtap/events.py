@@ -107,7 +107,14 @@ class Exit:
     task: Task
 
 
-Event = ConnOpen | ConnClose | Exec | Exit | Data
+@dataclass(frozen=True, slots=True)
+class Fork:
+    timestamp_ns: int
+    task: Task  # the new process
+    parent_pid: int
+
+
+Event = ConnOpen | ConnClose | Exec | Exit | Data | Fork
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +170,7 @@ class EventDecoder:
             kinds["FT_EVENT_CONN_CLOSE"]: btf.struct_layout("ft_conn_close_event"),
             kinds["FT_EVENT_EXEC"]: btf.struct_layout("ft_exec_event"),
             kinds["FT_EVENT_EXIT"]: btf.struct_layout("ft_exit_event"),
+            kinds["FT_EVENT_FORK"]: btf.struct_layout("ft_fork_event"),
             kinds["FT_EVENT_DATA"]: btf.struct_layout("ft_data_event"),
         }
         self._decoders: dict[int, Callable[[Fields], Event]] = {
@@ -170,6 +178,7 @@ class EventDecoder:
             kinds["FT_EVENT_CONN_CLOSE"]: self._close,
             kinds["FT_EVENT_EXEC"]: self._exec,
             kinds["FT_EVENT_EXIT"]: self._exit,
+            kinds["FT_EVENT_FORK"]: self._fork,
         }
         self.state_layout = btf.struct_layout("ft_conn_state")
         # Data events are sent at their real length: a fixed part, then `length` bytes.
@@ -322,3 +331,6 @@ class EventDecoder:
 
     def _exit(self, f: Fields) -> Exit:
         return Exit(f.integer("hdr.timestamp_ns"), self.task(f))
+
+    def _fork(self, f: Fields) -> Fork:
+        return Fork(f.integer("hdr.timestamp_ns"), self.task(f), f.integer("parent_pid"))

@@ -23,6 +23,7 @@ from flowtap.events import (
     EventDecoder,
     Exec,
     Exit,
+    Fork,
     Task,
 )
 from flowtap.loader.btf import Btf
@@ -145,6 +146,9 @@ class Sensor:
                 "capture_payload": int(cfg.capture_level != "none"),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
                 "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
+                "notify_forks": int(
+                    cfg.capture_level != "none" and cfg.tls_attach_mode == "process"
+                ),
             }
         )
         offset, size = btf.variable_offset(".rodata", "cfg")
@@ -210,7 +214,7 @@ class Sensor:
 
     def _attach_tls(self, obj: BpfObject) -> None:
         """OpenSSL probes on the host's libssl and on what running traced processes map."""
-        self.tls = OpenSslProbes(obj)
+        self.tls = OpenSslProbes(obj, self.config.tls_attach_mode)
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)
         pids = [
@@ -274,6 +278,9 @@ class Sensor:
                 self.registry.on_exit(event)
                 if self.tls is not None:
                     self.tls.forget_process(event.task.pid)
+            case Fork():
+                if self.tls is not None:
+                    self.tls.on_fork(event.task.pid)
             case Data():
                 self.payloads.on_data(event)
 

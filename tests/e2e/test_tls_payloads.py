@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import CURL, PYTHON, Lab, Peer, Record, find_pairs, only_pair
+from .helpers import CURL, PYTHON, Lab, Peer, Record, find_pairs, only_pair, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -274,3 +274,36 @@ def test_library_loaded_after_start(e2e: Lab, pki: dict[str, Path], tmp_path: Pa
     assert records[-1]["connection_id"] == opens[-1]["connection_id"]
     assert records[-1]["request"]["path"] == "/items/1"
     assert records[-1]["process"]["pid"] == client.pid
+
+
+def test_per_process_probes_follow_a_fork(e2e: Lab, pki: dict[str, Path]) -> None:
+    """--pid: the probes go into the traced processes only (a forked child gets its own
+    from the fork event); an untraced client of the same library pays no probe."""
+    server, port = start_server(e2e, pki)
+    go, child_go = e2e.file("go"), e2e.file("child-go")
+    argv = [PYTHON, str(TLS_PEER), "client", "--port", str(port), "--ca", str(pki["ca"])]
+    argv += ["--go", str(go), "--fork", "--child-go", str(child_go), "--paths", "/items/4"]
+    parent = e2e.spawn(argv, cgroup=e2e.cgroup, stem="client")
+    sensor = e2e.sensor("--pid", str(parent.pid), extra=["--capture-level", "full"])
+    # An untraced HTTPS client meanwhile, on the same libssl.
+    curl_argv = [CURL, "-sS", "--noproxy", "*", "--cacert", str(pki["ca"]), "-o", "/dev/null"]
+    e2e.spawn([*curl_argv, f"https://127.0.0.1:{port}/items/9"], cgroup=None, stem="curl").finish()
+    go.touch()
+    child = int(wait_until(lambda: parent.messages("child") or None, 10, "the child")[0]["pid"])
+    # Probes reach a child once its fork event is handled: calls it makes in the first
+    # milliseconds after fork() can be missed (docs/tls.md), so the child waits for them.
+    sensor.wait_log(f"(pid {child})")
+    child_go.touch()
+    parent.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")
+    connections = sensor.finish()
+    (record,) = sensor.http_records()
+
+    assert record["process"]["pid"] == child
+    assert record["request"]["path"] == "/items/4"
+    assert base64.b64decode(record["response"]["body"]) == bytes(range(4))
+    assert record["connection_id"] == connection_of(connections, child, remote_port=port)
+    assert sensor.stats is not None
+    probed = {entry["pid"] for entry in sensor.stats["tls"]["attached"]}
+    assert probed == {parent.pid, child}, sensor.stats["tls"]
+    assert server.pid not in probed

@@ -5,8 +5,10 @@ server  HTTPS on 127.0.0.1 port 0 with --cert/--key; ALPN picks h2 (h2 library) 
         body_bytes(N); POST answers 201 "echo:" + the request body, with a Set-Cookie.
         Prints "listening" with the port.
 client  http.client over TLS (SSL_write_ex/SSL_read_ex in Python's _ssl): waits for --go,
-        then sends each of --paths on one keep-alive connection with an X-Api-Key header;
-        with --again FILE, waits for FILE and does it once more on a new connection.
+        then sends each of --paths on one keep-alive connection with an X-Api-Key header
+        (with --fork, from a forked child, which prints "child" and waits for --child-go);
+        with --again FILE, waits
+        for FILE and does it once more on a new connection.
         Prints "response" for each answer (status, body length), then "done".
 """
 
@@ -154,7 +156,20 @@ def exchange(args: argparse.Namespace) -> None:
 def client(args: argparse.Namespace) -> None:
     if args.go:
         wait_for(args.go)
-    exchange(args)
+    if args.fork:
+        # A forked child without exec does the exchange: it maps what its parent did.
+        child = os.fork()
+        if child == 0:
+            say("child")
+            if args.child_go:
+                wait_for(args.child_go)
+            exchange(args)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        if status != 0:
+            sys.exit(f"child exited with status {status}")
+    else:
+        exchange(args)
     if args.again:
         wait_for(args.again)
         exchange(args)
@@ -175,6 +190,8 @@ def main() -> None:
     cli.add_argument("--paths", nargs="+", required=True)
     cli.add_argument("--go")
     cli.add_argument("--again")
+    cli.add_argument("--fork", action="store_true")
+    cli.add_argument("--child-go", help="with --fork: the child waits for this file")
     args = parser.parse_args()
     {"server": server, "client": client}[args.role](args)
 

@@ -33,6 +33,7 @@ _KIND_OF_STRUCT = {
     "ft_exec_event": "FT_EVENT_EXEC",
     "ft_exit_event": "FT_EVENT_EXIT",
     "ft_data_event": "FT_EVENT_DATA",
+    "ft_fork_event": "FT_EVENT_FORK",
 }
 
 

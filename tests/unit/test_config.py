@@ -293,3 +293,15 @@ def test_main_help_is_the_top_level_help(capsys: pytest.CaptureFixture[str]) -> 
 
     assert caught.value.code == 0
     assert "{run,check}" in capsys.readouterr().out
+
+
+def test_tls_attach_mode_follows_the_pid_scope() -> None:
+    assert SensorConfig().tls_attach_mode == "file"
+    assert SensorConfig(pids=(os.getpid(),)).tls_attach_mode == "process"
+    assert SensorConfig(pids=(os.getpid(),), tls_attach="file").tls_attach_mode == "file"
+
+
+def test_tls_attach_process_needs_a_pid() -> None:
+    with pytest.raises(ConfigError, match="give --pid, or use --tls-attach file"):
+        SensorConfig(tls_attach="process").validate()
+    SensorConfig(pids=(os.getpid(),), tls_attach="process").validate()

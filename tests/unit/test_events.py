@@ -18,6 +18,7 @@ from flowtap.events import (
     Exec,
     Exit,
     Flow,
+    Fork,
     Task,
 )
 from flowtap.loader.btf import Btf
@@ -30,6 +31,7 @@ EVENT_STRUCTS = (
     "ft_conn_close_event",
     "ft_exec_event",
     "ft_exit_event",
+    "ft_fork_event",
 )
 CONN_STRUCTS = ("ft_conn_open_event", "ft_conn_close_event")
 
@@ -91,6 +93,9 @@ def valid_records(
             {**TASK_FIELDS, "filename": b"/bin/true", "args": b"true\0", "args_length": 5},
         ),
         "ft_exit_event": pack_event("ft_exit_event", {"hdr.timestamp_ns": 3, **TASK_FIELDS}),
+        "ft_fork_event": pack_event(
+            "ft_fork_event", {"hdr.timestamp_ns": 4, **TASK_FIELDS, "parent_pid": 1}
+        ),
     }
 
 
@@ -452,7 +457,7 @@ def test_shorter_than_header(decoder: EventDecoder, kinds: dict[str, int], size:
         decoder.decode(data[:size])
 
 
-@pytest.mark.parametrize("kind", [0, 6, 255, 2**31, 2**32 - 1])
+@pytest.mark.parametrize("kind", [0, 7, 255, 2**31, 2**32 - 1])
 def test_unknown_kind(decoder: EventDecoder, kinds: dict[str, int], kind: int) -> None:
     assert kind not in kinds.values()
     with pytest.raises(DecodeError, match=f"unknown event kind {kind}"):
@@ -619,3 +624,12 @@ def test_unknown_protocol(
     fields = {**TASK_FIELDS, **conn_fields(directions), "conn.protocol": protocol}
     with pytest.raises(DecodeError, match=f"unknown protocol {protocol}"):
         decoder.decode(pack_event("ft_conn_close_event", fields))
+
+
+def test_fork_event(pack_event: PackEvent, decoder: EventDecoder) -> None:
+    raw = pack_event(
+        "ft_fork_event",
+        {"hdr.timestamp_ns": 5, **TASK_FIELDS, "parent_pid": 4000},
+    )
+
+    assert decoder.decode(raw) == Fork(5, TASK, 4000)

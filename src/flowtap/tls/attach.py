@@ -1,9 +1,15 @@
-"""OpenSSL probes: attached once per file (device and inode), for every process.
+"""OpenSSL probes: attached per file (device and inode), for every process or for one.
 
 A file is examined the first time a traced process is seen running code from it: at
 start for the host's libssl and every process, at exec for the new executable, and when a
-process opens a connection (libraries loaded since, with dlopen). The kernel's pid and
-cgroup filters decide whose calls are captured.
+process opens a connection (libraries loaded since, with dlopen).
+
+Two ways to attach, measured in the README:
+- "file": one set of probes per file, for every process that maps it; the kernel's pid
+  and cgroup filters decide whose calls are captured, but every process pays the trap.
+- "process": one set per traced process and file (--pid): the kernel installs the
+  breakpoints in those processes only, so the others pay nothing. Forked children get
+  their own probes from a fork event.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfObject
@@ -28,7 +35,9 @@ from flowtap.tls.placement import NotOpenSslError, Placement, plan
 
 log = logging.getLogger("flowtap.tls")
 
+AttachMode = Literal["file", "process"]
 RETURN_PROGRAM = "ssl_return"
+ALL_PROCESSES = -1
 # A process's maps are read again on a new connection at most this often (dlopen).
 _RESCAN_INTERVAL_S = 2.0
 _SIGNATURES = (b"SSL_write\0", b"SSL_read\0")
@@ -45,36 +54,52 @@ class AttachedFile:
 class TlsStats:
     files_examined: int = 0
     attach_failures: int = 0
-    attached: list[dict[str, str]] = field(default_factory=list)
+    attached: list[dict[str, object]] = field(default_factory=list)
 
 
 class OpenSslProbes:
-    def __init__(self, obj: BpfObject) -> None:
+    def __init__(self, obj: BpfObject, mode: AttachMode = "file") -> None:
         self._obj = obj
-        self._attached: dict[FileKey, AttachedFile] = {}
-        self._examined: set[FileKey] = set()
+        self.mode: AttachMode = mode
+        self._placements: dict[FileKey, Placement | None] = {}
+        self._attached: dict[tuple[int, FileKey], AttachedFile] = {}
         self._scanned_at: dict[int, float] = {}
         self._connected: set[int] = set()  # processes whose first connection was seen
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
+        """The host's libssl, before any process maps it (file mode only: in process
+        mode there is no process to attach it to yet)."""
+        if self.mode != "file":
+            return
         for path in system_tls_libraries():
             try:
                 key = file_key(path)
             except OSError:
                 continue
-            self._examine(MappedFile(key, str(path), path))
+            self._probe(ALL_PROCESSES, MappedFile(key, str(path), path))
 
     def scan_process(self, pid: int) -> None:
         self._scanned_at[pid] = time.monotonic()
+        target = ALL_PROCESSES if self.mode == "file" else pid
         for mapped in executable_mappings(pid):
-            self._examine(mapped)
+            self._probe(target, mapped)
+
+    def scan_all(self, pids: list[int]) -> None:
+        for pid in pids:
+            self.scan_process(pid)
 
     def on_exec(self, pid: int) -> None:
         """A traced program started: its executable now (OpenSSL linked in); its shared
-        libraries are mapped after this, and are looked at on its first connection."""
+        libraries are mapped after this, and are looked at on its first connection. In
+        process mode the old image's probes went with it."""
+        self._drop_process_links(pid)
         self.scan_process(pid)
         self._connected.discard(pid)
+
+    def on_fork(self, pid: int) -> None:
+        """A traced process forked (process mode): the child maps what its parent did."""
+        self.scan_process(pid)
 
     def on_connection(self, pid: int) -> None:
         """A traced process opened a connection: look for libraries loaded meanwhile."""
@@ -87,40 +112,56 @@ class OpenSslProbes:
     def forget_process(self, pid: int) -> None:
         self._scanned_at.pop(pid, None)
         self._connected.discard(pid)
+        self._drop_process_links(pid)
 
-    def scan_all(self, pids: list[int]) -> None:
-        for pid in pids:
-            self.scan_process(pid)
-
-    def _examine(self, mapped: MappedFile) -> None:
-        if mapped.key in self._examined:
+    def _drop_process_links(self, pid: int) -> None:
+        if self.mode != "process":
             return
-        self._examined.add(mapped.key)
-        self.stats.files_examined += 1
-        placement = inspect_file(mapped.access, mapped.path)
-        if placement is not None:
-            self._attach(mapped, placement)
+        for key in [key for key in self._attached if key[0] == pid]:
+            for link in self._attached.pop(key).links:
+                link.destroy()
 
-    def _attach(self, mapped: MappedFile, placement: Placement) -> None:
+    def _probe(self, pid: int, mapped: MappedFile) -> None:
+        if (pid, mapped.key) in self._attached:
+            return
+        if mapped.key not in self._placements:
+            self.stats.files_examined += 1
+            self._placements[mapped.key] = inspect_file(mapped.access, mapped.path)
+        placement = self._placements[mapped.key]
+        if placement is not None:
+            self._attach(pid, mapped, placement)
+
+    def _attach(self, pid: int, mapped: MappedFile, placement: Placement) -> None:
         attached = AttachedFile(mapped.path, placement)
         target = str(mapped.access)
         try:
             for probe in placement.probes:
                 entry = self._obj.program(probe.entry_program)
-                attached.links.append(entry.attach_uprobe(target, probe.offset))
+                attached.links.append(entry.attach_uprobe(target, probe.offset, pid=pid))
                 ret = self._obj.program(RETURN_PROGRAM)
-                attached.links.append(ret.attach_uprobe(target, probe.offset, retprobe=True))
+                attached.links.append(
+                    ret.attach_uprobe(target, probe.offset, pid=pid, retprobe=True)
+                )
         except BpfError as exc:
             self.stats.attach_failures += 1
             for link in attached.links:
                 link.destroy()
+            # Only once per file: a failure is remembered as "nothing to probe".
+            self._placements[mapped.key] = None
             log.warning("openssl probes not attached to %s: %s", mapped.path, exc)
             return
-        self._attached[mapped.key] = attached
-        self.stats.attached.append(
-            {"path": mapped.path, "placement": placement.kind, "detail": placement.describe()}
-        )
-        log.info("openssl probes attached to %s: %s", mapped.path, placement.describe())
+        self._attached[(pid, mapped.key)] = attached
+        scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
+        if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
+            self.stats.attached.append(
+                {
+                    "path": mapped.path,
+                    "pid": pid,
+                    "placement": placement.kind,
+                    "detail": placement.describe(),
+                }
+            )
+        log.info("openssl probes attached to %s (%s): %s", mapped.path, scope, placement.describe())
 
     def detach(self) -> None:
         for attached in self._attached.values():
