@@ -493,6 +493,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ARGS",
         help='extra flowtap run arguments, e.g. "--capture-level none"',
     )
+    parser.add_argument(
+        "--scope",
+        choices=("host", "server"),
+        default="host",
+        help="host: the sensor traces every process (default); server: only the "
+        "workload's server (--pid on nginx's master), e.g. for one end's transactions/s",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument(
         "--wait-quiet",
@@ -638,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                             with_sensor=with_sensor,
                             wait_quiet=args.wait_quiet,
                             sensor_cpu=args.sensor_cpu,
-                            sensor_args=args.sensor_args.split(),
+                            sensor_args=[*args.sensor_args.split(), *scope_args(args, workload)],
                         )
                         mine.append(run)
                         print(
@@ -659,6 +666,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def scope_args(args: argparse.Namespace, workload: Workload) -> list[str]:
+    """--scope server: trace the workload's server process tree only (its first pid)."""
+    if args.scope != "server":
+        return []
+    pids = workload.pids()
+    if not pids:
+        raise BenchError(f"--scope server: {workload.name} has no server process")
+    return ["--pid", str(pids[0])]
+
+
 def report(
     command: str,
     facts: JsonDict,
@@ -676,7 +693,8 @@ def report(
         pin += f", sensor args {args.sensor_args!r}"
     print(
         f"## flowtap slowdown ({args.pairs} interleaved pairs per workload, {args.seconds} s "
-        f"runs, {pin}; sensor: --include-loopback, no scope filter, not pinned)"
+        f"runs, {pin}; sensor: --include-loopback, "
+        f"{'the server process only' if args.scope == 'server' else 'no scope filter'})"
     )
     print()
     print(summary_table(summaries))

@@ -99,6 +99,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--pid, else file",
     )
     payload.add_argument(
+        "--tls-placement",
+        choices=("auto", "exported"),
+        default="auto",
+        help="auto: OpenSSL probes where the library's code shows a cheaper equivalent "
+        "point (docs/tls.md); exported: always at SSL_read/SSL_write and their _ex variants",
+    )
+    payload.add_argument(
         "--no-redaction",
         action="store_true",
         help="show credentials (Authorization, Cookie, API keys) instead of [REDACTED]",
@@ -147,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         max_body_bytes=args.max_body_bytes,
         redact=not args.no_redaction,
         tls_attach=args.tls_attach,
+        tls_placement=args.tls_placement,
     )
 
 

@@ -47,6 +47,7 @@ class SensorConfig:
     max_body_bytes: int = 64 << 10
     redact: bool = True
     tls_attach: TlsAttach = "auto"
+    tls_placement: Literal["auto", "exported"] = "auto"
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536

@@ -214,7 +214,11 @@ class Sensor:
 
     def _attach_tls(self, obj: BpfObject) -> None:
         """OpenSSL probes on the host's libssl and on what running traced processes map."""
-        self.tls = OpenSslProbes(obj, self.config.tls_attach_mode)
+        self.tls = OpenSslProbes(
+            obj,
+            self.config.tls_attach_mode,
+            internal=self.config.tls_placement == "auto",
+        )
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)
         pids = [

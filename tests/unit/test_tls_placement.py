@@ -194,3 +194,14 @@ def test_signature_prefilter(tmp_path: Path) -> None:
     assert contains_any(path, (b"SSL_write\0",))
     assert not contains_any(path, (b"gnutls_record_send\0",))
     assert not contains_any(empty, (b"SSL_write\0",))
+
+
+def test_exported_entries_when_asked(tmp_path: Path) -> None:
+    path = library(tmp_path)
+
+    with ElfImage(path) as image:
+        placement = plan(image, internal=False)
+
+    assert placement.kind == "exported"
+    assert placement.note == "exported entries asked for"
+    assert len(placement.probes) == 4

@@ -58,9 +58,10 @@ class TlsStats:
 
 
 class OpenSslProbes:
-    def __init__(self, obj: BpfObject, mode: AttachMode = "file") -> None:
+    def __init__(self, obj: BpfObject, mode: AttachMode = "file", *, internal: bool = True) -> None:
         self._obj = obj
         self.mode: AttachMode = mode
+        self._internal = internal
         self._placements: dict[FileKey, Placement | None] = {}
         self._attached: dict[tuple[int, FileKey], AttachedFile] = {}
         self._scanned_at: dict[int, float] = {}
@@ -126,7 +127,9 @@ class OpenSslProbes:
             return
         if mapped.key not in self._placements:
             self.stats.files_examined += 1
-            self._placements[mapped.key] = inspect_file(mapped.access, mapped.path)
+            self._placements[mapped.key] = inspect_file(
+                mapped.access, mapped.path, internal=self._internal
+            )
         placement = self._placements[mapped.key]
         if placement is not None:
             self._attach(pid, mapped, placement)
@@ -170,14 +173,14 @@ class OpenSslProbes:
         self._attached.clear()
 
 
-def inspect_file(access: Path, shown_as: str) -> Placement | None:
+def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> Placement | None:
     """Where to probe this file; None when it has no OpenSSL or cannot be read. Raises
     nothing: a damaged or hostile file on the host must not stop the sensor."""
     try:
         if not contains_any(access, _SIGNATURES):
             return None
         with ElfImage(access) as image:
-            return plan(image)
+            return plan(image, internal=internal)
     except NotOpenSslError:
         return None
     except (OSError, ElfReadError) as exc:

@@ -156,24 +156,26 @@ def _exported_entry(image: ElfImage, address: int) -> int:
     return first.address if first is not None else address
 
 
-def plan(image: ElfImage) -> Placement:
-    """The probes for this file. NotOpenSslError when it has no SSL_read/SSL_write."""
+def plan(image: ElfImage, *, internal: bool = True) -> Placement:
+    """The probes for this file. NotOpenSslError when it has no SSL_read/SSL_write.
+    internal=False always takes the exported entries (--tls-placement exported)."""
     exported = {name: fn.address for name, fn in image.functions(set(EXPORTED)).items()}
     if not any(name in exported for name in _PAIRS[READ]) or not any(
         name in exported for name in _PAIRS[WRITE]
     ):
         raise NotOpenSslError(f"{image.path}: no SSL_read/SSL_write functions")
-    note = "not x86-64: no disassembly"
-    if image.machine == "EM_X86_64":
+    note = "not x86-64: no disassembly" if internal else "exported entries asked for"
+    if internal and image.machine == "EM_X86_64":
+        found: dict[str, tuple[int, str] | str]
         try:
-            internal = {
+            found = {
                 direction: _internal_target(image, direction, exported)
                 for direction in (READ, WRITE)
             }
         except ElfReadError as exc:
-            internal = {READ: str(exc)}
-        reasons = [found for found in internal.values() if isinstance(found, str)]
-        targets = [found for found in internal.values() if not isinstance(found, str)]
+            found = {READ: str(exc)}
+        reasons = [target for target in found.values() if isinstance(target, str)]
+        targets = [target for target in found.values() if not isinstance(target, str)]
         if not reasons and targets[0][0] != targets[1][0]:
             probes = tuple(
                 ProbePoint(_EX_ENTRY[direction], label, address, image.file_offset(address))
