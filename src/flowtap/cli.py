@@ -92,11 +92,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
     payload.add_argument(
         "--tls-attach",
-        choices=("auto", "file", "process"),
-        default="auto",
-        help="OpenSSL probes once per library for every process (file), or per traced "
-        "process so that others pay nothing (process, needs --pid); auto: process with "
-        "--pid, else file",
+        choices=("file", "process"),
+        default="file",
+        help="OpenSSL probes once per library for every process (file, the default), or "
+        "per --pid process so that untraced programs pay nothing (process: best for a few "
+        "long-lived processes; each attach costs milliseconds)",
     )
     payload.add_argument(
         "--tls-placement",

@@ -13,7 +13,7 @@ from flowtap.records.http import CaptureLevel
 
 Direction = Literal["egress", "ingress", "all"]
 Output = Literal["console", "json"]
-TlsAttach = Literal["auto", "file", "process"]
+TlsAttach = Literal["file", "process"]
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ class SensorConfig:
     capture_level: CaptureLevel = "summary"
     max_body_bytes: int = 64 << 10
     redact: bool = True
-    tls_attach: TlsAttach = "auto"
+    tls_attach: TlsAttach = "file"
     tls_placement: Literal["auto", "exported"] = "auto"
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
@@ -85,10 +85,11 @@ class SensorConfig:
 
     @property
     def tls_attach_mode(self) -> Literal["file", "process"]:
-        """Per process when a --pid scope makes that possible, unless told otherwise."""
-        if self.tls_attach == "auto":
-            return "process" if self.pids else "file"
-        return self.tls_attach
+        """Per file unless asked: per-process probes spare untraced programs the trap, but
+        each attach and detach makes the kernel walk every process mapping the library
+        (milliseconds each), which a --pid tree of hundreds of processes turns into
+        seconds at start and at stop (docs/tls.md)."""
+        return "process" if self.tls_attach == "process" else "file"
 
     @staticmethod
     def _validate_cgroup(path: Path) -> None:

@@ -93,6 +93,7 @@ class Sensor:
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
         self.tls: OpenSslProbes | None = None
+        self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
 
     # --- start-up -------------------------------------------------------------------
 
@@ -242,6 +243,7 @@ class Sensor:
         if self._ring is None:
             raise RuntimeError("start() the sensor before run()")
         next_stats = time.monotonic() + self.config.stats_interval_s
+        self._stopping = stop
         while not stop.is_set():
             if self._ring.consume() == 0:
                 self._ring.poll(_POLL_MS)
@@ -266,25 +268,31 @@ class Sensor:
             raise DecodeError("decoder not ready")
         return self._decoder.decode(data)
 
+    def _tls(self) -> OpenSslProbes | None:
+        """The OpenSSL probes, unless stopping: attaching can take milliseconds each, and
+        a backlog of them must not hold up SIGINT."""
+        return None if self._stopping.is_set() else self.tls
+
     def _dispatch(self, event: Event) -> None:
+        tls = self._tls()
         match event:
             case ConnOpen():
                 self.tracker.on_open(event)
-                if self.tls is not None:
-                    self.tls.on_connection(event.task.pid)
+                if tls is not None:
+                    tls.on_connection(event.task.pid)
             case ConnClose():
                 self.tracker.on_close(event)
             case Exec():
                 self.registry.on_exec(event)
-                if self.tls is not None:
-                    self.tls.on_exec(event.task.pid)
+                if tls is not None:
+                    tls.on_exec(event.task.pid)
             case Exit():
                 self.registry.on_exit(event)
-                if self.tls is not None:
-                    self.tls.forget_process(event.task.pid)
+                if tls is not None:
+                    tls.forget_process(event.task.pid)
             case Fork():
-                if self.tls is not None:
-                    self.tls.on_fork(event.task.pid)
+                if tls is not None:
+                    tls.on_fork(event.task.pid)
             case Data():
                 self.payloads.on_data(event)
 
@@ -358,8 +366,10 @@ class Sensor:
         }
         if self.tls is not None:
             stats["tls"] = {
+                "mode": self.tls.mode,
                 "files_examined": self.tls.stats.files_examined,
                 "attach_failures": self.tls.stats.attach_failures,
+                "attach_deferred": self.tls.stats.attach_deferred,
                 "attached": self.tls.stats.attached,
             }
         with open_private(str(self.config.stats_file), append=False) as stream:

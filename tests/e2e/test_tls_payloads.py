@@ -277,14 +277,16 @@ def test_library_loaded_after_start(e2e: Lab, pki: dict[str, Path], tmp_path: Pa
 
 
 def test_per_process_probes_follow_a_fork(e2e: Lab, pki: dict[str, Path]) -> None:
-    """--pid: the probes go into the traced processes only (a forked child gets its own
-    from the fork event); an untraced client of the same library pays no probe."""
+    """--tls-attach process: the probes go into the traced processes only (a forked child
+    gets its own from the fork event); an untraced client of the same library gets none."""
     server, port = start_server(e2e, pki)
     go, child_go = e2e.file("go"), e2e.file("child-go")
     argv = [PYTHON, str(TLS_PEER), "client", "--port", str(port), "--ca", str(pki["ca"])]
     argv += ["--go", str(go), "--fork", "--child-go", str(child_go), "--paths", "/items/4"]
     parent = e2e.spawn(argv, cgroup=e2e.cgroup, stem="client")
-    sensor = e2e.sensor("--pid", str(parent.pid), extra=["--capture-level", "full"])
+    sensor = e2e.sensor(
+        "--pid", str(parent.pid), extra=["--capture-level", "full", "--tls-attach", "process"]
+    )
     # An untraced HTTPS client meanwhile, on the same libssl.
     curl_argv = [CURL, "-sS", "--noproxy", "*", "--cacert", str(pki["ca"]), "-o", "/dev/null"]
     e2e.spawn([*curl_argv, f"https://127.0.0.1:{port}/items/9"], cgroup=None, stem="curl").finish()

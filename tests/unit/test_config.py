@@ -295,10 +295,10 @@ def test_main_help_is_the_top_level_help(capsys: pytest.CaptureFixture[str]) -> 
     assert "{run,check}" in capsys.readouterr().out
 
 
-def test_tls_attach_mode_follows_the_pid_scope() -> None:
+def test_tls_attach_is_per_file_unless_asked() -> None:
     assert SensorConfig().tls_attach_mode == "file"
-    assert SensorConfig(pids=(os.getpid(),)).tls_attach_mode == "process"
-    assert SensorConfig(pids=(os.getpid(),), tls_attach="file").tls_attach_mode == "file"
+    assert SensorConfig(pids=(os.getpid(),)).tls_attach_mode == "file"
+    assert SensorConfig(pids=(os.getpid(),), tls_attach="process").tls_attach_mode == "process"
 
 
 def test_tls_attach_process_needs_a_pid() -> None:

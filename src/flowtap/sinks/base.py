@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import IO, Protocol
 
 from flowtap.records.connection import Record
@@ -39,5 +40,8 @@ def open_private(path: str, *, append: bool = True) -> IO[str]:
     """Opens path for writing, created owner-only (0600) from the first byte on."""
     mode = os.O_APPEND if append else os.O_TRUNC
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps no wider mode than ours
+    # An existing file keeps no wider mode than ours; a device or pipe (/dev/null, a FIFO
+    # read by another program) is someone else's and keeps its own.
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fchmod(fd, 0o600)
     return os.fdopen(fd, "a" if append else "w", encoding="utf-8", buffering=1)

@@ -40,6 +40,10 @@ RETURN_PROGRAM = "ssl_return"
 ALL_PROCESSES = -1
 # A process's maps are read again on a new connection at most this often (dlopen).
 _RESCAN_INTERVAL_S = 2.0
+# Process mode: new per-process attachments per second. Each one makes the kernel walk
+# every process that maps the file, so a fork storm must not stall the consumer; those
+# over the budget are tried again at their next connection.
+_PROCESS_ATTACH_PER_S = 20
 _SIGNATURES = (b"SSL_write\0", b"SSL_read\0")
 
 
@@ -54,6 +58,7 @@ class AttachedFile:
 class TlsStats:
     files_examined: int = 0
     attach_failures: int = 0
+    attach_deferred: int = 0  # process mode: over the per-second budget, retried later
     attached: list[dict[str, object]] = field(default_factory=list)
 
 
@@ -66,6 +71,8 @@ class OpenSslProbes:
         self._attached: dict[tuple[int, FileKey], AttachedFile] = {}
         self._scanned_at: dict[int, float] = {}
         self._connected: set[int] = set()  # processes whose first connection was seen
+        self._budget_second = 0
+        self._budget_left = _PROCESS_ATTACH_PER_S
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -80,15 +87,30 @@ class OpenSslProbes:
                 continue
             self._probe(ALL_PROCESSES, MappedFile(key, str(path), path))
 
-    def scan_process(self, pid: int) -> None:
-        self._scanned_at[pid] = time.monotonic()
+    def scan_process(self, pid: int, *, budgeted: bool = True) -> None:
+        now = time.monotonic()
+        if self.mode == "process" and budgeted and not self._take_budget(now):
+            self.stats.attach_deferred += 1
+            self._connected.discard(pid)  # its next connection tries again
+            return
+        self._scanned_at[pid] = now
         target = ALL_PROCESSES if self.mode == "file" else pid
         for mapped in executable_mappings(pid):
             self._probe(target, mapped)
 
+    def _take_budget(self, now: float) -> bool:
+        second = int(now)
+        if second != self._budget_second:
+            self._budget_second, self._budget_left = second, _PROCESS_ATTACH_PER_S
+        if self._budget_left <= 0:
+            return False
+        self._budget_left -= 1
+        return True
+
     def scan_all(self, pids: list[int]) -> None:
+        """At start: every process, whatever the budget."""
         for pid in pids:
-            self.scan_process(pid)
+            self.scan_process(pid, budgeted=False)
 
     def on_exec(self, pid: int) -> None:
         """A traced program started: its executable now (OpenSSL linked in); its shared
