@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,44 @@ _PROCESS_ATTACH_PER_S = 20
 _SIGNATURES = (b"SSL_write\0", b"SSL_read\0")
 
 
+class LinkReaper:
+    """Destroys uprobe links away from the event loop: each destroy takes ~100 ms here
+    (the kernel waits for a grace period on every uprobe unregister, one at a time)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[BpfLink | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def put(self, links: list[BpfLink]) -> None:
+        if not links:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flowtap-unprobe", daemon=True)
+            self._thread.start()
+        with self._lock:
+            self._pending += len(links)
+        for link in links:
+            self._queue.put(link)
+
+    def _run(self) -> None:
+        while (link := self._queue.get()) is not None:
+            link.destroy()
+            with self._lock:
+                self._pending -= 1
+
+    def finish(self, timeout_s: float) -> int:
+        """Waits (bounded) for the queued links; returns how many are left, which the
+        kernel releases when the sensor exits."""
+        if self._thread is None:
+            return 0
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        with self._lock:
+            return self._pending
+
+
 @dataclass(slots=True)
 class AttachedFile:
     path: str
@@ -73,6 +113,7 @@ class OpenSslProbes:
         self._connected: set[int] = set()  # processes whose first connection was seen
         self._budget_second = 0
         self._budget_left = _PROCESS_ATTACH_PER_S
+        self._reaper = LinkReaper()
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -141,8 +182,7 @@ class OpenSslProbes:
         if self.mode != "process":
             return
         for key in [key for key in self._attached if key[0] == pid]:
-            for link in self._attached.pop(key).links:
-                link.destroy()
+            self._reaper.put(self._attached.pop(key).links)
 
     def _probe(self, pid: int, mapped: MappedFile) -> None:
         if (pid, mapped.key) in self._attached:
@@ -188,11 +228,13 @@ class OpenSslProbes:
             )
         log.info("openssl probes attached to %s (%s): %s", mapped.path, scope, placement.describe())
 
-    def detach(self) -> None:
+    def detach(self, timeout_s: float = 10.0) -> None:
         for attached in self._attached.values():
-            for link in attached.links:
-                link.destroy()
+            self._reaper.put(attached.links)
         self._attached.clear()
+        left = self._reaper.finish(timeout_s)
+        if left:
+            log.warning("%d OpenSSL probe links are left for the kernel to release at exit", left)
 
 
 def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> Placement | None:
