@@ -17,10 +17,14 @@
  *   tp_btf/sock_send_length      bytes of every send and receive on a socket (write,
  *   tp_btf/sock_recv_length      writev, sendto, sendmsg, sendfile, splice, io_uring...),
  *                                keyed by struct sock so non-socket I/O never gets here;
- *                                the first bytes; the acceptor of an incoming connection;
- *                                UDP sockets that query port 53.
+ *                                the first bytes; HTTP payload; the acceptor of an
+ *                                incoming connection; UDP sockets that query port 53;
+ *                                the socket of an SSL call in progress.
  *   tp_btf/sched_process_*       exec (exe and argv for short-lived programs), fork
  *                                (--pid follows children), exit.
+ * And uprobes, attached by userspace per OpenSSL file (end of this file, docs/tls.md):
+ *   ssl_*_enter, ssl_return      TLS plaintext of SSL_read/SSL_write and their _ex
+ *                                variants, on the connection of the socket they used.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
