@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from flowtap.tls import attach
 from flowtap.tls.attach import inspect_file
-from flowtap.tls.libraries import executable_mappings, parse_maps_line
+from flowtap.tls.libraries import MappedFile, executable_mappings, parse_maps_line
 
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
 
@@ -96,3 +98,57 @@ def test_debian_libssl_is_probed_at_its_internal_functions(tmp_path: Path) -> No
         "ssl_read_ex_enter",
         "ssl_write_ex_enter",
     ]
+
+
+class _FakeLink:
+    def __init__(self, log: list[str], what: str) -> None:
+        self._log, self._what = log, what
+
+    def destroy(self) -> None:
+        self._log.append("destroy " + self._what)
+
+
+class _FakeProgram:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self._name, self._log = name, log
+
+    def attach_uprobe(
+        self, binary: str, offset: int, *, pid: int = -1, retprobe: bool = False
+    ) -> _FakeLink:
+        what = f"{self._name} pid={pid}"
+        self._log.append("attach " + what)
+        return _FakeLink(self._log, what)
+
+
+class _FakeObject:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def program(self, name: str) -> _FakeProgram:
+        return _FakeProgram(name, self.log)
+
+
+@pytest.mark.skipif(not LIBSSL.exists(), reason="needs Debian's libssl.so.3")
+def test_process_mode_budget_defers_and_links_are_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, copy)
+    mapped = MappedFile((1, 2, 3), str(copy), copy)
+    monkeypatch.setattr(attach, "executable_mappings", lambda _pid: [mapped])
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.5)  # all within one second
+    fake = _FakeObject()
+    probes = attach.OpenSslProbes(fake, "process")  # type: ignore[arg-type]
+
+    for pid in range(100, 130):
+        probes.on_connection(pid)
+
+    attached = {line.split("pid=")[1] for line in fake.log if line.startswith("attach")}
+    # 20 new processes a second; the others are counted and tried again later.
+    assert len(attached) == 20
+    assert probes.stats.attach_deferred == 30 - len(attached)
+    assert probes.stats.files_examined == 1  # the file is read once
+    probes.forget_process(100)
+    probes.detach(timeout_s=5)
+    destroyed = [line for line in fake.log if line.startswith("destroy")]
+    assert len(destroyed) == 4 * len(attached)  # 2 probes x (entry + return) each

@@ -129,18 +129,16 @@ class OpenSslProbes:
             self._probe(ALL_PROCESSES, MappedFile(key, str(path), path))
 
     def scan_process(self, pid: int, *, budgeted: bool = True) -> None:
-        now = time.monotonic()
-        if self.mode == "process" and budgeted and not self._take_budget(now):
-            self.stats.attach_deferred += 1
-            self._connected.discard(pid)  # its next connection tries again
-            return
-        self._scanned_at[pid] = now
+        self._scanned_at[pid] = time.monotonic()
         target = ALL_PROCESSES if self.mode == "file" else pid
         for mapped in executable_mappings(pid):
-            self._probe(target, mapped)
+            if not self._probe(target, mapped, budgeted=budgeted):
+                self.stats.attach_deferred += 1
+                self._connected.discard(pid)  # its next connection tries again
+                return
 
-    def _take_budget(self, now: float) -> bool:
-        second = int(now)
+    def _take_budget(self) -> bool:
+        second = int(time.monotonic())
         if second != self._budget_second:
             self._budget_second, self._budget_left = second, _PROCESS_ATTACH_PER_S
         if self._budget_left <= 0:
@@ -155,9 +153,9 @@ class OpenSslProbes:
 
     def on_exec(self, pid: int) -> None:
         """A traced program started: its executable now (OpenSSL linked in); its shared
-        libraries are mapped after this, and are looked at on its first connection. In
-        process mode the old image's probes went with it."""
-        self._drop_process_links(pid)
+        libraries are mapped after this, and are looked at on its first connection. (In
+        process mode, probes follow the task: those on a file the new image maps again
+        still work.)"""
         self.scan_process(pid)
         self._connected.discard(pid)
 
@@ -184,17 +182,23 @@ class OpenSslProbes:
         for key in [key for key in self._attached if key[0] == pid]:
             self._reaper.put(self._attached.pop(key).links)
 
-    def _probe(self, pid: int, mapped: MappedFile) -> None:
+    def _probe(self, pid: int, mapped: MappedFile, *, budgeted: bool = True) -> bool:
+        """Attaches to the file for pid if it has OpenSSL; False when the per-process
+        budget says not now."""
         if (pid, mapped.key) in self._attached:
-            return
+            return True
         if mapped.key not in self._placements:
             self.stats.files_examined += 1
             self._placements[mapped.key] = inspect_file(
                 mapped.access, mapped.path, internal=self._internal
             )
         placement = self._placements[mapped.key]
-        if placement is not None:
-            self._attach(pid, mapped, placement)
+        if placement is None:
+            return True
+        if pid != ALL_PROCESSES and budgeted and not self._take_budget():
+            return False
+        self._attach(pid, mapped, placement)
+        return True
 
     def _attach(self, pid: int, mapped: MappedFile, placement: Placement) -> None:
         attached = AttachedFile(mapped.path, placement)
