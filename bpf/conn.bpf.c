@@ -67,6 +67,8 @@ const struct ft_conn_close_event *anchor_close __attribute__((unused));
 const struct ft_exec_event *anchor_exec __attribute__((unused));
 const struct ft_exit_event *anchor_exit __attribute__((unused));
 const struct ft_fork_event *anchor_fork __attribute__((unused));
+const struct ft_go_executable *anchor_go_executable __attribute__((unused));
+const struct ft_go_executable_key *anchor_go_executable_key __attribute__((unused));
 const struct ft_data_event *anchor_data __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
 const struct ft_listener *anchor_listener __attribute__((unused));
@@ -150,9 +152,19 @@ struct {
 	__type(value, struct ssl_call);
 } ssl_calls SEC(".maps");
 
-/* The connection an SSL object last moved bytes on, for reads OpenSSL serves from its
- * own buffer with no syscall. conn_id tells a reused struct sock from the one seen. */
-struct ssl_socket {
+/*
+ * The connection a TLS object (an OpenSSL SSL *, a Go *tls.Conn) last moved bytes on, for
+ * reads served from the library's own buffer with no syscall. The key has the process:
+ * forked workers hold their objects at the same addresses. conn_id tells a reused
+ * struct sock from the one seen.
+ */
+struct tls_object {
+	__u32 tgid;
+	__u32 pad;
+	__u64 address;
+};
+
+struct tls_socket {
 	__u64 sk;
 	__u64 conn_id;
 };
@@ -160,9 +172,57 @@ struct ssl_socket {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64); /* SSL * */
-	__type(value, struct ssl_socket);
-} ssl_sockets SEC(".maps");
+	__type(key, struct tls_object);
+	__type(value, struct tls_socket);
+} tls_sockets SEC(".maps");
+
+/* A Go crypto/tls Read or Write in progress, keyed by goroutine: a goroutine may move to
+ * another thread between the entry and the return, and a thread runs many goroutines. */
+struct go_call_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 g; /* the goroutine (runtime.g pointer, in R14 under Go's register ABI) */
+};
+
+struct go_call {
+	__u64 conn; /* *tls.Conn */
+	__u64 buf;
+	__u64 len; /* len(b) at entry */
+	__u64 sk; /* the socket the goroutine used meanwhile */
+	__u32 flow;
+	__u32 sent; /* a Write whose plaintext went out at its first send */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH); /* a goroutine that panics never returns */
+	__uint(max_entries, 65536);
+	__type(key, struct go_call_key);
+	__type(value, struct go_call);
+} go_calls SEC(".maps");
+
+/* Go executables whose tls.Conn can be walked to its socket (non-PIE, with symbols). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct ft_go_executable_key);
+	__type(value, struct ft_go_executable);
+} go_executables SEC(".maps");
+
+/* Go handshakes in progress (tls.Conn.handshakeContext), by goroutine. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_call_key);
+	__type(value, struct go_call);
+} go_handshakes SEC(".maps");
+
+/* Processes with Go TLS probes: only their socket calls look for a goroutine's call. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u8);
+} go_processes SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -907,16 +967,77 @@ static __always_inline struct ft_conn_state *track_dns(const struct sock *sk)
 	return tracked;
 }
 
+/* length bytes of plaintext at buf, moved by a TLS call on that connection. */
+static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 flow, void *buf,
+					   __u64 length, __u32 source)
+{
+	__u64 position;
+
+	if (!state->tls) {
+		state->tls = 1;
+		state->capture = 0;
+	}
+	if (flow == FT_FLOW_TX)
+		position = __sync_fetch_and_add(&state->tls_sent, length);
+	else
+		position = __sync_fetch_and_add(&state->tls_received, length);
+	if (cfg.capture_payload) {
+		struct payload_walk walk = {
+			.io = { .buf = buf, .len = length },
+			.seg = buf,
+			.seg_len = length,
+			.left = length,
+			.position = position,
+			.conn_id = state->conn.conn_id,
+			.timestamp_ns = bpf_ktime_get_ns(),
+			.flow = flow,
+			.source = source,
+		};
+
+		/* Most calls fit one piece: no loop to set up for them. */
+		if (length <= FT_DATA_LEN)
+			payload_step(0, &walk);
+		else
+			bpf_loop(FT_TLS_PAYLOAD_STEPS, payload_step, &walk, 0);
+	}
+}
+
 /*
  * A socket moved bytes inside an SSL call of this thread: that is the call's connection,
  * traced or not (an untraced one is not counted as unattributed).
  */
 static __always_inline void note_ssl_socket(const struct sock *sk)
 {
-	struct ssl_call *call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct ssl_call *call = bpf_task_storage_get(&ssl_calls, task, 0, 0);
+	struct go_call_key key;
+	struct go_call *go;
 
 	if (call && call->active)
 		call->sk = (__u64)sk;
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!bpf_map_lookup_elem(&go_processes, &key.tgid))
+		return;
+	/* The goroutine making this syscall: Go's syscall path keeps g in R14. */
+	key.pad = 0;
+	key.g = ((struct pt_regs *)bpf_task_pt_regs(task))->r14;
+	go = bpf_map_lookup_elem(&go_handshakes, &key);
+	if (go)
+		go->sk = (__u64)sk;
+	go = bpf_map_lookup_elem(&go_calls, &key);
+	if (!go)
+		return;
+	go->sk = (__u64)sk;
+	/* A Write's plaintext goes out here, at its first send, not at its return: goroutines
+	 * write a connection in turns (tls.Conn's lock) but may reach their return probes in
+	 * another order, and the peer's answer may be read before the writer returns. */
+	if (go->flow == FT_FLOW_TX && !go->sent) {
+		struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &go->sk);
+
+		go->sent = 1;
+		if (state && state->conn.protocol == IPPROTO_TCP && go->len)
+			emit_plaintext(state, FT_FLOW_TX, (void *)go->buf, go->len, FT_SOURCE_GOTLS);
+	}
 }
 
 SEC("tp_btf/sock_send_length")
@@ -1075,6 +1196,7 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	/* The process is gone once its last thread is, whichever thread that is. */
 	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
+	bpf_map_delete_elem(&go_processes, &tgid);
 	if (cfg.filter_pids) {
 		bool traced = bpf_map_lookup_elem(&traced_pids, &tgid) != NULL;
 
@@ -1144,26 +1266,30 @@ int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, __u64 *writt
 	return ssl_enter(ssl, buf, written, FT_FLOW_TX);
 }
 
-/* The connection of a finished SSL call: its own socket, else the SSL object's last one. */
-static __always_inline struct ft_conn_state *ssl_connection(const struct ssl_call *call)
+/*
+ * The connection of a finished TLS call: the socket it used, else the one its TLS object
+ * used last; NULL when not traced, over, or unknown (counted).
+ */
+static __always_inline struct ft_conn_state *tls_connection(__u64 sk, __u64 object)
 {
-	struct ssl_socket *cached;
+	struct tls_object key = { .tgid = bpf_get_current_pid_tgid() >> 32, .address = object };
+	struct tls_socket *cached;
 	struct ft_conn_state *state;
-	struct ssl_socket seen;
+	struct tls_socket seen;
 
-	if (call->sk) {
-		state = bpf_map_lookup_elem(&conns, &call->sk);
+	if (sk) {
+		state = bpf_map_lookup_elem(&conns, &sk);
 		if (!state || state->conn.protocol != IPPROTO_TCP)
 			return NULL; /* not traced (filters, loopback) */
-		cached = bpf_map_lookup_elem(&ssl_sockets, &call->ssl);
-		if (cached && cached->sk == call->sk && cached->conn_id == state->conn.conn_id)
+		cached = bpf_map_lookup_elem(&tls_sockets, &key);
+		if (cached && cached->sk == sk && cached->conn_id == state->conn.conn_id)
 			return state;
-		seen.sk = call->sk;
+		seen.sk = sk;
 		seen.conn_id = state->conn.conn_id;
-		bpf_map_update_elem(&ssl_sockets, &call->ssl, &seen, BPF_ANY);
+		bpf_map_update_elem(&tls_sockets, &key, &seen, BPF_ANY);
 		return state;
 	}
-	cached = bpf_map_lookup_elem(&ssl_sockets, &call->ssl);
+	cached = bpf_map_lookup_elem(&tls_sockets, &key);
 	if (!cached) {
 		count(FT_CNT_TLS_UNATTRIBUTED);
 		return NULL;
@@ -1181,7 +1307,6 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	struct ssl_call *found;
 	struct ssl_call call;
 	__u64 length = ret;
-	__u64 position;
 
 	found = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
 	if (!found || !found->active)
@@ -1197,35 +1322,162 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	}
 	if (!length)
 		return 0;
-	state = ssl_connection(&call);
-	if (!state)
-		return 0;
-	if (!state->tls) {
-		state->tls = 1;
-		state->capture = 0;
-	}
-	if (call.flow == FT_FLOW_TX)
-		position = __sync_fetch_and_add(&state->tls_sent, length);
-	else
-		position = __sync_fetch_and_add(&state->tls_received, length);
-	if (cfg.capture_payload) {
-		struct payload_walk walk = {
-			.io = { .buf = (void *)call.buf, .len = length },
-			.seg = (void *)call.buf,
-			.seg_len = length,
-			.left = length,
-			.position = position,
-			.conn_id = state->conn.conn_id,
-			.timestamp_ns = bpf_ktime_get_ns(),
-			.flow = call.flow,
-			.source = FT_SOURCE_OPENSSL,
-		};
+	state = tls_connection(call.sk, call.ssl);
+	if (state)
+		emit_plaintext(state, call.flow, (void *)call.buf, length, FT_SOURCE_OPENSSL);
+	return 0;
+}
 
-		/* Most calls fit one piece: no loop to set up for them. */
-		if (length <= FT_DATA_LEN)
-			payload_step(0, &walk);
-		else
-			bpf_loop(FT_TLS_PAYLOAD_STEPS, payload_step, &walk, 0);
+/*
+ * Go crypto/tls: (*Conn).Read and (*Conn).Write, attached by userspace per Go executable
+ * (tls/golang.py): an entry probe, and a plain uprobe on every RET of the function (never
+ * a uretprobe: Go moves goroutine stacks, and a hijacked return address would crash it).
+ * Register ABI (Go >= 1.17, amd64): receiver in RAX, the slice in RBX/RCX at entry; n in
+ * RAX at return; the goroutine in R14 throughout.
+ */
+static __always_inline int go_enter(struct pt_regs *ctx, __u32 flow)
+{
+	struct go_call_key key = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.g = ctx->r14,
+	};
+	struct go_call call = {
+		.conn = ctx->ax,
+		.buf = ctx->bx,
+		.len = ctx->cx,
+		.flow = flow,
+	};
+	__u8 one = 1;
+
+	if (!current_is_traced())
+		return 0;
+	if (!bpf_map_lookup_elem(&go_processes, &key.tgid) &&
+	    bpf_map_update_elem(&go_processes, &key.tgid, &one, BPF_ANY))
+		count(FT_CNT_PID_TABLE_FULL);
+	bpf_map_update_elem(&go_calls, &key, &call, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int go_read_enter(struct pt_regs *ctx)
+{
+	return go_enter(ctx, FT_FLOW_RX);
+}
+
+SEC("uprobe")
+int go_write_enter(struct pt_regs *ctx)
+{
+	return go_enter(ctx, FT_FLOW_TX);
+}
+
+/* The handshake moves no plaintext, but its socket is the tls.Conn's: a request that came
+ * with the handshake's last bytes is then read from tls.Conn's buffer, with no syscall.
+ * Read and Write call it too, so it has a map of its own. */
+SEC("uprobe")
+int go_handshake_enter(struct pt_regs *ctx)
+{
+	struct go_call_key key = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.g = ctx->r14,
+	};
+	struct go_call call = { .conn = ctx->ax };
+
+	if (!current_is_traced())
+		return 0;
+	bpf_map_update_elem(&go_handshakes, &key, &call, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int go_handshake_return(struct pt_regs *ctx)
+{
+	struct go_call_key key = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.g = ctx->r14,
+	};
+	struct go_call *found = bpf_map_lookup_elem(&go_handshakes, &key);
+	__u64 sk, conn;
+
+	if (!found)
+		return 0;
+	sk = found->sk;
+	conn = found->conn;
+	bpf_map_delete_elem(&go_handshakes, &key);
+	if (sk)
+		tls_connection(sk, conn); /* remembers the tls.Conn's socket */
+	return 0;
+}
+
+/*
+ * The socket under a *tls.Conn, for a call that made no syscall and whose tls.Conn has
+ * no socket seen yet (a request that arrived with the handshake, read from tls.Conn's
+ * buffer): tls.Conn.conn -> *net.TCPConn -> *netFD -> Sysfd -> the file table. Only when
+ * the interface's itab is *net.TCPConn's; anything else is counted, never guessed.
+ */
+static __always_inline __u64 go_conn_socket(__u64 conn)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct ft_go_executable_key key = {};
+	struct ft_go_executable *exe;
+	struct file **fds;
+	struct file *file;
+	struct socket *sock;
+	__u64 iface[2], fd_ptr, sysfd;
+	unsigned int max_fds;
+
+	key.ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
+	key.dev = BPF_CORE_READ(task, mm, exe_file, f_inode, i_sb, s_dev);
+	exe = bpf_map_lookup_elem(&go_executables, &key);
+	if (!exe)
+		return 0;
+	if (bpf_probe_read_user(iface, sizeof(iface), (void *)(conn + exe->conn_offset)))
+		return 0;
+	if (iface[0] != exe->itab_tcpconn) {
+		count(FT_CNT_GO_CONN_UNRESOLVED);
+		return 0;
 	}
+	if (bpf_probe_read_user(&fd_ptr, sizeof(fd_ptr), (void *)(iface[1] + exe->fd_offset)) ||
+	    bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(fd_ptr + exe->sysfd_offset)))
+		return 0;
+	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
+	if (sysfd >= max_fds)
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[sysfd]) || !file)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	return (__u64)BPF_CORE_READ(sock, sk);
+}
+
+SEC("uprobe")
+int go_return(struct pt_regs *ctx)
+{
+	struct go_call_key key = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.g = ctx->r14,
+	};
+	struct ft_conn_state *state;
+	struct go_call *found;
+	struct go_call call;
+	long n = ctx->ax;
+
+	found = bpf_map_lookup_elem(&go_calls, &key);
+	if (!found)
+		return 0;
+	call = *found;
+	bpf_map_delete_elem(&go_calls, &key);
+	/* n bytes moved, even when an error comes with them (io.Reader's contract). A Write
+	 * that reached the socket was sent whole already (see note_ssl_socket). */
+	if (n <= 0 || call.sent)
+		return 0;
+	if (!call.sk) {
+		struct tls_object object = { .tgid = key.tgid, .address = call.conn };
+
+		if (!bpf_map_lookup_elem(&tls_sockets, &object))
+			call.sk = go_conn_socket(call.conn);
+	}
+	state = tls_connection(call.sk, call.conn);
+	if (state)
+		emit_plaintext(state, call.flow, (void *)call.buf, n, FT_SOURCE_GOTLS);
 	return 0;
 }

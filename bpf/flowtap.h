@@ -40,6 +40,7 @@ enum ft_flow {
 enum ft_source {
 	FT_SOURCE_SOCKET = 1, /* the socket syscall's user buffer: what went on the wire */
 	FT_SOURCE_OPENSSL = 2, /* SSL_read/SSL_write's buffer: TLS plaintext */
+	FT_SOURCE_GOTLS = 3, /* Go crypto/tls (*Conn).Read/Write's buffer: TLS plaintext */
 };
 
 /* Indexes of the per-CPU counters map; userspace sums them across CPUs. */
@@ -54,7 +55,8 @@ enum ft_counter {
 	FT_CNT_TLS_UNATTRIBUTED = 7, /* TLS plaintext whose socket is unknown (memory BIOs) */
 	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: no memory for its state */
 	FT_CNT_PAYLOAD_SHED = 9, /* payload not copied: the ring buffer is kept for connections */
-	FT_CNT_MAX = 10,
+	FT_CNT_GO_CONN_UNRESOLVED = 10, /* a Go tls.Conn not over a *net.TCPConn: not walked */
+	FT_CNT_MAX = 11,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -210,6 +212,26 @@ struct ft_exec_event {
 struct ft_exit_event {
 	struct ft_header hdr;
 	struct ft_task task;
+};
+
+/*
+ * Key of the go_executables map: a Go executable by the inode of its file, as the kernel
+ * sees it (mm->exe_file). dev is the kernel's dev_t: major << 20 | minor.
+ */
+struct ft_go_executable_key {
+	__u64 ino;
+	__u32 dev;
+	__u32 pad;
+};
+
+/* How to walk from a *tls.Conn to its socket's fd in that executable (userspace fills it
+ * in from the symbol table and the offsets of its Go version). */
+struct ft_go_executable {
+	__u64 itab_tcpconn; /* address of the itab *net.TCPConn -> net.Conn */
+	__u32 conn_offset; /* tls.Conn.conn (a net.Conn interface) */
+	__u32 fd_offset; /* net.TCPConn -> its *netFD */
+	__u32 sysfd_offset; /* netFD -> pfd.Sysfd */
+	__u32 pad;
 };
 
 /* task is the new process (its first thread); parent_pid the process that forked it. */

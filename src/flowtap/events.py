@@ -18,7 +18,7 @@ AF_INET6 = socket.AF_INET6
 
 Direction = Literal["egress", "ingress"]
 Flow = Literal["tx", "rx"]
-Source = Literal["socket", "openssl"]
+Source = Literal["socket", "openssl", "gotls"]
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -164,6 +164,7 @@ class EventDecoder:
         self._source: dict[int, Source] = {
             sources["FT_SOURCE_SOCKET"]: "socket",
             sources["FT_SOURCE_OPENSSL"]: "openssl",
+            sources["FT_SOURCE_GOTLS"]: "gotls",
         }
         self._layouts: dict[int, StructLayout] = {
             kinds["FT_EVENT_CONN_OPEN"]: btf.struct_layout("ft_conn_open_event"),

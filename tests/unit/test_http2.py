@@ -505,3 +505,39 @@ def test_arbitrary_bytes_never_raise(
             assert isinstance(txn, Transaction)
     parser.gap("server", 1)
     assert parser.close(len(chunks)) == []
+
+
+def test_response_seen_before_its_request_is_paired() -> None:
+    """Each direction comes from its own calls: a response can be seen before the bytes
+    of its request (a writer delayed between its syscall and its return probe)."""
+    wire = Wire()
+    first = wire.request(get_headers("/one"))
+    wire.respond(first, [(":status", "200")], b"1")
+    second = wire.request(get_headers("/two"))
+    wire.respond(second, [(":status", "204")])
+    chunks = list(wire.chunks)
+    # Move the second request's bytes after the response to it.
+    request_two = next(i for i, c in enumerate(chunks) if c[0] == "client" and i > 3)
+    moved = chunks.pop(request_two)
+    chunks.append(moved)
+
+    out = replay(chunks)
+    assert [(t.request.target if t.request else None, t.error) for t in out] == [
+        ("/one", None),
+        ("/two", None),
+    ]
+    assert [t.response.status if t.response else None for t in out] == [200, 204]
+
+
+def test_response_whose_request_never_comes_is_released_at_close() -> None:
+    """Capture that began mid-connection: held responses come out at close, as before."""
+    wire = Wire()
+    first = wire.request(get_headers("/lost"))
+    wire.respond(first, [(":status", "200")], b"body")
+    parser = Http2Parser()
+    server = b"".join(d for s, d in wire.chunks if s == "server")
+
+    assert parser.feed("server", server, 1) == []  # held, waiting for its request
+    (txn,) = parser.close(2)
+    assert (txn.request, txn.error, txn.stream_id) == (None, None, 1)
+    assert txn.response is not None and bytes(txn.response.body.data) == b"body"

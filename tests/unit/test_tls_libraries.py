@@ -12,6 +12,7 @@ import pytest
 from flowtap.tls import attach
 from flowtap.tls.attach import inspect_file
 from flowtap.tls.libraries import MappedFile, executable_mappings, parse_maps_line
+from flowtap.tls.placement import Placement
 
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
 
@@ -92,7 +93,7 @@ def test_debian_libssl_is_probed_at_its_internal_functions(tmp_path: Path) -> No
 
     placement = inspect_file(copy, "libssl")
 
-    assert placement is not None
+    assert isinstance(placement, Placement)
     assert placement.kind == "internal"
     assert [p.entry_program for p in placement.probes] == [
         "ssl_read_ex_enter",

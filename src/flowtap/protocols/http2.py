@@ -59,6 +59,7 @@ _MAX_FRAME_LEN = (1 << 24) - 1
 # Per-message cap on recorded 1xx statuses, and on SETTINGS awaiting their ACK.
 _MAX_INFORMATIONAL = 32
 _MAX_PENDING_SETTINGS = 16
+_MAX_AWAITING_REQUEST = 64  # responses held for a request not seen yet
 _HTTP2_VERSION = "2"
 
 _ERROR_CODES = {
@@ -169,6 +170,9 @@ class Http2Parser:
         # Promised (pushed) stream ids, ignored; an insertion-ordered set, bounded.
         self._pushed: dict[int, None] = {}
         self._highest_client_stream = 0
+        # Streams whose response is complete but whose request was not seen yet: the two
+        # directions come from different calls, and a response may be seen first.
+        self._awaiting_request: dict[int, None] = {}
         self._failed: str | None = None
         self.goaway: GoAway | None = None
 
@@ -226,9 +230,22 @@ class Http2Parser:
         self._pushed.clear()
 
     def _abort_all(self, error: str) -> list[Transaction]:
-        out = [self._transaction(s, error) for s in self._streams.values()]
+        out = [
+            self._transaction(s, None if s.stream_id in self._awaiting_request else error)
+            for s in self._streams.values()
+        ]
         self._streams.clear()
+        self._awaiting_request.clear()
         return out
+
+    def _release_awaiting(self, below: int, out: list[Transaction]) -> None:
+        """Client streams are opened in increasing order: once the client opened stream
+        `below`, a held response on a lower stream will never see its request."""
+        for stream_id in [i for i in self._awaiting_request if i < below]:
+            del self._awaiting_request[stream_id]
+            stream = self._streams.pop(stream_id, None)
+            if stream is not None:
+                out.append(self._transaction(stream, None))
 
     def _feed(self, side: Side, data: bytes, ts: int, out: list[Transaction]) -> None:
         buf = self._buffers[side]
@@ -367,6 +384,8 @@ class Http2Parser:
             return
         stream = self._streams.get(block.stream_id)
         if side == "client":
+            if stream is None:
+                self._release_awaiting(block.stream_id, out)
             stream = self._client_headers(block, stream, fields)
         else:
             stream = self._server_headers(block, stream, fields)
@@ -476,6 +495,15 @@ class Http2Parser:
             stream.response_done = True
             if stream.response is not None:
                 stream.response.end_ns = ts
+        if side == "server" and stream.request is None and not stream.request_done:
+            # Its request may still come from the other direction: hold it (bounded).
+            self._awaiting_request[stream.stream_id] = None
+            while len(self._awaiting_request) > _MAX_AWAITING_REQUEST:
+                oldest = next(iter(self._awaiting_request))
+                self._release_awaiting(oldest + 1, out)
+            return
+        if side == "client":
+            self._awaiting_request.pop(stream.stream_id, None)
         request_finished = stream.request_done or stream.request is None
         if request_finished and stream.response_done:
             del self._streams[stream.stream_id]

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfObject
+from flowtap.tls import golang
 from flowtap.tls.elf import ElfImage, ElfReadError, contains_any
+from flowtap.tls.golang import GoConnWalk, GoPlacement, UnsupportedGoError, plan_go
 from flowtap.tls.libraries import (
     FileKey,
     MappedFile,
@@ -35,10 +38,11 @@ from flowtap.tls.libraries import (
 )
 from flowtap.tls.placement import NotOpenSslError, Placement, plan
 
+TlsPlan = Placement | GoPlacement
+
 log = logging.getLogger("flowtap.tls")
 
 AttachMode = Literal["file", "process"]
-RETURN_PROGRAM = "ssl_return"
 ALL_PROCESSES = -1
 # A process's maps are read again on a new connection at most this often (dlopen).
 _RESCAN_INTERVAL_S = 2.0
@@ -46,7 +50,7 @@ _RESCAN_INTERVAL_S = 2.0
 # every process that maps the file, so a fork storm must not stall the consumer; those
 # over the budget are tried again at their next connection.
 _PROCESS_ATTACH_PER_S = 20
-_SIGNATURES = (b"SSL_write\0", b"SSL_read\0")
+_SIGNATURES = (b"SSL_write\0", b"SSL_read\0", golang.SIGNATURE)
 
 
 class LinkReaper:
@@ -90,7 +94,7 @@ class LinkReaper:
 @dataclass(slots=True)
 class AttachedFile:
     path: str
-    placement: Placement
+    placement: TlsPlan
     links: list[BpfLink] = field(default_factory=list)
 
 
@@ -107,13 +111,14 @@ class OpenSslProbes:
         self._obj = obj
         self.mode: AttachMode = mode
         self._internal = internal
-        self._placements: dict[FileKey, Placement | None] = {}
+        self._placements: dict[FileKey, TlsPlan | None] = {}
         self._attached: dict[tuple[int, FileKey], AttachedFile] = {}
         self._scanned_at: dict[int, float] = {}
         self._connected: set[int] = set()  # processes whose first connection was seen
         self._budget_second = 0
         self._budget_left = _PROCESS_ATTACH_PER_S
         self._reaper = LinkReaper()
+        self._btf: Btf | None = None  # read when a Go executable first needs it
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -200,16 +205,14 @@ class OpenSslProbes:
         self._attach(pid, mapped, placement)
         return True
 
-    def _attach(self, pid: int, mapped: MappedFile, placement: Placement) -> None:
+    def _attach(self, pid: int, mapped: MappedFile, placement: TlsPlan) -> None:
         attached = AttachedFile(mapped.path, placement)
         target = str(mapped.access)
         try:
-            for probe in placement.probes:
-                entry = self._obj.program(probe.entry_program)
-                attached.links.append(entry.attach_uprobe(target, probe.offset, pid=pid))
-                ret = self._obj.program(RETURN_PROGRAM)
+            for site in placement.sites():
+                program = self._obj.program(site.program)
                 attached.links.append(
-                    ret.attach_uprobe(target, probe.offset, pid=pid, retprobe=True)
+                    program.attach_uprobe(target, site.offset, pid=pid, retprobe=site.retprobe)
                 )
         except BpfError as exc:
             self.stats.attach_failures += 1
@@ -217,9 +220,11 @@ class OpenSslProbes:
                 link.destroy()
             # Only once per file: a failure is remembered as "nothing to probe".
             self._placements[mapped.key] = None
-            log.warning("openssl probes not attached to %s: %s", mapped.path, exc)
+            log.warning("TLS probes not attached to %s: %s", mapped.path, exc)
             return
         self._attached[(pid, mapped.key)] = attached
+        if isinstance(placement, GoPlacement) and placement.walk is not None:
+            self._add_go_executable(mapped, placement.walk)
         scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
         if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
             self.stats.attached.append(
@@ -230,7 +235,32 @@ class OpenSslProbes:
                     "detail": placement.describe(),
                 }
             )
-        log.info("openssl probes attached to %s (%s): %s", mapped.path, scope, placement.describe())
+        library = "go tls" if isinstance(placement, GoPlacement) else "openssl"
+        log.info(
+            "%s probes attached to %s (%s): %s", library, mapped.path, scope, placement.describe()
+        )
+
+    def _add_go_executable(self, mapped: MappedFile, walk: GoConnWalk) -> None:
+        """Lets the kernel walk this executable's tls.Conn to its socket (keyed as the
+        kernel sees the file: mm->exe_file's inode)."""
+        if self._btf is None:
+            self._btf = Btf(self._obj)
+        major, minor, inode = mapped.key
+        key = self._btf.struct_layout("ft_go_executable_key").pack(
+            {"ino": inode, "dev": major << 20 | minor}
+        )
+        value = self._btf.struct_layout("ft_go_executable").pack(
+            {
+                "itab_tcpconn": walk.itab_tcpconn,
+                "conn_offset": walk.conn_offset,
+                "fd_offset": walk.fd_offset,
+                "sysfd_offset": walk.sysfd_offset,
+            }
+        )
+        try:
+            self._obj.map("go_executables").update(key, value)
+        except BpfError as exc:
+            log.warning("%s: tls.Conn walk not set up: %s", mapped.path, exc)
 
     def detach(self, timeout_s: float = 10.0) -> None:
         for attached in self._attached.values():
@@ -238,19 +268,23 @@ class OpenSslProbes:
         self._attached.clear()
         left = self._reaper.finish(timeout_s)
         if left:
-            log.warning("%d OpenSSL probe links are left for the kernel to release at exit", left)
+            log.warning("%d TLS probe links are left for the kernel to release at exit", left)
 
 
-def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> Placement | None:
-    """Where to probe this file; None when it has no OpenSSL or cannot be read. Raises
-    nothing: a damaged or hostile file on the host must not stop the sensor."""
+def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPlan | None:
+    """Where to probe this file (OpenSSL in it, or Go's crypto/tls); None when there is
+    nothing to probe or it cannot be read. Raises nothing: a damaged or hostile file on
+    the host must not stop the sensor."""
     try:
         if not contains_any(access, _SIGNATURES):
             return None
         with ElfImage(access) as image:
-            return plan(image, internal=internal)
+            go = plan_go(image)
+            return go if go is not None else plan(image, internal=internal)
     except NotOpenSslError:
         return None
+    except UnsupportedGoError as exc:
+        log.warning("%s: Go TLS not probed: %s", shown_as, exc)
     except (OSError, ElfReadError) as exc:
         log.debug("%s: not examined: %s", shown_as, exc)
     except Exception as exc:  # the ELF library's errors are not one family

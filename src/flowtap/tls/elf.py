@@ -86,8 +86,15 @@ class ElfImage:
     def close(self) -> None:
         self._stream.close()
 
-    def functions(self, names: set[str]) -> dict[str, Function]:
-        """The defined functions among names, from .dynsym, then .symtab (static builds)."""
+    @property
+    def position_independent(self) -> bool:
+        return bool(self._elf["e_type"] == "ET_DYN")
+
+    def functions(
+        self, names: set[str], kinds: tuple[str, ...] = ("STT_FUNC", "STT_GNU_IFUNC")
+    ) -> dict[str, Function]:
+        """The defined symbols of those kinds among names (functions by default), from
+        .dynsym, then .symtab (static builds)."""
         found: dict[str, Function] = {}
         for table_name in (".dynsym", ".symtab"):
             table = self._elf.get_section_by_name(table_name)
@@ -100,7 +107,7 @@ class ElfImage:
                 if (
                     name in names
                     and name not in found
-                    and symbol["st_info"]["type"] in ("STT_FUNC", "STT_GNU_IFUNC")
+                    and symbol["st_info"]["type"] in kinds
                     and symbol["st_shndx"] != "SHN_UNDEF"
                     and symbol["st_value"]
                 ):
@@ -108,6 +115,14 @@ class ElfImage:
             if len(found) == len(names):
                 break
         return found
+
+    def section(self, name: str) -> bytes | None:
+        """A section's bytes; None when there is none (or it has no bytes in the file)."""
+        section = self._elf.get_section_by_name(name)
+        if section is None or section["sh_type"] == "SHT_NOBITS":
+            return None
+        data: bytes = section.data()
+        return data
 
     def file_offset(self, address: int) -> int:
         """Where the byte at a virtual address lies in the file (the uprobe offset)."""

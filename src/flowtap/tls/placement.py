@@ -34,6 +34,7 @@ EXPORTED: dict[str, tuple[str, str]] = {
     "SSL_write_ex": (WRITE, "ssl_write_ex_enter"),
 }
 _EX_ENTRY = {READ: "ssl_read_ex_enter", WRITE: "ssl_write_ex_enter"}
+RETURN_PROGRAM = "ssl_return"
 _PAIRS = {READ: ("SSL_read", "SSL_read_ex"), WRITE: ("SSL_write", "SSL_write_ex")}
 
 # First instructions the x86 uprobe code emulates instead of single-stepping.
@@ -56,10 +57,19 @@ class NotOpenSslError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ProbePoint:
-    entry_program: str  # BPF program at the entry; the return probe is ssl_return
+    entry_program: str  # BPF program at the entry; the return probe is RETURN_PROGRAM
     label: str  # what is probed, for logs
     address: int
     offset: int  # in the file
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSite:
+    """One uprobe to attach: a BPF program at a file offset."""
+
+    program: str
+    offset: int
+    retprobe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,17 @@ class Placement:
     def describe(self) -> str:
         names = ", ".join(probe.label for probe in self.probes)
         return f"{self.kind} ({names}): {self.note}"
+
+    def sites(self) -> list[ProbeSite]:
+        """An entry probe and a return probe (ssl_return) at each point."""
+        return [
+            site
+            for probe in self.probes
+            for site in (
+                ProbeSite(probe.entry_program, probe.offset),
+                ProbeSite(RETURN_PROGRAM, probe.offset, retprobe=True),
+            )
+        ]
 
 
 def _disassembler() -> capstone.Cs:

@@ -27,7 +27,11 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _MAX_STREAMS = 4096
 
 # The capture_source of records, by where the bytes were seen.
-_CAPTURE_SOURCES: dict[Source, str] = {"socket": "plaintext", "openssl": "openssl"}
+_CAPTURE_SOURCES: dict[Source, str] = {
+    "socket": "plaintext",
+    "openssl": "openssl",
+    "gotls": "gotls",
+}
 
 # Which end of the HTTP exchange each direction of the traced socket is.
 _SIDES: dict[tuple[str, Flow], Side] = {

@@ -1,0 +1,113 @@
+// tlspeer: the Go HTTPS peer of the e2e tests (crypto/tls in the executable).
+//
+//	tlspeer server CERT KEY            HTTPS on 127.0.0.1:0 (HTTP/2 and HTTP/1.1 by ALPN);
+//	                                   GET /items/N answers N bytes, POST echoes "echo:"+body
+//	tlspeer client CA URL N PROTO GO   waits for the file GO, then GETs URL N times on one
+//	                                   connection (PROTO h1 or h2), checking each body
+//
+// Each prints JSON status lines on stdout, like tests/e2e/peer.py.
+package main
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+func say(event string, fields map[string]any) {
+	out := map[string]any{"event": event, "pid": os.Getpid()}
+	for k, v := range fields {
+		out[k] = v
+	}
+	line, _ := json.Marshal(out)
+	fmt.Println(string(line))
+}
+
+func body(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i % 251)
+	}
+	return b
+}
+
+func serve(cert, key string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	say("listening", map[string]any{"port": ln.Addr().(*net.TCPAddr).Port})
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			in, _ := io.ReadAll(r.Body)
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusCreated)
+			w.Write(append([]byte("echo:"), in...))
+			return
+		}
+		n, _ := strconv.Atoi(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(body(n))
+	})
+	srv := &http.Server{Handler: handler}
+	if err := srv.ServeTLS(ln, cert, key); err != nil {
+		panic(err)
+	}
+}
+
+func client(ca, url string, count int, proto, goFile string) {
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		panic(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: proto == "h2"}
+	if proto == "h1" {
+		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	}
+	for {
+		if _, err := os.Stat(goFile); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := &http.Client{Transport: transport, Timeout: 20 * time.Second}
+	want := body(0)
+	if i := strings.LastIndex(url, "/"); i >= 0 {
+		n, _ := strconv.Atoi(url[i+1:])
+		want = body(n)
+	}
+	for i := 0; i < count; i++ {
+		resp, err := c.Get(url)
+		if err != nil {
+			panic(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !bytes.Equal(got, want) {
+			panic(fmt.Sprintf("request %d: status %d, %d bytes", i, resp.StatusCode, len(got)))
+		}
+	}
+	say("done", map[string]any{"requests": count, "proto": proto})
+}
+
+func main() {
+	time.AfterFunc(60*time.Second, func() { os.Exit(3) })
+	switch os.Args[1] {
+	case "server":
+		serve(os.Args[2], os.Args[3])
+	case "client":
+		n, _ := strconv.Atoi(os.Args[4])
+		client(os.Args[2], os.Args[3], n, os.Args[5], os.Args[6])
+	}
+}

@@ -1,0 +1,137 @@
+"""Go crypto/tls plaintext: a Go HTTPS client and server, built here from
+tests/e2e/go/tlspeer.go, with and without symbols (-ldflags=-s -w)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import CURL, PYTHON, Lab, Record, only_pair
+from .test_tls_payloads import TLS_PEER, pki, start_server
+
+__all__ = ["pki"]  # the module-scoped CA fixture, shared
+
+pytestmark = pytest.mark.e2e
+
+GO_SOURCE = Path(__file__).resolve().with_name("go") / "tlspeer.go"
+GO = "/usr/bin/go"
+
+
+@pytest.fixture(scope="module")
+def go_peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """tlspeer built twice: with symbols, and stripped."""
+    out = tmp_path_factory.mktemp("go")
+    env = {
+        **os.environ,
+        "GOCACHE": str(out / "cache"),
+        "GOPATH": str(out / "gopath"),
+        "GO111MODULE": "off",
+        "CGO_ENABLED": "0",
+    }
+    built = {}
+    for name, flags in (("symbols", []), ("stripped", ["-ldflags=-s -w"])):
+        binary = out / f"tlspeer-{name}"
+        subprocess.run(
+            [GO, "build", *flags, "-o", str(binary), str(GO_SOURCE)],
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=300,
+        )
+        built[name] = binary
+    yield built
+
+
+def go_records(records: list[Record], pid: int) -> list[Record]:
+    return [r for r in records if r["process"]["pid"] == pid]
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+@pytest.mark.parametrize("build", ["symbols", "stripped"])
+def test_go_client(
+    e2e: Lab, pki: dict[str, Path], go_peers: dict[str, Path], build: str, proto: str
+) -> None:
+    _server, port = start_server(e2e, pki)
+    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full"])
+    go = e2e.file("go")
+    binary = go_peers[build]
+    url = f"https://127.0.0.1:{port}/items/33"
+    client = e2e.spawn(
+        [str(binary), "client", str(pki["ca"]), url, "3", proto, str(go)],
+        cgroup=e2e.cgroup,
+        stem="go-client",
+    )
+    # Found at its exec; its first request waits until the probes are in (docs/tls.md).
+    sensor.wait_log(f"go tls probes attached to {binary}")
+    go.touch()
+    client.wait_message("done")
+    client.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 3, what="three http records")
+    connections = sensor.finish()
+    records = go_records(sensor.http_records(), client.pid)
+
+    opened, _closed = only_pair(connections, pid=client.pid, remote_port=port)
+    assert len(records) == 3
+    for record in records:
+        assert record["capture_source"] == "gotls"
+        assert record["connection_id"] == opened["connection_id"]
+        assert record["request"]["method"] == "GET"
+        assert record["request"]["url"] == url
+        assert record["request"]["protocol"] == ("HTTP/2" if proto == "h2" else "HTTP/1.1")
+        assert record["request"]["user_agent"] == "Go-http-client/" + (
+            "2.0" if proto == "h2" else "1.1"
+        )
+        assert record["response"]["status"] == 200
+        assert base64.b64decode(record["response"]["body"]) == bytes(range(33))
+        assert record["error"] is None
+
+
+@pytest.mark.parametrize("curl_proto", ["--http1.1", "--http2"])
+@pytest.mark.parametrize("build", ["symbols", "stripped"])
+def test_go_server(
+    e2e: Lab, pki: dict[str, Path], go_peers: dict[str, Path], build: str, curl_proto: str
+) -> None:
+    server = e2e.spawn(
+        [str(go_peers[build]), "server", str(pki["cert"]), str(pki["key"])],
+        cgroup=e2e.cgroup,
+        stem="go-server",
+    )
+    port = int(server.wait_message("listening")["port"])
+    # Started before the sensor: found by the start-up scan.
+    sensor = e2e.sensor(extra=["--direction", "ingress", "--capture-level", "full"])
+    url = f"https://127.0.0.1:{port}/v1/echo"
+    argv = [CURL, "-sS", "--noproxy", "*", curl_proto, "--cacert", str(pki["ca"])]
+    curl = e2e.spawn([*argv, "-d", "hello go", url], cgroup=e2e.cgroup, stem="curl")
+    curl.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")
+    connections = sensor.finish()
+    (record,) = go_records(sensor.http_records(), server.pid)
+
+    opened, _closed = only_pair(connections, pid=server.pid, local_port=port)
+    assert record["connection_id"] == opened["connection_id"]
+    assert record["direction"] == "ingress"
+    assert record["capture_source"] == "gotls"
+    request, response = record["request"], record["response"]
+    assert (request["method"], request["path"]) == ("POST", "/v1/echo")
+    assert request["protocol"] == ("HTTP/2" if curl_proto == "--http2" else "HTTP/1.1")
+    assert base64.b64decode(request["body"]) == b"hello go"
+    assert response["status"] == 201
+    assert base64.b64decode(response["body"]) == b"echo:hello go"
+
+
+def test_python_client_is_not_go(e2e: Lab, pki: dict[str, Path]) -> None:
+    """An OpenSSL client next to Go programs keeps capture_source openssl."""
+    _server, port = start_server(e2e, pki)
+    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "summary"])
+    argv = [PYTHON, str(TLS_PEER), "client", "--port", str(port), "--ca", str(pki["ca"])]
+    client = e2e.spawn([*argv, "--paths", "/items/2"], cgroup=e2e.cgroup, stem="client")
+    client.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")
+    sensor.finish()
+    (record,) = sensor.http_records()
+    assert record["capture_source"] == "openssl"
