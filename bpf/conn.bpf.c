@@ -1335,6 +1335,16 @@ int BPF_KRETPROBE(ssl_return, int ret)
  * Register ABI (Go >= 1.17, amd64): receiver in RAX, the slice in RBX/RCX at entry; n in
  * RAX at return; the goroutine in R14 throughout.
  */
+/* From its first probed call on, this process's socket calls look for its goroutines. */
+static __always_inline void go_process_seen(__u32 tgid)
+{
+	__u8 one = 1;
+
+	if (!bpf_map_lookup_elem(&go_processes, &tgid) &&
+	    bpf_map_update_elem(&go_processes, &tgid, &one, BPF_ANY))
+		count(FT_CNT_PID_TABLE_FULL);
+}
+
 static __always_inline int go_enter(struct pt_regs *ctx, __u32 flow)
 {
 	struct go_call_key key = {
@@ -1347,13 +1357,10 @@ static __always_inline int go_enter(struct pt_regs *ctx, __u32 flow)
 		.len = ctx->cx,
 		.flow = flow,
 	};
-	__u8 one = 1;
 
 	if (!current_is_traced())
 		return 0;
-	if (!bpf_map_lookup_elem(&go_processes, &key.tgid) &&
-	    bpf_map_update_elem(&go_processes, &key.tgid, &one, BPF_ANY))
-		count(FT_CNT_PID_TABLE_FULL);
+	go_process_seen(key.tgid);
 	bpf_map_update_elem(&go_calls, &key, &call, BPF_ANY);
 	return 0;
 }
@@ -1384,6 +1391,7 @@ int go_handshake_enter(struct pt_regs *ctx)
 
 	if (!current_is_traced())
 		return 0;
+	go_process_seen(key.tgid);
 	bpf_map_update_elem(&go_handshakes, &key, &call, BPF_ANY);
 	return 0;
 }
