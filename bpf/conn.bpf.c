@@ -200,6 +200,23 @@ struct {
 	__type(value, struct go_call);
 } go_calls SEC(".maps");
 
+/* Set by userspace when it stops: the TLS probes do nothing from then on, all at once,
+ * while their links (~100 ms each to destroy) go away one by one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} tls_stopped SEC(".maps");
+
+static __always_inline bool tls_probes_stopped(void)
+{
+	__u32 zero = 0;
+	__u32 *stopped = bpf_map_lookup_elem(&tls_stopped, &zero);
+
+	return stopped && *stopped;
+}
+
 /* Go executables whose tls.Conn can be walked to its socket (non-PIE, with symbols). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1031,7 +1048,7 @@ static __always_inline void note_ssl_socket(const struct sock *sk)
 	/* A Write's plaintext goes out here, at its first send, not at its return: goroutines
 	 * write a connection in turns (tls.Conn's lock) but may reach their return probes in
 	 * another order, and the peer's answer may be read before the writer returns. */
-	if (go->flow == FT_FLOW_TX && !go->sent) {
+	if (go->flow == FT_FLOW_TX && !go->sent && !tls_probes_stopped()) {
 		struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &go->sk);
 
 		go->sent = 1;
@@ -1225,7 +1242,7 @@ static __always_inline int ssl_enter(void *ssl, void *buf, void *out, __u32 flow
 {
 	struct ssl_call *call;
 
-	if (!current_is_traced())
+	if (tls_probes_stopped() || !current_is_traced())
 		return 0;
 	call = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0,
 				    BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -1312,6 +1329,8 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	if (!found || !found->active)
 		return 0;
 	found->active = 0;
+	if (tls_probes_stopped())
+		return 0;
 	call = *found;
 	/* Non-positive: an error, or the _ex variants' failure: no data moved. */
 	if (ret <= 0)
@@ -1358,7 +1377,7 @@ static __always_inline int go_enter(struct pt_regs *ctx, __u32 flow)
 		.flow = flow,
 	};
 
-	if (!current_is_traced())
+	if (tls_probes_stopped() || !current_is_traced())
 		return 0;
 	go_process_seen(key.tgid);
 	bpf_map_update_elem(&go_calls, &key, &call, BPF_ANY);
@@ -1389,7 +1408,7 @@ int go_handshake_enter(struct pt_regs *ctx)
 	};
 	struct go_call call = { .conn = ctx->ax };
 
-	if (!current_is_traced())
+	if (tls_probes_stopped() || !current_is_traced())
 		return 0;
 	go_process_seen(key.tgid);
 	bpf_map_update_elem(&go_handshakes, &key, &call, BPF_ANY);
@@ -1474,6 +1493,8 @@ int go_return(struct pt_regs *ctx)
 		return 0;
 	call = *found;
 	bpf_map_delete_elem(&go_calls, &key);
+	if (tls_probes_stopped())
+		return 0;
 	/* n bytes moved, even when an error comes with them (io.Reader's contract). A Write
 	 * that reached the socket was sent whole already (see note_ssl_socket). */
 	if (n <= 0 || call.sent)

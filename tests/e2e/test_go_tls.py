@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import CURL, PYTHON, Lab, Record, only_pair
+from .helpers import CURL, PYTHON, Lab, Record, Sensor, only_pair
 from .test_tls_payloads import TLS_PEER, pki, start_server
 
 __all__ = ["pki"]  # the module-scoped CA fixture, shared
@@ -135,3 +135,47 @@ def test_python_client_is_not_go(e2e: Lab, pki: dict[str, Path]) -> None:
     sensor.finish()
     (record,) = sensor.http_records()
     assert record["capture_source"] == "openssl"
+
+
+def test_go_client_survives_attach_and_detach(
+    e2e: Lab, pki: dict[str, Path], go_peers: dict[str, Path]
+) -> None:
+    """Probes come and go three times under a Go program making HTTPS requests, each on a
+    new connection: it must go on to the end with the right bodies (it checks each one
+    and panics otherwise), and what each sensor saw must be whole transactions."""
+    server = e2e.spawn(
+        [str(go_peers["symbols"]), "server", str(pki["cert"]), str(pki["key"])],
+        cgroup=e2e.cgroup,
+        stem="go-server",
+    )
+    port = int(server.wait_message("listening")["port"])
+    go, stop = e2e.file("go"), e2e.file("stop")
+    go.touch()
+    url = f"https://127.0.0.1:{port}/items/21"
+    argv = [str(go_peers["stripped"]), "client", str(pki["ca"]), url, "1000000", "h1-new"]
+    client = e2e.spawn(
+        [*argv, str(go), str(stop)],
+        cgroup=e2e.cgroup,
+        stem="go-client",
+    )
+    seen: list[Record] = []
+    for _ in range(3):
+        sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full"])
+
+        def enough(_records: list[Record], watched: Sensor = sensor) -> bool:
+            return len(watched.http_records()) >= 20
+
+        sensor.wait_for(enough, what="20 http records")
+        sensor.stop()
+        seen += go_records(sensor.http_records(), client.pid)
+    stop.touch()
+    done = client.wait_message("done")
+    client.finish()
+
+    assert done["requests"] > len(seen) >= 3 * 20
+    whole = [r for r in seen if r["request"] and r["response"] and r["error"] is None]
+    # A sensor may start or stop in the middle of one transaction; the rest are whole.
+    assert len(seen) - len(whole) <= 2 * 3, [r for r in seen if r not in whole][:3]
+    for record in whole:
+        assert record["request"]["path"] == "/items/21"
+        assert base64.b64decode(record["response"]["body"]) == bytes(range(21))

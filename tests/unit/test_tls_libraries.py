@@ -121,12 +121,23 @@ class _FakeProgram:
         return _FakeLink(self._log, what)
 
 
+class _FakeMap:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self._name, self._log = name, log
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._log.append(f"update {self._name} {key.hex()}={value.hex()}")
+
+
 class _FakeObject:
     def __init__(self) -> None:
         self.log: list[str] = []
 
     def program(self, name: str) -> _FakeProgram:
         return _FakeProgram(name, self.log)
+
+    def map(self, name: str) -> _FakeMap:
+        return _FakeMap(name, self.log)
 
 
 @pytest.mark.skipif(not LIBSSL.exists(), reason="needs Debian's libssl.so.3")
@@ -153,3 +164,6 @@ def test_process_mode_budget_defers_and_links_are_reaped(
     probes.detach(timeout_s=5)
     destroyed = [line for line in fake.log if line.startswith("destroy")]
     assert len(destroyed) == 4 * len(attached)  # 2 probes x (entry + return) each
+    # The probes were told to stop, all at once, before the first link went.
+    stopped = fake.log.index("update tls_stopped 00000000=01000000")
+    assert stopped < fake.log.index(destroyed[-1])

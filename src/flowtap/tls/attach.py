@@ -263,6 +263,11 @@ class OpenSslProbes:
             log.warning("%s: tls.Conn walk not set up: %s", mapped.path, exc)
 
     def detach(self, timeout_s: float = 10.0) -> None:
+        # First, every probe stops capturing at once; then the links go, one by one.
+        try:
+            self._obj.map("tls_stopped").update(b"\0\0\0\0", b"\1\0\0\0")
+        except BpfError as exc:
+            log.debug("could not stop the TLS probes at once: %s", exc)
         for attached in self._attached.values():
             self._reaper.put(attached.links)
         self._attached.clear()

@@ -2,8 +2,11 @@
 //
 //	tlspeer server CERT KEY            HTTPS on 127.0.0.1:0 (HTTP/2 and HTTP/1.1 by ALPN);
 //	                                   GET /items/N answers N bytes, POST echoes "echo:"+body
-//	tlspeer client CA URL N PROTO GO   waits for the file GO, then GETs URL N times on one
-//	                                   connection (PROTO h1 or h2), checking each body
+//	tlspeer client CA URL N PROTO GO [STOP]
+//	                                   waits for the file GO, then GETs URL N times on one
+//	                                   connection (PROTO h1 or h2; h1-new: a connection
+//	                                   each), checking each body; stops early once the
+//	                                   file STOP exists
 //
 // Each prints JSON status lines on stdout, like tests/e2e/peer.py.
 package main
@@ -64,7 +67,7 @@ func serve(cert, key string) {
 	}
 }
 
-func client(ca, url string, count int, proto, goFile string) {
+func client(ca, url string, count int, proto, goFile, stopFile string) {
 	pem, err := os.ReadFile(ca)
 	if err != nil {
 		panic(err)
@@ -72,9 +75,11 @@ func client(ca, url string, count int, proto, goFile string) {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(pem)
 	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: proto == "h2"}
-	if proto == "h1" {
+	if proto != "h2" {
 		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
+	// h1-new: a new connection (and TLS handshake) for every request.
+	transport.DisableKeepAlives = proto == "h1-new"
 	for {
 		if _, err := os.Stat(goFile); err == nil {
 			break
@@ -87,7 +92,13 @@ func client(ca, url string, count int, proto, goFile string) {
 		n, _ := strconv.Atoi(url[i+1:])
 		want = body(n)
 	}
-	for i := 0; i < count; i++ {
+	done := 0
+	for ; done < count; done++ {
+		if stopFile != "" {
+			if _, err := os.Stat(stopFile); err == nil {
+				break
+			}
+		}
 		resp, err := c.Get(url)
 		if err != nil {
 			panic(err)
@@ -95,10 +106,10 @@ func client(ca, url string, count int, proto, goFile string) {
 		got, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode != 200 || !bytes.Equal(got, want) {
-			panic(fmt.Sprintf("request %d: status %d, %d bytes", i, resp.StatusCode, len(got)))
+			panic(fmt.Sprintf("request %d: status %d, %d bytes", done, resp.StatusCode, len(got)))
 		}
 	}
-	say("done", map[string]any{"requests": count, "proto": proto})
+	say("done", map[string]any{"requests": done, "proto": proto})
 }
 
 func main() {
@@ -108,6 +119,10 @@ func main() {
 		serve(os.Args[2], os.Args[3])
 	case "client":
 		n, _ := strconv.Atoi(os.Args[4])
-		client(os.Args[2], os.Args[3], n, os.Args[5], os.Args[6])
+		stop := ""
+		if len(os.Args) > 7 {
+			stop = os.Args[7]
+		}
+		client(os.Args[2], os.Args[3], n, os.Args[5], os.Args[6], stop)
 	}
 }
