@@ -12,6 +12,8 @@ sensor is started before each "with" run and stopped (SIGINT, drain, stats) afte
   (d) wrk-tls: (a) over HTTPS (a 100-byte body, TLS 1.3, keep-alive): nginx and wrk both
       on libssl.so.3, so both ends are probed; run with --sensor-args
       "--capture-level full" for the issue's full-capture figure.
+  (e) go-tls: tests/e2e/go/tlspeer.go built here, its HTTPS server and its bench client
+      (one keep-alive connection, a 100-byte body): Go's crypto/tls on both ends.
 
 The sensor runs as a user would run it: `--include-loopback` and no scope filter, so
 it traces every connection on the host; its stats and records must show that it saw
@@ -247,10 +249,78 @@ def self_signed_certificate(workdir: Path) -> None:
     """server.pem and server.key (EC P-256) for nginx's TLS listener."""
     command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"]
     command += ["ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]  # Go checks SANs only
     command += ["-keyout", str(workdir / "server.key"), "-out", str(workdir / "server.pem")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise BenchError(f"openssl could not make a certificate: {done.stderr}")
+
+
+GO_PEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "go" / "tlspeer.go"
+
+
+@dataclass
+class GoTls:
+    """The Go HTTPS pair: tlspeer's server, and its bench client run for each measurement."""
+
+    binary: Path
+    ca: Path
+    port: int
+    server: int
+
+    def pids(self) -> list[int]:
+        return [self.server]
+
+
+@contextlib.contextmanager
+def go_tls_server(workdir: Path, cpu: int | None) -> Iterator[GoTls]:
+    """tests/e2e/go/tlspeer.go built with Debian's golang-go, serving HTTPS on 127.0.0.1."""
+    go = find_tool("go")
+    if go is None:
+        raise BenchError("the go-tls workload needs Go: apt-get install -y golang-go")
+    binary = workdir / "tlspeer"
+    env = os.environ | {
+        "GOCACHE": str(workdir / "gocache"),
+        "GOPATH": str(workdir / "gopath"),
+        "GO111MODULE": "off",
+        "CGO_ENABLED": "0",
+    }
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), str(GO_PEER_SOURCE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise BenchError(f"go build failed: {built.stderr}")
+    self_signed_certificate(workdir)
+    proc = subprocess.Popen(
+        pinned(
+            [str(binary), "server", str(workdir / "server.pem"), str(workdir / "server.key")], cpu
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(json.loads(proc.stdout.readline())["port"])
+        yield GoTls(binary, workdir / "server.pem", port, proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_go_client(pair: GoTls, seconds: int, cpu: int | None) -> tuple[float, JsonDict]:
+    url = f"https://127.0.0.1:{pair.port}/items/100"
+    command = pinned([str(pair.binary), "bench", str(pair.ca), url, str(seconds), "h1"], cpu)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise BenchError(f"the Go client failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: JsonDict = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["rate"]), {"command": " ".join(command), "requests": result["requests"]}
 
 
 _RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
@@ -470,7 +540,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default="wrk,loop,syscalls",
-        help="comma-separated subset of wrk,loop,syscalls,wrk-tls",
+        help="comma-separated subset of wrk,loop,syscalls,wrk-tls,go-tls",
     )
     parser.add_argument(
         "--cpu",
@@ -519,7 +589,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sensor_cpu < 0:
         args.sensor_cpu = None
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls"}
+    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls", "go-tls"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if not 1 <= args.pairs <= 20 or not 1 <= args.seconds <= 60:
@@ -585,6 +655,21 @@ def main(argv: list[str] | None = None) -> int:
                         port=lambda: tls_server.tls_port,
                         expected_opens=lambda _detail: 2 * WRK_CONNECTIONS,
                         pids=tls_server.pids,
+                    )
+                )
+            if "go-tls" in args.workloads:
+                go_dir = workdir / "go-tls"
+                go_dir.mkdir()
+                go_pair = stack.enter_context(go_tls_server(go_dir, cpu))
+                workloads.append(
+                    Workload(
+                        name=f"(e) Go HTTPS: tlspeer client -> server, keep-alive, "
+                        f"100-byte body, {args.seconds}s",
+                        unit="req/s",
+                        run=lambda: run_go_client(go_pair, args.seconds, cpu),
+                        port=lambda: go_pair.port,
+                        expected_opens=lambda _detail: 2,
+                        pids=go_pair.pids,
                     )
                 )
             if "loop" in args.workloads:

@@ -66,7 +66,7 @@ def test_sites_entry_then_every_ret() -> None:
         (
             ("crypto/tls.(*Conn).Read", 0x1000, (0x1010, 0x1020)),
             ("crypto/tls.(*Conn).Write", 0x2000, (0x2030,)),
-            ("crypto/tls.(*Conn).handshakeContext", 0x3000, (0x3040,)),
+            ("crypto/tls.(*Conn).serverHandshake", 0x3000, (0x3040,)),
         ),
         "pclntab",
     )

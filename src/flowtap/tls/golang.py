@@ -23,17 +23,24 @@ from flowtap.tls.placement import ProbeSite
 
 READ_FUNCTION = "crypto/tls.(*Conn).Read"
 WRITE_FUNCTION = "crypto/tls.(*Conn).Write"
-HANDSHAKE_FUNCTION = "crypto/tls.(*Conn).handshakeContext"  # its socket is the tls.Conn's
+# The handshakes' sockets are their tls.Conn's. These two run once per connection, where
+# handshakeContext is called by every Read and Write.
+CLIENT_HANDSHAKE = "crypto/tls.(*Conn).clientHandshake"
+SERVER_HANDSHAKE = "crypto/tls.(*Conn).serverHandshake"
 _ENTRY_PROGRAMS = {
     READ_FUNCTION: "go_read_enter",
     WRITE_FUNCTION: "go_write_enter",
-    HANDSHAKE_FUNCTION: "go_handshake_enter",
+    CLIENT_HANDSHAKE: "go_handshake_enter",
+    SERVER_HANDSHAKE: "go_handshake_enter",
 }
 _RETURN_PROGRAMS = {
     READ_FUNCTION: "go_return",
     WRITE_FUNCTION: "go_return",
-    HANDSHAKE_FUNCTION: "go_handshake_return",
+    CLIENT_HANDSHAKE: "go_handshake_return",
+    SERVER_HANDSHAKE: "go_handshake_return",
 }
+# What the entry probe reads: receiver, slice pointer and length, and the goroutine.
+_ENTRY_REGISTERS = frozenset({"rax", "eax", "rbx", "ebx", "rcx", "ecx", "r14"})
 MIN_VERSION = (1, 17)  # the register ABI on amd64
 SIGNATURE = WRITE_FUNCTION.encode()
 
@@ -166,14 +173,32 @@ def _pclntab_functions(image: ElfImage, wanted: set[str]) -> dict[str, Function]
     return found
 
 
-def _returns(image: ElfImage, function: Function) -> tuple[int, ...]:
+def _disassemble(image: ElfImage, function: Function) -> list[capstone.CsInsn]:
     size = min(function.size, _MAX_FUNCTION_BYTES)
-    code = image.code(function.address, size)
     cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    rets = [insn.address for insn in cs.disasm(code, function.address) if insn.mnemonic == "ret"]
+    cs.detail = True
+    return list(cs.disasm(image.code(function.address, size), function.address))
+
+
+def _returns(function: Function, insns: list[capstone.CsInsn]) -> list[int]:
+    rets = [insn.address for insn in insns if insn.mnemonic == "ret"]
     if not rets:
-        raise UnsupportedGoError(f"{function.name}: no RET found in {size} bytes")
-    return tuple(image.file_offset(address) for address in rets)
+        raise UnsupportedGoError(f"{function.name}: no RET found")
+    return rets
+
+
+def _entry(function: Function, insns: list[capstone.CsInsn]) -> int:
+    """Where the entry probe goes: the stack check's conditional jump, which the kernel
+    emulates, when what runs before it (a cmp, an lea into R12) leaves the registers the
+    probe reads alone; else the first instruction, which it single-steps. When the stack
+    must grow, the function starts over and the probe fires again: harmless."""
+    for insn in insns[:4]:
+        if insn.group(capstone.CS_GRP_JUMP):
+            return int(insn.address) if insn.mnemonic != "jmp" else function.address
+        _read, written = insn.regs_access()
+        if any(insn.reg_name(reg) in _ENTRY_REGISTERS for reg in written):
+            break
+    return function.address
 
 
 def plan_go(image: ElfImage) -> GoPlacement | None:
@@ -187,7 +212,7 @@ def plan_go(image: ElfImage) -> GoPlacement | None:
         raise UnsupportedGoError(f"{version}: not supported (stack ABI), connection-level only")
     if image.machine != "EM_X86_64":
         raise UnsupportedGoError(f"{version} on {image.machine}: only amd64 is probed")
-    wanted = {READ_FUNCTION, WRITE_FUNCTION, HANDSHAKE_FUNCTION}
+    wanted = set(_ENTRY_PROGRAMS)
     functions = image.functions(wanted)
     source = "symbols"
     if READ_FUNCTION not in functions or WRITE_FUNCTION not in functions:
@@ -196,17 +221,15 @@ def plan_go(image: ElfImage) -> GoPlacement | None:
     if READ_FUNCTION not in functions or WRITE_FUNCTION not in functions:
         raise UnsupportedGoError(f"{version}: crypto/tls is not linked in")
     walk, note = _conn_walk(image, parsed)
-    return GoPlacement(
-        version,
-        tuple(
-            (name, image.file_offset(functions[name].address), _returns(image, functions[name]))
-            for name in (READ_FUNCTION, WRITE_FUNCTION, HANDSHAKE_FUNCTION)
-            if name in functions
-        ),
-        source,
-        walk,
-        note,
-    )
+    probed = []
+    for name in (READ_FUNCTION, WRITE_FUNCTION, CLIENT_HANDSHAKE, SERVER_HANDSHAKE):
+        if name not in functions:
+            continue
+        insns = _disassemble(image, functions[name])
+        entry = _entry(functions[name], insns)
+        rets = tuple(image.file_offset(ret) for ret in _returns(functions[name], insns))
+        probed.append((name, image.file_offset(entry), rets))
+    return GoPlacement(version, tuple(probed), source, walk, note)
 
 
 def _conn_walk(image: ElfImage, version: tuple[int, int]) -> tuple[GoConnWalk | None, str]:

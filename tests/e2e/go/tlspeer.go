@@ -8,6 +8,8 @@
 //	                                   each), checking each body; stops early once the
 //	                                   file STOP exists
 //
+//	tlspeer bench CA URL SECONDS PROTO GETs URL on one connection for SECONDS (bench/)
+//
 // Each prints JSON status lines on stdout, like tests/e2e/peer.py.
 package main
 
@@ -112,11 +114,43 @@ func client(ca, url string, count int, proto, goFile, stopFile string) {
 	say("done", map[string]any{"requests": done, "proto": proto})
 }
 
+// bench: GETs URL on one keep-alive connection for SECONDS, then prints the rate.
+func bench(ca, url string, seconds int, proto string) {
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		panic(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: proto == "h2"}
+	if proto != "h2" {
+		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	}
+	c := &http.Client{Transport: transport}
+	deadline := time.Now().Add(time.Duration(seconds) * time.Second)
+	start := time.Now()
+	n := 0
+	for time.Now().Before(deadline) {
+		resp, err := c.Get(url)
+		if err != nil {
+			panic(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		n++
+	}
+	elapsed := time.Since(start).Seconds()
+	say("rate", map[string]any{"requests": n, "seconds": elapsed, "rate": float64(n) / elapsed})
+}
+
 func main() {
-	time.AfterFunc(60*time.Second, func() { os.Exit(3) })
+	time.AfterFunc(120*time.Second, func() { os.Exit(3) })
 	switch os.Args[1] {
 	case "server":
 		serve(os.Args[2], os.Args[3])
+	case "bench":
+		secs, _ := strconv.Atoi(os.Args[4])
+		bench(os.Args[2], os.Args[3], secs, os.Args[5])
 	case "client":
 		n, _ := strconv.Atoi(os.Args[4])
 		stop := ""
