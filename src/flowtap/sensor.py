@@ -93,6 +93,7 @@ class Sensor:
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
         self.tls: OpenSslProbes | None = None
+        self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
 
     # --- start-up -------------------------------------------------------------------
@@ -100,9 +101,19 @@ class Sensor:
     def start(self) -> None:
         require_root()
         require_btf()
-        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+        try:
+            obj, btf = self._load(with_tls=True)
+        except BpfError as exc:
+            # The TLS probes use helpers older kernels refuse to uprobes (task storage):
+            # connections and plaintext HTTP do not need them.
+            obj, btf = self._load(with_tls=False)
+            self.tls_unavailable = str(exc)
+            log.warning(
+                "TLS plaintext is off: the kernel refused the TLS probes (%s); connections "
+                "and plaintext HTTP are still captured. A kernel >= 6.2 loads them.",
+                exc,
+            )
         self._obj = obj
-        btf = Btf(obj)
         self._decoder = EventDecoder(btf)
         counters = btf.enum_values("ft_counter")
         self._kernel_counter_names = {
@@ -110,15 +121,11 @@ class Sensor:
             for name, value in counters.items()
             if name != "FT_CNT_MAX"
         }
-        self._write_config(obj, btf)
-        obj.map("events").set_max_entries(self.config.ring_buffer_bytes)
-        obj.map("conns").set_max_entries(self.config.max_connections)
-        obj.load()
         self._fill_filters(obj)
         self._ring = RingBuffer(obj.map("events"), self._on_record)
         for program in obj.programs():
             if program.section.startswith(("uprobe", "uretprobe")):
-                continue  # attached per TLS library file, below
+                continue  # attached per TLS library file, below (or not loaded)
             link = program.attach()
             self._links.append(link)
             log.debug("attached %s", link.description)
@@ -127,11 +134,29 @@ class Sensor:
         found = self.registry.scan()
         log.info("attributed %d processes already running", found)
         self._add_existing_listeners(obj, btf)
-        if self.config.capture_level != "none":
+        if self.config.capture_level != "none" and self.tls_unavailable is None:
             self._attach_tls(obj)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
+
+    def _load(self, *, with_tls: bool) -> tuple[BpfObject, Btf]:
+        """Opens, configures and loads the object; without the uprobe programs if asked."""
+        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+        try:
+            btf = Btf(obj)
+            self._write_config(obj, btf)
+            obj.map("events").set_max_entries(self.config.ring_buffer_bytes)
+            obj.map("conns").set_max_entries(self.config.max_connections)
+            if not with_tls:
+                for program in obj.programs():
+                    if program.section.startswith(("uprobe", "uretprobe")):
+                        program.set_autoload(False)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj, btf
 
     def _write_config(self, obj: BpfObject, btf: Btf) -> None:
         cfg = self.config
@@ -364,6 +389,8 @@ class Sensor:
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
+        if self.tls_unavailable is not None:
+            stats["tls"] = {"unavailable": self.tls_unavailable}
         if self.tls is not None:
             stats["tls"] = {
                 "mode": self.tls.mode,
