@@ -104,13 +104,14 @@ class Sensor:
         try:
             obj, btf = self._load(with_tls=True)
         except BpfError as exc:
-            # The TLS probes use helpers older kernels refuse to uprobes (task storage):
+            # The TLS probes use helpers some kernels refuse to uprobes (task storage):
             # connections and plaintext HTTP do not need them.
             obj, btf = self._load(with_tls=False)
             self.tls_unavailable = str(exc)
             log.warning(
                 "TLS plaintext is off: the kernel refused the TLS probes (%s); connections "
-                "and plaintext HTTP are still captured. A kernel >= 6.2 loads them.",
+                "and plaintext HTTP are still captured. A kernel that allows task storage "
+                "in uprobe programs loads them (this one is checked on 6.18).",
                 exc,
             )
         self._obj = obj
