@@ -1495,9 +1495,8 @@ int go_return(struct pt_regs *ctx)
 	bpf_map_delete_elem(&go_calls, &key);
 	if (tls_probes_stopped())
 		return 0;
-	/* n bytes moved, even when an error comes with them (io.Reader's contract). A Write
-	 * that reached the socket was sent whole already (see note_ssl_socket). */
-	if (n <= 0 || call.sent)
+	/* n bytes moved, even when an error comes with them (io.Reader's contract). */
+	if (n <= 0)
 		return 0;
 	if (!call.sk) {
 		struct tls_object object = { .tgid = key.tgid, .address = call.conn };
@@ -1505,8 +1504,9 @@ int go_return(struct pt_regs *ctx)
 		if (!bpf_map_lookup_elem(&tls_sockets, &object))
 			call.sk = go_conn_socket(call.conn);
 	}
-	state = tls_connection(call.sk, call.conn);
-	if (state)
+	state = tls_connection(call.sk, call.conn); /* also remembers the tls.Conn's socket */
+	/* A Write that reached the socket was sent whole already (see note_ssl_socket). */
+	if (state && !call.sent)
 		emit_plaintext(state, call.flow, (void *)call.buf, n, FT_SOURCE_GOTLS);
 	return 0;
 }
