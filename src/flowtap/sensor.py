@@ -33,7 +33,7 @@ from flowtap.loader.system import bpf_object_path, require_btf, require_root
 from flowtap.records.connection import Record
 from flowtap.records.http import HttpRecordOptions
 from flowtap.sinks.base import Sink, open_private
-from flowtap.tls.attach import OpenSslProbes, running_pids
+from flowtap.tls.attach import TlsProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
@@ -92,7 +92,7 @@ class Sensor:
         self._kernel_counter_names: dict[int, str] = {}
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
-        self.tls: OpenSslProbes | None = None
+        self.tls: TlsProbes | None = None
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
 
@@ -241,7 +241,7 @@ class Sensor:
 
     def _attach_tls(self, obj: BpfObject) -> None:
         """OpenSSL probes on the host's libssl and on what running traced processes map."""
-        self.tls = OpenSslProbes(
+        self.tls = TlsProbes(
             obj,
             self.config.tls_attach_mode,
             internal=self.config.tls_placement == "auto",
@@ -294,7 +294,7 @@ class Sensor:
             raise DecodeError("decoder not ready")
         return self._decoder.decode(data)
 
-    def _tls(self) -> OpenSslProbes | None:
+    def _tls(self) -> TlsProbes | None:
         """The OpenSSL probes, unless stopping: attaching can take milliseconds each, and
         a backlog of them must not hold up SIGINT."""
         return None if self._stopping.is_set() else self.tls

@@ -150,7 +150,7 @@ def test_process_mode_budget_defers_and_links_are_reaped(
     monkeypatch.setattr(attach, "executable_mappings", lambda _pid: [mapped])
     monkeypatch.setattr(time, "monotonic", lambda: 1000.5)  # all within one second
     fake = _FakeObject()
-    probes = attach.OpenSslProbes(fake, "process")  # type: ignore[arg-type]
+    probes = attach.TlsProbes(fake, "process")  # type: ignore[arg-type]
 
     for pid in range(100, 130):
         probes.on_connection(pid)

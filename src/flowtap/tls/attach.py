@@ -1,4 +1,5 @@
-"""OpenSSL probes: attached per file (device and inode), for every process or for one.
+"""TLS probes (OpenSSL, Go crypto/tls): attached per file (device and inode), for every
+process or for one.
 
 A file is examined the first time a traced process is seen running code from it: at
 start for the host's libssl and every process, at exec for the new executable, and when a
@@ -106,7 +107,9 @@ class TlsStats:
     attached: list[dict[str, object]] = field(default_factory=list)
 
 
-class OpenSslProbes:
+class TlsProbes:
+    """Finds the files with TLS code that traced processes run, and keeps them probed."""
+
     def __init__(self, obj: BpfObject, mode: AttachMode = "file", *, internal: bool = True) -> None:
         self._obj = obj
         self.mode: AttachMode = mode
