@@ -196,10 +196,17 @@ class TlsProbes:
         if (pid, mapped.key) in self._attached:
             return True
         if mapped.key not in self._placements:
+            access = _reachable(mapped)
+            try:
+                if access is None:
+                    raise FileNotFoundError(mapped.path)
+                plan = inspect_file(Path(access), mapped.path, internal=self._internal)
+            except OSError as exc:
+                # Gone with its process: the next process that maps it tries again.
+                log.debug("%s: not examined: %s", mapped.path, exc)
+                return True
             self.stats.files_examined += 1
-            self._placements[mapped.key] = inspect_file(
-                mapped.access, mapped.path, internal=self._internal
-            )
+            self._placements[mapped.key] = plan
         placement = self._placements[mapped.key]
         if placement is None:
             return True
@@ -210,7 +217,13 @@ class TlsProbes:
 
     def _attach(self, pid: int, mapped: MappedFile, placement: TlsPlan) -> None:
         attached = AttachedFile(mapped.path, placement)
-        target = str(mapped.access)
+        target = _reachable(mapped)
+        if target is None:
+            # The process is gone, and the file is not at its path here: the next process
+            # that maps it brings a way to reach it.
+            del self._placements[mapped.key]
+            log.debug("%s: gone before it could be probed", mapped.path)
+            return
         try:
             for site in placement.sites():
                 program = self._obj.program(site.program)
@@ -279,10 +292,22 @@ class TlsProbes:
             log.warning("%d TLS probe links are left for the kernel to release at exit", left)
 
 
+def _reachable(mapped: MappedFile) -> str | None:
+    """A path to the mapped file that works now: through the process while it lives, else
+    its own path when that is the same file (the process exited meanwhile)."""
+    if os.path.exists(mapped.access):
+        return str(mapped.access)
+    try:
+        same = file_key(Path(mapped.path)) == mapped.key
+    except OSError:
+        return None
+    return mapped.path if same else None
+
+
 def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPlan | None:
     """Where to probe this file (OpenSSL in it, or Go's crypto/tls); None when there is
-    nothing to probe or it cannot be read. Raises nothing: a damaged or hostile file on
-    the host must not stop the sensor."""
+    nothing to probe. Raises OSError only when the file cannot be read (its process is
+    gone): a damaged or hostile file on the host never stops the sensor."""
     try:
         if not contains_any(access, _SIGNATURES):
             return None
@@ -293,8 +318,10 @@ def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPl
         return None
     except UnsupportedGoError as exc:
         log.warning("%s: Go TLS not probed: %s", shown_as, exc)
-    except (OSError, ElfReadError) as exc:
+    except ElfReadError as exc:
         log.debug("%s: not examined: %s", shown_as, exc)
+    except OSError:
+        raise  # unreadable now, perhaps not later
     except Exception as exc:  # the ELF library's errors are not one family
         log.warning("%s: not examined, unreadable ELF: %s: %s", shown_as, type(exc).__name__, exc)
     return None
