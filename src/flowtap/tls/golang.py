@@ -1,13 +1,16 @@
-"""Go executables: crypto/tls in the binary itself, probed at (*Conn).Read and Write.
+"""Go executables: crypto/tls in the binary itself, probed at (*Conn).Read and Write (and
+at the handshakes, for their socket).
 
-The Go version comes from the build info (.go.buildinfo). The functions come from the
-symbol table or, in stripped executables (-ldflags=-s), from the runtime's own function
-table (.gopclntab), which every Go executable keeps. Each function gets an entry probe and
-a plain uprobe at every RET found by disassembling it: never a uretprobe, because Go
-moves goroutine stacks and a hijacked return address would crash the program.
+The Go version comes from the build info (.go.buildinfo, written inline since Go 1.18).
+The functions come from the symbol table or, in stripped executables (-ldflags=-s), from
+the runtime's own function table (.gopclntab), which every Go executable keeps. Each
+function gets an entry probe and a plain uprobe at every RET found by disassembling it:
+never a uretprobe, because Go moves goroutine stacks and a hijacked return address would
+crash the program.
 
-Only the register ABI (Go >= 1.17 on amd64) is supported; older executables are reported
-and left alone (their connections are still reported, without plaintext).
+Only the register ABI on amd64 is probed, from Go 1.18 (whose build info says the
+version); other executables are reported and left alone (their connections are still
+reported, without plaintext). See docs/tls.md.
 """
 
 from __future__ import annotations
