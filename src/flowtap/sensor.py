@@ -295,7 +295,7 @@ class Sensor:
         return self._decoder.decode(data)
 
     def _tls(self) -> TlsProbes | None:
-        """The OpenSSL probes, unless stopping: attaching can take milliseconds each, and
+        """The TLS probes, unless stopping: attaching can take milliseconds each, and
         a backlog of them must not hold up SIGINT."""
         return None if self._stopping.is_set() else self.tls
 
