@@ -94,9 +94,9 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--tls-attach",
         choices=("file", "process"),
         default="file",
-        help="OpenSSL probes once per library for every process (file, the default), or "
-        "per --pid process so that untraced programs pay nothing (process: best for a few "
-        "long-lived processes; each attach costs milliseconds)",
+        help="TLS probes once per library or Go executable for every process (file, the "
+        "default), or per --pid process so that untraced programs pay nothing (process: "
+        "best for a few long-lived processes; each attach costs milliseconds)",
     )
     payload.add_argument(
         "--tls-placement",

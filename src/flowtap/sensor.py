@@ -240,7 +240,7 @@ class Sensor:
                 listeners.update(key, value, BpfMap.BPF_NOEXIST)
 
     def _attach_tls(self, obj: BpfObject) -> None:
-        """OpenSSL probes on the host's libssl and on what running traced processes map."""
+        """TLS probes on the host's libssl and on what running traced processes map."""
         self.tls = TlsProbes(
             obj,
             self.config.tls_attach_mode,
