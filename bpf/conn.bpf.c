@@ -217,6 +217,15 @@ static __always_inline bool tls_probes_stopped(void)
 	return stopped && *stopped;
 }
 
+/* Set by userspace once a Go executable is probed: until then the socket hooks of every
+ * process skip the go_processes lookup (an array lookup is inlined, a hash one is not). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} go_probed SEC(".maps");
+
 /* Go executables whose tls.Conn can be walked to its socket (non-PIE, with symbols). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1030,8 +1039,14 @@ static __always_inline void note_ssl_socket(const struct sock *sk)
 	struct go_call_key key;
 	struct go_call *go;
 
+	__u32 zero = 0;
+	__u32 *any_go;
+
 	if (call && call->active)
 		call->sk = (__u64)sk;
+	any_go = bpf_map_lookup_elem(&go_probed, &zero);
+	if (!any_go || !*any_go)
+		return;
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!bpf_map_lookup_elem(&go_processes, &key.tgid))
 		return;

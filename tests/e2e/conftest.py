@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import BPF_OBJECT, Cgroup, Lab, cgroup2_mount, lab
+from .helpers import BPF_OBJECT, Cgroup, Lab, cgroup2_mount, lab, make_pki
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +34,9 @@ def e2e(tmp_path: Path, cgroup: Cgroup) -> Iterator[Lab]:
     """Starts peers and sensors for the test; stops all of them when it ends."""
     with lab(tmp_path, cgroup) as the_lab:
         yield the_lab
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA the tests make, and a certificate it signs for 127.0.0.1."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -31,6 +31,8 @@ T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().with_name("peer.py")
+TLS_PEER = Path(__file__).resolve().with_name("tls_peer.py")
+OPENSSL = "/usr/bin/openssl"
 BPF_OBJECT = REPO / "src" / "flowtap" / "bpf" / "conn.bpf.o"
 SCHEMA = REPO / "docs" / "schema" / "connection.schema.json"
 HTTP_SCHEMA = REPO / "docs" / "schema" / "http.schema.json"
@@ -666,3 +668,31 @@ def flowtap_cli(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+# --- TLS ------------------------------------------------------------------------------
+
+
+def openssl(*args: str) -> None:
+    subprocess.run([OPENSSL, *args], check=True, capture_output=True, timeout=30)
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A CA in d, and a certificate it signs for 127.0.0.1: {"ca", "cert", "key"}."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+            "-days", "2", "-subj", "/CN=flowtap test CA")  # fmt: skip
+    openssl("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+            "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))  # fmt: skip
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+def start_server(e2e: Lab, pki: dict[str, Path]) -> tuple[Peer, int]:
+    """tls_peer.py's HTTPS server (HTTP/2 and HTTP/1.1), in the test cgroup."""
+    argv = [PYTHON, str(TLS_PEER), "server", "--cert", str(pki["cert"]), "--key", str(pki["key"])]
+    server = e2e.spawn(argv, cgroup=e2e.cgroup, stem="https-server")
+    return server, int(server.wait_message("listening")["port"])

@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import CURL, PYTHON, Lab, Record, Sensor, only_pair
-from .test_tls_payloads import TLS_PEER, pki, start_server
-
-__all__ = ["pki"]  # the module-scoped CA fixture, shared
+from .helpers import CURL, PYTHON, TLS_PEER, Lab, Record, Sensor, only_pair, start_server
 
 pytestmark = pytest.mark.e2e
 

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Lab, find_pairs
-from .test_tls_payloads import pki, start_server
-
-__all__ = ["pki"]
+from .helpers import Lab, find_pairs, start_server
 
 pytestmark = pytest.mark.e2e
 

@@ -1,8 +1,8 @@
 """TLS plaintext from the OpenSSL probes, parsed into HTTP transaction records.
 
-Servers and clients use a certificate from a CA each test makes. The HTTPS server is
-started before the sensor (it is found by the start-up scan); clients come after, or
-before and wait for a go file.
+Servers and clients use a certificate from a CA the suite makes (the pki fixture). The
+HTTPS server is started before the sensor (it is found by the start-up scan); clients
+come after, or before and wait for a go file.
 """
 
 from __future__ import annotations
@@ -16,34 +16,23 @@ from typing import Any
 
 import pytest
 
-from .helpers import CURL, PYTHON, Lab, Peer, Record, find_pairs, only_pair, wait_until
+from .helpers import (
+    CURL,
+    OPENSSL,
+    PYTHON,
+    TLS_PEER,
+    Lab,
+    Record,
+    find_pairs,
+    only_pair,
+    start_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
-TLS_PEER = Path(__file__).resolve().with_name("tls_peer.py")
 STATIC_CLIENT_SOURCE = Path(__file__).resolve().with_name("tls_client.c")
-OPENSSL = "/usr/bin/openssl"
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
-
-
-def openssl(*args: str) -> None:
-    subprocess.run([OPENSSL, *args], check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, and a certificate it signs for 127.0.0.1."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-            "-days", "2", "-subj", "/CN=flowtap test CA")  # fmt: skip
-    openssl("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
-            "-subj", "/CN=127.0.0.1")  # fmt: skip
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-            "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))  # fmt: skip
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +47,6 @@ def static_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     linked = subprocess.run(["ldd", str(out)], capture_output=True, text=True, check=True)
     assert "libssl" not in linked.stdout, linked.stdout
     yield out
-
-
-def start_server(e2e: Lab, pki: dict[str, Path]) -> tuple[Peer, int]:
-    argv = [PYTHON, str(TLS_PEER), "server", "--cert", str(pki["cert"]), "--key", str(pki["key"])]
-    server = e2e.spawn(argv, cgroup=e2e.cgroup, stem="https-server")
-    return server, int(server.wait_message("listening")["port"])
 
 
 def by_pid(records: list[Record], pid: int) -> list[Record]:

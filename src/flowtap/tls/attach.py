@@ -239,8 +239,10 @@ class TlsProbes:
             log.warning("TLS probes not attached to %s: %s", mapped.path, exc)
             return
         self._attached[(pid, mapped.key)] = attached
-        if isinstance(placement, GoPlacement) and placement.walk is not None:
-            self._add_go_executable(mapped, placement.walk)
+        if isinstance(placement, GoPlacement):
+            self._set_flag("go_probed")
+            if placement.walk is not None:
+                self._add_go_executable(mapped, placement.walk)
         scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
         if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
             self.stats.attached.append(
@@ -255,6 +257,13 @@ class TlsProbes:
         log.info(
             "%s probes attached to %s (%s): %s", library, mapped.path, scope, placement.describe()
         )
+
+    def _set_flag(self, name: str) -> None:
+        """Sets the one-entry u32 array map `name` (tls_stopped, go_probed) to 1."""
+        try:
+            self._obj.map(name).update(b"\0\0\0\0", b"\1\0\0\0")
+        except BpfError as exc:
+            log.warning("could not set %s: %s", name, exc)
 
     def _add_go_executable(self, mapped: MappedFile, walk: GoConnWalk) -> None:
         """Lets the kernel walk this executable's tls.Conn to its socket (keyed as the
@@ -280,10 +289,7 @@ class TlsProbes:
 
     def detach(self, timeout_s: float = 10.0) -> None:
         # First, every probe stops capturing at once; then the links go, one by one.
-        try:
-            self._obj.map("tls_stopped").update(b"\0\0\0\0", b"\1\0\0\0")
-        except BpfError as exc:
-            log.debug("could not stop the TLS probes at once: %s", exc)
+        self._set_flag("tls_stopped")
         for attached in self._attached.values():
             self._reaper.put(attached.links)
         self._attached.clear()

@@ -69,7 +69,9 @@ func serve(cert, key string) {
 	}
 }
 
-func client(ca, url string, count int, proto, goFile, stopFile string) {
+// newTransport trusts the CA in the file ca and speaks proto: h2, h1, or h1-new (a new
+// connection, and TLS handshake, for every request).
+func newTransport(ca, proto string) *http.Transport {
 	pem, err := os.ReadFile(ca)
 	if err != nil {
 		panic(err)
@@ -80,8 +82,12 @@ func client(ca, url string, count int, proto, goFile, stopFile string) {
 	if proto != "h2" {
 		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
-	// h1-new: a new connection (and TLS handshake) for every request.
 	transport.DisableKeepAlives = proto == "h1-new"
+	return transport
+}
+
+func client(ca, url string, count int, proto, goFile, stopFile string) {
+	transport := newTransport(ca, proto)
 	for {
 		if _, err := os.Stat(goFile); err == nil {
 			break
@@ -116,17 +122,7 @@ func client(ca, url string, count int, proto, goFile, stopFile string) {
 
 // bench: GETs URL on one keep-alive connection for SECONDS, then prints the rate.
 func bench(ca, url string, seconds int, proto string) {
-	pem, err := os.ReadFile(ca)
-	if err != nil {
-		panic(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
-	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: proto == "h2"}
-	if proto != "h2" {
-		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
-	}
-	c := &http.Client{Transport: transport}
+	c := &http.Client{Transport: newTransport(ca, proto)}
 	deadline := time.Now().Add(time.Duration(seconds) * time.Second)
 	start := time.Now()
 	n := 0
