@@ -35,7 +35,7 @@ $(BUILD)/vmlinux.h: | $(BUILD)/.deps-stamp
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
 bpf: $(BPF_OBJ)
-$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/flowtap.h $(BUILD)/vmlinux.h
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(wildcard bpf/*.h) $(BUILD)/vmlinux.h
 	@mkdir -p $(BPF_OUT)
 	$(CLANG) -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) \
 		-I$(BUILD) -Ibpf -c $< -o $@.tmp

@@ -14,6 +14,9 @@ sensor is started before each "with" run and stopped (SIGINT, drain, stats) afte
       "--capture-level full" for the issue's full-capture figure.
   (e) go-tls: tests/e2e/go/tlspeer.go built here, its HTTPS server and its bench client
       (one keep-alive connection, a 100-byte body): Go's crypto/tls on both ends.
+  (f) node-tls: tests/e2e/node_peer.js's HTTPS server and its bench client (one
+      keep-alive connection, sequential GETs, a 100-byte body): node's OpenSSL, linked
+      into /usr/bin/node, on memory BIOs, on both ends.
 
 The sensor runs as a user would run it: `--include-loopback` and no scope filter, so
 it traces every connection on the host; its stats and records must show that it saw
@@ -323,6 +326,58 @@ def run_go_client(pair: GoTls, seconds: int, cpu: int | None) -> tuple[float, Js
     return float(result["rate"]), {"command": " ".join(command), "requests": result["requests"]}
 
 
+NODE_PEER = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "node_peer.js"
+
+
+@dataclass
+class NodeTls:
+    """The node HTTPS pair: node_peer.js's server, and its bench client run per measurement."""
+
+    node: str
+    cert: Path
+    port: int
+    server: int
+
+    def pids(self) -> list[int]:
+        return [self.server]
+
+
+@contextlib.contextmanager
+def node_tls_server(workdir: Path, cpu: int | None) -> Iterator[NodeTls]:
+    """tests/e2e/node_peer.js's HTTPS server (node's https, OpenSSL in the executable)."""
+    node = find_tool("node")
+    if node is None:
+        raise BenchError("the node-tls workload needs node: apt-get install -y nodejs")
+    self_signed_certificate(workdir)
+    argv = [node, str(NODE_PEER), "server", str(workdir / "server.pem")]
+    argv.append(str(workdir / "server.key"))
+    proc = subprocess.Popen(
+        pinned(argv, cpu), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(json.loads(proc.stdout.readline())["port"])
+        yield NodeTls(node, workdir / "server.pem", port, proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_node_client(pair: NodeTls, seconds: int, cpu: int | None) -> tuple[float, JsonDict]:
+    url = f"https://127.0.0.1:{pair.port}/items/100"
+    # The last argument is node_peer's go file: one that exists, so it starts at once.
+    command = pinned([pair.node, str(NODE_PEER), "bench", url, str(seconds), str(pair.cert)], cpu)
+    env = os.environ | {"NODE_EXTRA_CA_CERTS": str(pair.cert)}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=seconds + 60, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the node client failed ({done.returncode}): {done.stdout[-2000:]}")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    result: JsonDict = next(line for line in lines if line.get("event") == "result")
+    return float(result["rate"]), {"command": " ".join(command), "requests": result["requests"]}
+
+
 _RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
 
 
@@ -540,7 +595,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default="wrk,loop,syscalls",
-        help="comma-separated subset of wrk,loop,syscalls,wrk-tls,go-tls",
+        help="comma-separated subset of wrk,loop,syscalls,wrk-tls,go-tls,node-tls",
     )
     parser.add_argument(
         "--cpu",
@@ -589,7 +644,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sensor_cpu < 0:
         args.sensor_cpu = None
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls", "go-tls"}
+    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls", "go-tls", "node-tls"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if not 1 <= args.pairs <= 20 or not 1 <= args.seconds <= 60:
@@ -670,6 +725,21 @@ def main(argv: list[str] | None = None) -> int:
                         port=lambda: go_pair.port,
                         expected_opens=lambda _detail: 2,
                         pids=go_pair.pids,
+                    )
+                )
+            if "node-tls" in args.workloads:
+                node_dir = workdir / "node-tls"
+                node_dir.mkdir()
+                node_pair = stack.enter_context(node_tls_server(node_dir, cpu))
+                workloads.append(
+                    Workload(
+                        name=f"(f) node HTTPS: node_peer.js client -> server, keep-alive, "
+                        f"100-byte body, {args.seconds}s",
+                        unit="req/s",
+                        run=lambda: run_node_client(node_pair, args.seconds, cpu),
+                        port=lambda: node_pair.port,
+                        expected_opens=lambda _detail: 2,
+                        pids=node_pair.pids,
                     )
                 )
             if "loop" in args.workloads:

@@ -32,6 +32,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "flowtap.h"
+#include "environment.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -141,6 +142,16 @@ struct ssl_call {
 	__u64 sk; /* the socket the call read or wrote, seen by sock_*_length meanwhile */
 	__u32 flow; /* enum ft_flow */
 	__u32 active; /* between the entry and the return probe */
+	/*
+	 * Memory BIOs (node): the thread reads the socket, then, with no syscall inside,
+	 * writes any pending plaintext (SSL_write) and decrypts what it read (SSL_read until
+	 * that returns <= 0). So the socket it last received on, outside an SSL call, is the
+	 * one its next SSL call works for: the first SSL * to call claims it, and its last
+	 * read (<= 0) gives it up.
+	 */
+	__u64 recv_sk;
+	__u64 recv_conn_id;
+	__u64 recv_ssl; /* the SSL * that claimed the receive; 0: none yet */
 };
 
 /* Each thread's SSL call in progress: task storage costs a pointer lookup, where a hash
@@ -297,11 +308,30 @@ static __always_inline void submit(void *event, __u64 size)
 	bpf_ringbuf_submit(event, wakeup_flags(size));
 }
 
+/* Index 0: set once any process has QPOINT_STRATEGY=ignore, so until then nobody pays
+ * the strategies lookup. Written by the exec hook and by userspace's /proc scan. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} ignore_in_use SEC(".maps");
+
+static __always_inline bool ignored(__u32 tgid)
+{
+	__u32 zero = 0;
+	__u32 *in_use = bpf_map_lookup_elem(&ignore_in_use, &zero);
+
+	return in_use && *in_use && strategy_of(tgid) == FT_STRATEGY_IGNORE;
+}
+
 static __always_inline bool current_is_traced(void)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 
 	if (tgid == cfg.self_tgid)
+		return false;
+	if (ignored(tgid))
 		return false;
 	if (cfg.filter_pids && !bpf_map_lookup_elem(&traced_pids, &tgid))
 		return false;
@@ -1028,11 +1058,43 @@ static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 fl
 	}
 }
 
+/* The connection of a socket, if it is a traced TCP one. */
+static __always_inline struct ft_conn_state *tcp_state(__u64 sk)
+{
+	struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &sk);
+
+	return state && state->conn.protocol == IPPROTO_TCP ? state : NULL;
+}
+
+/* Its first bytes were a TLS handshake record (or plaintext went through it already). */
+static __always_inline bool carries_tls(const struct ft_conn_state *state)
+{
+	if (state->tls)
+		return true;
+	if (state->sniff.flow != FT_FLOW_TX && state->sniff.flow != FT_FLOW_RX)
+		return false;
+	return state->sniff.length >= 3 && state->sniff.data[0] == 0x16 &&
+	       state->sniff.data[1] == 0x03;
+}
+
+/* The TLS object (SSL *, *tls.Conn) of this process moves its bytes over sk's connection. */
+static __always_inline void remember_tls_socket(__u64 object, __u64 sk, __u64 conn_id)
+{
+	struct tls_object key = { .tgid = bpf_get_current_pid_tgid() >> 32, .address = object };
+	struct tls_socket seen = { .sk = sk, .conn_id = conn_id };
+	struct tls_socket *cached = bpf_map_lookup_elem(&tls_sockets, &key);
+
+	if (cached && cached->sk == sk && cached->conn_id == conn_id)
+		return;
+	bpf_map_update_elem(&tls_sockets, &key, &seen, BPF_ANY);
+}
+
 /*
- * A socket moved bytes inside an SSL call of this thread: that is the call's connection,
- * traced or not (an untraced one is not counted as unattributed).
+ * A socket moved bytes: inside an SSL call of this thread, that is the call's connection,
+ * traced or not (an untraced one is not counted as unattributed). Returns the thread's
+ * SSL call state (NULL for threads that never made an SSL call).
  */
-static __always_inline void note_ssl_socket(const struct sock *sk)
+static __always_inline struct ssl_call *note_ssl_socket(const struct sock *sk)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct ssl_call *call = bpf_task_storage_get(&ssl_calls, task, 0, 0);
@@ -1046,10 +1108,10 @@ static __always_inline void note_ssl_socket(const struct sock *sk)
 		call->sk = (__u64)sk;
 	any_go = bpf_map_lookup_elem(&go_probed, &zero);
 	if (!any_go || !*any_go)
-		return;
+		return call;
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!bpf_map_lookup_elem(&go_processes, &key.tgid))
-		return;
+		return call;
 	/* The goroutine making this syscall: Go's syscall path keeps g in R14. */
 	key.pad = 0;
 	key.g = ((struct pt_regs *)bpf_task_pt_regs(task))->r14;
@@ -1058,18 +1120,28 @@ static __always_inline void note_ssl_socket(const struct sock *sk)
 		go->sk = (__u64)sk;
 	go = bpf_map_lookup_elem(&go_calls, &key);
 	if (!go)
-		return;
+		return call;
 	go->sk = (__u64)sk;
 	/* A Write's plaintext goes out here, at its first send, not at its return: goroutines
 	 * write a connection in turns (tls.Conn's lock) but may reach their return probes in
 	 * another order, and the peer's answer may be read before the writer returns. */
 	if (go->flow == FT_FLOW_TX && !go->sent && !tls_probes_stopped()) {
-		struct ft_conn_state *state = bpf_map_lookup_elem(&conns, &go->sk);
+		struct ft_conn_state *state = tcp_state(go->sk);
 
 		go->sent = 1;
-		if (state && state->conn.protocol == IPPROTO_TCP && go->len)
+		if (state && go->len)
 			emit_plaintext(state, FT_FLOW_TX, (void *)go->buf, go->len, FT_SOURCE_GOTLS);
 	}
+	return call;
+}
+
+/* A receive outside an SSL call (memory BIOs): the next SSL_read's socket, unclaimed. */
+static __always_inline void note_received(struct ssl_call *call, const struct sock *sk,
+					  const struct ft_conn_state *state)
+{
+	call->recv_sk = (__u64)sk;
+	call->recv_conn_id = state ? state->conn.conn_id : 0;
+	call->recv_ssl = 0;
 }
 
 SEC("tp_btf/sock_send_length")
@@ -1119,11 +1191,14 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 {
 	struct ft_conn_state *state;
+	struct ssl_call *call;
 
 	if (flags & MSG_PEEK)
 		return 0;
-	note_ssl_socket(sk);
+	call = note_ssl_socket(sk);
 	state = lookup_conn(sk);
+	if (call && !call->active && ret > 0)
+		note_received(call, sk, state);
 	if (!state)
 		return 0;
 	if (state->owner_pending && !claim_ingress(sk, state))
@@ -1156,8 +1231,15 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	__u32 parent_tgid = parent->tgid;
 	__u32 child_tgid = child->tgid;
 	__u8 one = 1;
+	__u8 *strategy;
 
-	if (!cfg.filter_pids || parent_tgid == child_tgid)
+	if (parent_tgid == child_tgid)
+		return 0;
+	/* The child has its parent's environment, so its strategy too, until it execs. */
+	strategy = bpf_map_lookup_elem(&strategies, &parent_tgid);
+	if (strategy)
+		bpf_map_update_elem(&strategies, &child_tgid, strategy, BPF_ANY);
+	if (!cfg.filter_pids)
 		return 0;
 	if (!bpf_map_lookup_elem(&traced_pids, &parent_tgid))
 		return 0;
@@ -1181,12 +1263,35 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	return 0;
 }
 
+/* A new program image, perhaps a new environment: its strategy is read again. */
+static __always_inline void note_strategy(struct task_struct *task)
+{
+	__u32 tgid = task->tgid, zero = 0;
+	__u8 strategy = strategy_from_environment(task);
+
+	if (strategy == FT_STRATEGY_OBSERVE) {
+		bpf_map_delete_elem(&strategies, &tgid);
+		return;
+	}
+	if (bpf_map_update_elem(&strategies, &tgid, &strategy, BPF_ANY)) {
+		count(FT_CNT_STRATEGY_TABLE_FULL);
+		return;
+	}
+	if (strategy == FT_STRATEGY_IGNORE) {
+		__u32 *in_use = bpf_map_lookup_elem(&ignore_in_use, &zero);
+
+		if (in_use)
+			*in_use = 1;
+	}
+}
+
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
 	struct ft_exec_event *e;
 	unsigned long arg_start, arg_end, len;
 
+	note_strategy(task);
 	if (!current_is_traced())
 		return 0;
 	e = reserve(sizeof(*e), FT_EVENT_EXEC);
@@ -1229,6 +1334,7 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
 	bpf_map_delete_elem(&go_processes, &tgid);
+	bpf_map_delete_elem(&strategies, &tgid);
 	if (cfg.filter_pids) {
 		bool traced = bpf_map_lookup_elem(&traced_pids, &tgid) != NULL;
 
@@ -1299,37 +1405,98 @@ int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, __u64 *writt
 }
 
 /*
+ * What tls_sockets says about this TLS object: its connection (and socket, in *sk) while
+ * that lasts. A stale entry is dropped, never followed: its connection is over, or the
+ * program closed that socket (orphaned, it may linger in FIN_WAIT meanwhile), and the
+ * address may now hold a new object for another connection.
+ */
+static __always_inline struct ft_conn_state *cached_connection(__u64 object, __u64 *sk)
+{
+	struct tls_object key = { .tgid = bpf_get_current_pid_tgid() >> 32, .address = object };
+	struct tls_socket *cached = bpf_map_lookup_elem(&tls_sockets, &key);
+	struct ft_conn_state *state;
+	const struct sock *sock;
+
+	if (!cached)
+		return NULL;
+	state = bpf_map_lookup_elem(&conns, &cached->sk);
+	sock = (const struct sock *)cached->sk;
+	if (state && state->conn.conn_id == cached->conn_id && BPF_CORE_READ(sock, sk_socket)) {
+		*sk = cached->sk;
+		return state;
+	}
+	bpf_map_delete_elem(&tls_sockets, &key);
+	return NULL;
+}
+
+/*
  * The connection of a finished TLS call: the socket it used, else the one its TLS object
  * used last; NULL when not traced, over, or unknown (counted).
  */
 static __always_inline struct ft_conn_state *tls_connection(__u64 sk, __u64 object)
 {
-	struct tls_object key = { .tgid = bpf_get_current_pid_tgid() >> 32, .address = object };
-	struct tls_socket *cached;
 	struct ft_conn_state *state;
-	struct tls_socket seen;
+	__u64 cached_sk = 0;
 
 	if (sk) {
-		state = bpf_map_lookup_elem(&conns, &sk);
-		if (!state || state->conn.protocol != IPPROTO_TCP)
+		state = tcp_state(sk);
+		if (!state)
 			return NULL; /* not traced (filters, loopback) */
-		cached = bpf_map_lookup_elem(&tls_sockets, &key);
-		if (cached && cached->sk == sk && cached->conn_id == state->conn.conn_id)
-			return state;
-		seen.sk = sk;
-		seen.conn_id = state->conn.conn_id;
-		bpf_map_update_elem(&tls_sockets, &key, &seen, BPF_ANY);
+		remember_tls_socket(object, sk, state->conn.conn_id);
 		return state;
 	}
-	cached = bpf_map_lookup_elem(&tls_sockets, &key);
-	if (!cached) {
+	state = cached_connection(object, &cached_sk);
+	if (!state)
 		count(FT_CNT_TLS_UNATTRIBUTED);
+	return state;
+}
+
+/*
+ * The connection of an SSL call that made no syscall (memory BIOs: node): its SSL *'s
+ * socket when known, else the socket this thread last received on, unless another SSL *
+ * claimed that receive first or its connection does not carry TLS. NULL when unknown
+ * (*untraced: the socket is one the filters leave out, not a loss).
+ */
+static __always_inline struct ft_conn_state *memory_bio_connection(struct ssl_call *call,
+								   __u64 ssl, bool *untraced)
+{
+	struct ft_conn_state *state;
+	__u64 sk = 0;
+
+	*untraced = false;
+	state = cached_connection(ssl, &sk);
+	if (state) {
+		/* Its own receive: claimed, so that no other SSL * takes it. */
+		if (call->recv_sk == sk && !call->recv_ssl)
+			call->recv_ssl = ssl;
+		return state;
+	}
+	if (!call->recv_sk || (call->recv_ssl && call->recv_ssl != ssl))
+		return NULL;
+	state = bpf_map_lookup_elem(&conns, &call->recv_sk);
+	if (!state) {
+		*untraced = true;
 		return NULL;
 	}
-	state = bpf_map_lookup_elem(&conns, &cached->sk);
-	if (!state || state->conn.conn_id != cached->conn_id)
-		return NULL; /* that connection is over */
+	if (state->conn.protocol != IPPROTO_TCP || state->conn.conn_id != call->recv_conn_id ||
+	    !carries_tls(state))
+		return NULL;
+	call->recv_ssl = ssl;
+	remember_tls_socket(ssl, call->recv_sk, call->recv_conn_id);
 	return state;
+}
+
+/* A read that found nothing more (<= 0) ends its SSL *'s turn with the thread's receive;
+ * the handshake's reads tie the SSL * to its socket already. */
+static __always_inline void reads_done(struct ssl_call *found, __u64 ssl)
+{
+	bool untraced;
+
+	memory_bio_connection(found, ssl, &untraced);
+	if (found->recv_ssl == ssl) {
+		found->recv_sk = 0;
+		found->recv_ssl = 0;
+	}
 }
 
 SEC("uretprobe")
@@ -1339,6 +1506,7 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	struct ssl_call *found;
 	struct ssl_call call;
 	__u64 length = ret;
+	bool untraced = false;
 
 	found = bpf_task_storage_get(&ssl_calls, bpf_get_current_task_btf(), 0, 0);
 	if (!found || !found->active)
@@ -1348,15 +1516,27 @@ int BPF_KRETPROBE(ssl_return, int ret)
 		return 0;
 	call = *found;
 	/* Non-positive: an error, or the _ex variants' failure: no data moved. */
-	if (ret <= 0)
+	if (ret <= 0) {
+		if (!call.sk && call.flow == FT_FLOW_RX)
+			reads_done(found, call.ssl);
 		return 0;
+	}
 	if (call.out && bpf_probe_read_user(&length, sizeof(length), (void *)call.out)) {
 		count(FT_CNT_PAYLOAD_READ_FAILED);
 		return 0;
 	}
 	if (!length)
 		return 0;
-	state = tls_connection(call.sk, call.ssl);
+	if (call.sk) {
+		state = tls_connection(call.sk, call.ssl);
+	} else {
+		/* A write too: node writes a request made during the handshake right after the
+		 * receive that ends it, before decrypting (and its buffer is freed before the
+		 * ciphertext is sent, so it could not wait for the send). */
+		state = memory_bio_connection(found, call.ssl, &untraced);
+		if (!state && !untraced)
+			count(FT_CNT_TLS_UNATTRIBUTED);
+	}
 	if (state)
 		emit_plaintext(state, call.flow, (void *)call.buf, length, FT_SOURCE_OPENSSL);
 	return 0;

@@ -56,7 +56,8 @@ enum ft_counter {
 	FT_CNT_TLS_CALLS_FULL = 8, /* an SSL call not followed: no memory for its state */
 	FT_CNT_PAYLOAD_SHED = 9, /* payload not copied: the ring buffer is kept for connections */
 	FT_CNT_GO_CONN_UNRESOLVED = 10, /* a Go tls.Conn not over a *net.TCPConn: not walked */
-	FT_CNT_MAX = 11,
+	FT_CNT_STRATEGY_TABLE_FULL = 11, /* a QPOINT_STRATEGY not stored: process observed */
+	FT_CNT_MAX = 12,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -240,6 +241,52 @@ struct ft_fork_event {
 	struct ft_task task;
 	__u32 parent_pid;
 	__u32 pad;
+};
+
+/*
+ * Egress controller (egress.bpf.c, strategy.h): per-process strategy from the environment
+ * and the original destination of each connection redirected to the proxy.
+ */
+#define FT_MAX_STRATEGIES 65536
+#define FT_ENV_MAX_BYTES 32768 /* environment bytes searched at exec */
+#define FT_STRATEGY_NAME_LEN 16 /* strlen("QPOINT_STRATEGY=") */
+#define FT_MAX_REDIRECTS 65536
+
+enum ft_strategy {
+	FT_STRATEGY_OBSERVE = 0, /* absent: observed only */
+	FT_STRATEGY_FORWARD = 1, /* outbound TCP goes through the egress proxy */
+	FT_STRATEGY_IGNORE = 2, /* never captured */
+};
+
+/* Settings of the egress object, written into its .rodata before load. */
+struct ft_egress_config {
+	__u32 proxy_tgid; /* the proxy's own connections are never redirected */
+	__u16 proxy_port; /* network order: the transparent listener on 127.0.0.1 and ::1 */
+	__u16 pad;
+};
+
+/* Key of a redirected connection as the proxy sees it: the client's address and port. */
+struct ft_egress_key {
+	__u8 addr[16]; /* IPv4 in the first 4 bytes */
+	__u16 port; /* network order */
+	__u16 family; /* AF_INET or AF_INET6 */
+};
+
+/* Where a redirected connection was going, and who made it. */
+struct ft_egress_origin {
+	__u8 addr[16]; /* IPv4 in the first 4 bytes */
+	__u16 port; /* network order */
+	__u16 family;
+	__u32 pid; /* tgid of the process that connected */
+};
+
+/* Indexes of the egress object's per-CPU counters. */
+enum ft_egress_counter {
+	FT_EGRESS_REDIRECTED = 0, /* connects rewritten to the proxy */
+	FT_EGRESS_TABLE_FULL = 1, /* an original destination not stored: connect refused */
+	FT_EGRESS_ANSWERED = 2, /* SO_ORIGINAL_DST answered */
+	FT_EGRESS_UNKNOWN = 3, /* SO_ORIGINAL_DST asked for a connection not redirected */
+	FT_EGRESS_MAX = 4,
 };
 
 #endif /* FLOWTAP_H */

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -110,6 +111,46 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show credentials (Authorization, Cookie, API keys) instead of [REDACTED]",
     )
+    egress = run.add_argument_group(
+        "egress controller (QPOINT_STRATEGY=forward processes through a local proxy)"
+    )
+    egress.add_argument(
+        "--egress",
+        action="store_true",
+        help="run the proxy and redirect forward processes' outbound TCP to it",
+    )
+    egress.add_argument(
+        "--egress-cgroup",
+        type=Path,
+        help="cgroup v2 directory whose processes can be redirected (default: the root); "
+        "flowtap itself must run inside it",
+    )
+    egress.add_argument(
+        "--trust-store",
+        type=Path,
+        default=Path(os.environ["TRUST_STORE"]) if os.environ.get("TRUST_STORE") else None,
+        help="directory where the proxy's CA certificate is written for clients to trust "
+        "(default: $TRUST_STORE)",
+    )
+    egress.add_argument(
+        "--proxy-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="port of the explicit proxy on 127.0.0.1 (HTTP_PROXY/HTTPS_PROXY); 0: any free "
+        "port, printed at start",
+    )
+    egress.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/flowtap"),
+        help="where the proxy keeps its CA (created at first start, key mode 0600)",
+    )
+    egress.add_argument(
+        "--upstream-ca-file",
+        type=Path,
+        help="PEM roots trusted for upstream servers besides the system's",
+    )
     out = run.add_argument_group("output")
     out.add_argument("--output", choices=("console", "json"), default="console")
     out.add_argument("--output-file", type=Path, help="append records here (mode 0600)")
@@ -155,6 +196,12 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         redact=not args.no_redaction,
         tls_attach=args.tls_attach,
         tls_placement=args.tls_placement,
+        egress=args.egress,
+        egress_cgroup=args.egress_cgroup,
+        trust_store=args.trust_store,
+        proxy_port=args.proxy_port,
+        egress_state_dir=args.state_dir,
+        upstream_ca_file=args.upstream_ca_file,
     )
 
 

@@ -51,6 +51,12 @@ class SensorConfig:
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
+    egress: bool = False
+    egress_cgroup: Path | None = None  # None: the cgroup v2 root
+    trust_store: Path | None = None
+    proxy_port: int = 0  # explicit proxy (HTTP_PROXY/HTTPS_PROXY); 0: any free port
+    egress_state_dir: Path = Path("/var/lib/flowtap")
+    upstream_ca_file: Path | None = None  # extra roots for upstream servers
 
     def validate(self) -> None:
         for pid in self.pids:
@@ -77,6 +83,10 @@ class SensorConfig:
             raise ConfigError(f"--max-body-bytes {self.max_body_bytes}: use 0 or more bytes")
         if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
+        if self.egress:
+            self._validate_egress()
+        elif self.egress_cgroup is not None or self.trust_store is not None:
+            raise ConfigError("--egress-cgroup and --trust-store need --egress")
         if self.tls_attach == "process" and not self.pids:
             raise ConfigError(
                 "--tls-attach process probes the --pid processes only: give --pid, "
@@ -91,16 +101,32 @@ class SensorConfig:
         seconds at start and at stop (docs/tls.md)."""
         return "process" if self.tls_attach == "process" else "file"
 
+    def _validate_egress(self) -> None:
+        if not 0 <= self.proxy_port <= 65535:
+            raise ConfigError(f"--proxy-port {self.proxy_port}: use 1 to 65535, or 0 for any")
+        if self.egress_cgroup is not None:
+            self._validate_cgroup(self.egress_cgroup, flag="--egress-cgroup")
+        elif cgroup2_mount() is None:
+            raise ConfigError("--egress needs cgroup v2, and no cgroup2 filesystem is mounted")
+        for flag, path in (
+            ("--trust-store", self.trust_store),
+            ("--state-dir", self.egress_state_dir),
+        ):
+            if path is not None and path.exists() and not path.is_dir():
+                raise ConfigError(f"{flag} {path}: not a directory")
+        if self.upstream_ca_file is not None and not self.upstream_ca_file.is_file():
+            raise ConfigError(f"--upstream-ca-file {self.upstream_ca_file}: no such file")
+
     @staticmethod
-    def _validate_cgroup(path: Path) -> None:
+    def _validate_cgroup(path: Path, flag: str = "--cgroup") -> None:
         root = cgroup2_mount()
         if root is None:
-            raise ConfigError("--cgroup needs cgroup v2, and no cgroup2 filesystem is mounted")
+            raise ConfigError(f"{flag} needs cgroup v2, and no cgroup2 filesystem is mounted")
         resolved = path.resolve()
         if not resolved.is_dir():
-            raise ConfigError(f"--cgroup {path}: not a directory")
+            raise ConfigError(f"{flag} {path}: not a directory")
         if resolved != root and root not in resolved.parents:
             raise ConfigError(
-                f"--cgroup {path}: not inside the cgroup v2 hierarchy at {root} "
+                f"{flag} {path}: not inside the cgroup v2 hierarchy at {root} "
                 f"(give a directory such as {root}/system.slice)"
             )

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import logging
 import os
+import queue
 import struct
 import threading
 import time
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flowtap.config import SensorConfig
+from flowtap.egress.controller import EgressController, EgressError
+from flowtap.egress.strategy import fill_running
 from flowtap.events import (
     ConnClose,
     ConnOpen,
@@ -30,7 +33,9 @@ from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
 from flowtap.loader.system import bpf_object_path, require_btf, require_root
-from flowtap.records.connection import Record
+from flowtap.proxy.events import ConnectionEvent
+from flowtap.proxy.records import egress_connection_record, egress_http_record
+from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
 from flowtap.sinks.base import Sink, open_private
 from flowtap.tls.attach import TlsProbes, running_pids
@@ -44,6 +49,15 @@ log = logging.getLogger("flowtap")
 # The kernel wakes us only once this much is waiting; otherwise we look every _POLL_MS.
 _WAKEUP_BYTES = 256 << 10
 _POLL_MS = 50
+_EGRESS_BATCH = 10_000
+# The proxy's counters that are losses or refusals, in the drop report.
+_EGRESS_DROPS = (
+    "parser_errors",
+    "callback_errors",
+    "refused_no_destination",
+    "upstream_failed",
+    "client_handshake_errors",
+)
 
 
 @dataclass(slots=True)
@@ -75,6 +89,9 @@ class Sensor:
         self._links: list[BpfLink] = []
         self._ring: RingBuffer | None = None
         self._cgroup_fd: int | None = None
+        self._http_options = HttpRecordOptions(
+            config.capture_level, config.max_body_bytes, config.redact
+        )
         self.registry = ProcessRegistry()
         self.counters = UserCounters()
         self.tracker = ConnectionTracker(
@@ -86,12 +103,16 @@ class Sensor:
         self.payloads = PayloadTracker(
             self._emit,
             self.tracker.visible_connection,
-            HttpRecordOptions(config.capture_level, config.max_body_bytes, config.redact),
+            self._http_options,
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
+        self.egress: EgressController | None = None
+        self._clock = WallClock()
+        self.egress_unattributed = 0  # proxied records whose client process was unknown
+        self._egress_counters: dict[str, int] = {}  # the proxy's, kept after it stops
         self.tls: TlsProbes | None = None
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
@@ -130,13 +151,17 @@ class Sensor:
             link = program.attach()
             self._links.append(link)
             log.debug("attached %s", link.description)
-        # After attaching: children forked from now on are followed by the kernel.
+        # After attaching: children forked from now on are followed by the kernel, and
+        # processes exec'd from now on get their QPOINT_STRATEGY there too.
         self._add_existing_descendants(obj)
+        fill_running(obj.map("strategies"), obj.map("ignore_in_use"))
         found = self.registry.scan()
         log.info("attributed %d processes already running", found)
         self._add_existing_listeners(obj, btf)
         if self.config.capture_level != "none" and self.tls_unavailable is None:
             self._attach_tls(obj)
+        if self.config.egress:
+            self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
@@ -257,6 +282,53 @@ class Sensor:
         ]
         self.tls.scan_all(pids)
 
+    def _start_egress(self, obj: BpfObject) -> None:
+        traced = obj.map("traced_pids")
+        accept_exe = exe_matcher(self.config.exe_patterns)
+
+        def in_scope(info: ProcessInfo) -> bool:
+            """The sensor's filters, for a proxy client (asked on the proxy's thread)."""
+            cfg = self.config
+            if cfg.pids and traced.lookup(struct.pack("<I", info.pid)) is None:
+                return False
+            if cfg.cgroup is not None and not in_cgroup(info.pid, cfg.cgroup):
+                return False
+            return accept_exe(info)
+
+        self.egress = EgressController(
+            self.config, obj.map("strategies"), self._http_options, in_scope
+        )
+        try:
+            self.egress.start()
+        except EgressError as exc:
+            raise BpfError(str(exc)) from exc
+        self.tracker.hidden_remotes = frozenset(self.egress.transparent_addresses())
+
+    def _drain_egress(self) -> None:
+        """Records from what the proxy reported since the last call (bounded per call)."""
+        egress = self.egress
+        if egress is None:
+            return
+        for _ in range(_EGRESS_BATCH):
+            try:
+                report = egress.reports.get_nowait()
+            except queue.Empty:
+                return
+            ctx = report.context if isinstance(report, ConnectionEvent) else report[1]
+            client = egress.client(ctx.pid)
+            if client is None:
+                self.egress_unattributed += 1
+                continue
+            process, in_scope = client
+            if not in_scope:
+                continue
+            if isinstance(report, ConnectionEvent):
+                self._emit(egress_connection_record(report, process, self._clock))
+                continue
+            record = egress_http_record(report[0], ctx, process, self._http_options, self._clock)
+            if record is not None:
+                self._emit(record)
+
     def _traced_pid_set(self, obj: BpfObject) -> set[int] | None:
         """The --pid set as the kernel has it now (None: no --pid filter)."""
         if not self.config.pids:
@@ -273,6 +345,7 @@ class Sensor:
         while not stop.is_set():
             if self._ring.consume() == 0:
                 self._ring.poll(_POLL_MS)
+            self._drain_egress()
             if time.monotonic() >= next_stats:
                 self.report_drops(final=False)
                 next_stats = time.monotonic() + self.config.stats_interval_s
@@ -360,6 +433,15 @@ class Sensor:
         report["closes_lost"] = self.tracker.stats.lost
         report["payload_gaps"] = self.payloads.stats.gaps
         report["http_parser_errors"] = self.payloads.stats.parser_errors
+        if self.config.egress:
+            report["egress_unattributed"] = self.egress_unattributed
+            if self.egress is not None:
+                proxy = self.egress.counters()
+                self._egress_counters = proxy
+            else:
+                proxy = self._egress_counters
+            for name in _EGRESS_DROPS:
+                report[f"egress_{name}"] = proxy.get(name, 0)
         return report
 
     def report_drops(self, *, final: bool) -> dict[str, int]:
@@ -386,12 +468,15 @@ class Sensor:
             "records": self.counters.records,
             "connections_opened": self.tracker.stats.opened,
             "connections_closed": self.tracker.stats.closed,
+            "connections_redirected": self.tracker.stats.redirected,
             "opens_synthesized": self.tracker.stats.opens_synthesized,
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
         if self.tls_unavailable is not None:
             stats["tls"] = {"unavailable": self.tls_unavailable}
+        if self.config.egress:
+            stats["egress"] = self._egress_counters
         if self.tls is not None:
             stats["tls"] = {
                 "mode": self.tls.mode,
@@ -405,7 +490,16 @@ class Sensor:
 
     # --- shutdown -------------------------------------------------------------------
 
+    def _stop_egress(self) -> None:
+        """The proxy stops first (its last reports become records), then the links go."""
+        if self.egress is not None:
+            self.egress.stop()
+            self._drain_egress()
+            self._egress_counters = self.egress.counters()
+            self.egress = None
+
     def _detach(self) -> None:
+        self._stop_egress()
         if self.tls is not None:
             self.tls.detach()
         for link in self._links:

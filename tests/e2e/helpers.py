@@ -358,7 +358,13 @@ def assert_no_drops(stats: dict[str, Any]) -> None:
 class Sensor:
     """`flowtap run` as a subprocess, writing JSON records to a file the test polls."""
 
-    def __init__(self, workdir: Path, scope: Sequence[str], extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        scope: Sequence[str],
+        extra: Sequence[str] = (),
+        cgroup: Cgroup | None = None,
+    ) -> None:
         if "--cgroup" not in scope and "--pid" not in scope:
             raise ValueError("scope the sensor with --cgroup or --pid (shared machine)")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -388,6 +394,7 @@ class Sensor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=child_env(),
+                preexec_fn=cgroup.preexec() if cgroup else None,
             )
         self.pid = self.popen.pid
         self.stats: dict[str, Any] | None = None
@@ -614,11 +621,13 @@ class Lab:
         include_loopback: bool = True,
         extra: Sequence[str] = (),
         wait: bool = True,
+        cgroup: Cgroup | None = None,
     ) -> Sensor:
-        """Starts `flowtap run` scoped by `scope` (default: the test cgroup)."""
+        """Starts `flowtap run` scoped by `scope` (default: the test cgroup), itself in
+        `cgroup` when given."""
         scope = scope or ("--cgroup", str(self.cgroup.path))
         flags = ["--include-loopback"] if include_loopback else []
-        sensor = Sensor(self._name("sensor"), scope, [*flags, *extra])
+        sensor = Sensor(self._name("sensor"), scope, [*flags, *extra], cgroup)
         self.sensors.append(sensor)
         if wait:
             sensor.wait_ready()

@@ -148,7 +148,8 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_TLS_CALLS_FULL": 8,
         "FT_CNT_PAYLOAD_SHED": 9,
         "FT_CNT_GO_CONN_UNRESOLVED": 10,
-        "FT_CNT_MAX": 11,
+        "FT_CNT_STRATEGY_TABLE_FULL": 11,
+        "FT_CNT_MAX": 12,
     }
 
 

@@ -69,6 +69,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_link__destroy": (_c_int, [_c_void_p]),
         "bpf_map__fd": (_c_int, [_c_void_p]),
         "bpf_map__set_max_entries": (_c_int, [_c_void_p, ctypes.c_uint32]),
+        "bpf_map__reuse_fd": (_c_int, [_c_void_p, _c_int]),
         "bpf_map__max_entries": (ctypes.c_uint32, [_c_void_p]),
         "bpf_map__key_size": (ctypes.c_uint32, [_c_void_p]),
         "bpf_map__value_size": (ctypes.c_uint32, [_c_void_p]),
@@ -245,6 +246,11 @@ class BpfMap:
 
     def set_max_entries(self, count: int) -> None:
         _check_ret(lib().bpf_map__set_max_entries(self._ptr, count), "resize map", self.name)
+
+    def reuse(self, other: BpfMap) -> None:
+        """Before load: this map becomes `other`, a loaded map of another object, so the
+        two objects share one table."""
+        _check_ret(lib().bpf_map__reuse_fd(self._ptr, other.fd), "reuse map", self.name)
 
     def write_initial_value(self, offset: int, data: bytes) -> None:
         """Writes into the image of a global data section (.rodata, .bss) before load."""

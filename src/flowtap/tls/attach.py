@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,7 @@ from flowtap.tls.libraries import (
     file_key,
     system_tls_libraries,
 )
+from flowtap.tls.node import node_version
 from flowtap.tls.placement import NotOpenSslError, Placement, plan
 
 TlsPlan = Placement | GoPlacement
@@ -319,7 +320,11 @@ def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPl
             return None
         with ElfImage(access) as image:
             go = plan_go(image)
-            return go if go is not None else plan(image, internal=internal)
+            if go is not None:
+                return go
+            openssl = plan(image, internal=internal)
+        version = node_version(access)
+        return replace(openssl, runtime=f"node {version}") if version else openssl
     except NotOpenSslError:
         return None
     except UnsupportedGoError as exc:

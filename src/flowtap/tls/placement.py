@@ -77,10 +77,12 @@ class Placement:
     kind: Literal["internal", "exported"]
     probes: tuple[ProbePoint, ...]
     note: str  # why this placement
+    runtime: str = ""  # the program that carries this OpenSSL, e.g. "node v20.20.2"
 
     def describe(self) -> str:
         names = ", ".join(probe.label for probe in self.probes)
-        return f"{self.kind} ({names}): {self.note}"
+        runtime = f"{self.runtime}, " if self.runtime else ""
+        return f"{runtime}{self.kind} ({names}): {self.note}"
 
     def sites(self) -> list[ProbeSite]:
         """An entry probe and a return probe (ssl_return) at each point."""

@@ -47,6 +47,7 @@ class TrackerStats:
     evicted: int = 0
     filtered: int = 0
     lost: int = 0
+    redirected: int = 0  # to the egress proxy: its own records describe them
 
 
 class ConnectionTracker:
@@ -69,6 +70,9 @@ class ConnectionTracker:
         self._closed: set[int] = set()
         # Evicted from a full table after their open record was emitted; bounded like it.
         self._evicted: set[int] = set()
+        # The egress proxy's listeners: a redirected connection to one of them is reported
+        # by the proxy, with its real destination, not as a loopback connection.
+        self.hidden_remotes: frozenset[tuple[str, int]] = frozenset()
         self.stats = TrackerStats()
 
     @property
@@ -177,6 +181,9 @@ class ConnectionTracker:
         visible = self._accept(info)
         if not visible:
             self.stats.filtered += 1
+        elif (conn.remote.ip, conn.remote.port) in self.hidden_remotes:
+            visible = False
+            self.stats.redirected += 1
         # The kernel sends an open event once a connection is established; one built from
         # a close event never got there (or its open event was lost).
         if isinstance(event, ConnOpen) or event.established:

@@ -1,0 +1,82 @@
+"""Records from what the egress proxy reports: the same ``http`` records as the uprobes
+produce (capture_source "egress"), and a connection record per proxied connection."""
+
+from __future__ import annotations
+
+from flowtap.protocols.messages import Transaction
+from flowtap.proxy.events import ConnectionEvent, ProxyContext
+from flowtap.records.connection import Record, WallClock
+from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+
+__all__ = ["CAPTURE_SOURCE", "connection_context", "egress_connection_record", "egress_http_record"]
+
+CAPTURE_SOURCE = "egress"
+
+
+def connection_context(ctx: ProxyContext, process: Record) -> ConnectionContext:
+    """The records' view of a proxied connection: the client process is the traced one,
+    and it is the client of the exchange."""
+    return ConnectionContext(
+        connection_id=ctx.connection_id,
+        process=process,
+        direction="egress",
+        tls=ctx.tls,
+        capture_source=CAPTURE_SOURCE,
+    )
+
+
+def egress_http_record(
+    tx: Transaction,
+    ctx: ProxyContext,
+    process: Record,
+    options: HttpRecordOptions,
+    clock: WallClock,
+) -> Record | None:
+    """The ``http`` record of one proxied transaction (None at capture level none);
+    ``process`` is the client process as ``process_record`` makes it."""
+    return http_record(tx, connection_context(ctx, process), options, clock)
+
+
+def _family(ip: str) -> str:
+    return "ipv6" if ":" in ip else "ipv4"
+
+
+def egress_connection_record(event: ConnectionEvent, process: Record, clock: WallClock) -> Record:
+    """A connection record for a proxied connection, shaped like the kernel's connection
+    records (local: the client's end, remote: the original destination), plus what the
+    proxy did (``egress``). The close record carries bytes, duration, outcome and SNI."""
+    ctx = event.context
+    host, port = ctx.destination
+    record: Record = {
+        "type": "connection",
+        "event": event.event,
+        "connection_id": ctx.connection_id,
+        "timestamp": clock.rfc3339(event.timestamp_ns),
+        "process": process,
+        "family": _family(ctx.client[0]),
+        "socket_protocol": "tcp",
+        "direction": "egress",
+        "capture_source": CAPTURE_SOURCE,
+        "local": {"ip": ctx.client[0], "port": ctx.client[1]},
+        "remote": {"ip": host, "port": port},
+    }
+    if event.event == "open":
+        record.update(state="established", error=None)
+        return record
+    record.update(
+        bytes_sent=event.bytes_from_client,
+        bytes_received=event.bytes_to_client,
+        duration_ms=round(max(event.timestamp_ns - ctx.started_ns, 0) / 1e6, 3),
+        status="failed" if event.outcome in ("upstream_failed", "rejected") else "closed",
+        error=None,  # errno names only, as in the kernel's records: the detail is below
+        l7_protocol=ctx.l7_protocol,
+        sni=ctx.sni,
+        egress={
+            "mode": ctx.mode,
+            "outcome": event.outcome,
+            "tls": ctx.tls,
+            "alpn": ctx.alpn,
+            "detail": event.error,
+        },
+    )
+    return record

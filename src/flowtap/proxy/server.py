@@ -1,0 +1,701 @@
+"""The egress proxy: a transparent listener (redirected connections) and an explicit one
+(HTTP_PROXY/HTTPS_PROXY), both on loopback only.
+
+Each accepted connection is sniffed before a byte is consumed (MSG_PEEK):
+
+* a TLS ClientHello: the upstream is reached first with the client's SNI and ALPN offer and
+  verified, then the client's TLS is terminated with a leaf for that name offering exactly
+  the ALPN the upstream chose; HTTP/1.x is forwarded request by request, HTTP/2 relayed
+  frame for frame. A client that refuses our certificate has that destination (and SNI)
+  passed through untouched from then on;
+* plain HTTP/1.x is forwarded; the HTTP/2 preface (prior knowledge) is relayed;
+* anything else (or a client that does not speak first) is relayed as bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from flowtap.protocols.tls_hello import ClientHello, TlsParseError, parse_client_hello
+from flowtap.proxy.ca import CertificateAuthority
+from flowtap.proxy.capture import Capture
+from flowtap.proxy.channel import Channel, accept_channel, describe_error, open_channel
+from flowtap.proxy.events import (
+    ConnectionEvent,
+    ConnectionHandler,
+    Mode,
+    Outcome,
+    ProxyContext,
+    ProxyStats,
+    TransactionHandler,
+)
+from flowtap.proxy.forward import Http1Forwarder, Limits
+from flowtap.proxy.original_dst import so_original_dst
+from flowtap.proxy.relay import relay
+from flowtap.proxy.tls import ClientContexts, UpstreamContexts, is_rejection
+from flowtap.records.http import HttpRecordOptions
+
+__all__ = [
+    "ClientProcess",
+    "EgressProxy",
+    "OriginalDestination",
+    "ProxyConfig",
+]
+
+log = logging.getLogger("flowtap.proxy")
+
+OriginalDestination = Callable[[socket.socket], tuple[str, int]]
+ClientProcess = Callable[[tuple[str, int]], int | None]
+
+_PEEK_MAX = 16 << 10  # a ClientHello record is at most 16 KiB + 5
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP_METHODS = (
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+)
+_PLAIN_HTTP_ALPN = (None, "http/1.1", "http/1.0")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    transparent_port: int = 0  # 0: an ephemeral port (see EgressProxy.transparent_address)
+    host6: str | None = "::1"  # IPv6 transparent listener (same port if free); None: none
+    explicit_port: int | None = 0  # None: no explicit listener
+    upstream_ca_file: str | None = None  # trusted besides the system roots (tests)
+    http: HttpRecordOptions = field(default_factory=HttpRecordOptions)
+    limits: Limits = field(default_factory=Limits)
+    tls_handshake_timeout: float = 10.0
+    sniff_timeout: float = 1.0  # how long a client may stay silent before it is relayed
+    passthrough_cache: int = 4096  # (destination, SNI) pairs remembered as passthrough
+    backlog: int = 1024
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _looks_http1(data: bytes) -> bool:
+    return any(data.startswith(m) or m.startswith(data) for m in _HTTP_METHODS)
+
+
+class _Result:
+    """How a connection ended, built up while it is served."""
+
+    __slots__ = ("error", "from_client", "outcome", "to_client")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome = "relayed"
+        self.error: str | None = None
+        self.from_client = 0
+        self.to_client = 0
+
+
+class EgressProxy:
+    """The proxy; ``await start()``, then ``await stop()`` (or ``async with``)."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        ca: CertificateAuthority,
+        *,
+        on_transaction: TransactionHandler | None = None,
+        on_connection: ConnectionHandler | None = None,
+        original_destination: OriginalDestination = so_original_dst,
+        client_process: ClientProcess | None = None,
+        connection_ids: Iterator[int] | None = None,
+    ) -> None:
+        self.config = config
+        self.ca = ca
+        self.stats = ProxyStats()
+        self._on_transaction = on_transaction
+        self._on_connection = on_connection
+        self._original_destination = original_destination
+        self._client_process = client_process
+        self._ids = connection_ids if connection_ids is not None else itertools.count(1)
+        self._client_tls = ClientContexts(ca)
+        self._upstream_tls = UpstreamContexts(extra_ca_file=config.upstream_ca_file)
+        self._passthrough: OrderedDict[tuple[str, int, str | None], None] = OrderedDict()
+        self._listeners: list[tuple[socket.socket, Mode]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._own: set[tuple[str, int]] = set()
+        self.transparent_address: tuple[str, int] | None = None
+        self.transparent_address6: tuple[str, int] | None = None
+        self.explicit_address: tuple[str, int] | None = None
+        keep = config.http.max_body_bytes if config.http.level == "full" else 0
+        self._body_keep = keep
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not _is_loopback(cfg.host):
+            raise ValueError(f"the proxy listens on loopback only, not {cfg.host}")
+        sock = self._listen(socket.AF_INET, cfg.host, cfg.transparent_port)
+        self.transparent_address = sock.getsockname()[:2]
+        self._listeners.append((sock, "transparent"))
+        if cfg.host6 is not None and socket.has_ipv6:
+            try:
+                sock6 = self._listen(socket.AF_INET6, cfg.host6, self.transparent_address[1])
+            except OSError:
+                sock6 = None  # IPv6 off, or that port taken on ::1: IPv4 only
+            if sock6 is not None:
+                self.transparent_address6 = sock6.getsockname()[:2]
+                self._listeners.append((sock6, "transparent"))
+        if cfg.explicit_port is not None:
+            sock = self._listen(socket.AF_INET, cfg.host, cfg.explicit_port)
+            self.explicit_address = sock.getsockname()[:2]
+            self._listeners.append((sock, "explicit"))
+        for listener, mode in self._listeners:
+            self._own.add(listener.getsockname()[:2])
+            self._spawn(self._accept_loop(listener, mode))
+
+    def _listen(self, family: int, host: str, port: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(self.config.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def stop(self) -> None:
+        for listener, _ in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> EgressProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def counters(self) -> dict[str, int]:
+        out = self.stats.as_dict()
+        out["passthrough_destinations"] = len(self._passthrough)
+        out["leaves_signed"] = self.ca.leaves_signed
+        out["open_connections"] = max(0, len(self._tasks) - len(self._listeners))
+        return out
+
+    def passthrough_destinations(self) -> list[tuple[str, int, str | None]]:
+        return list(self._passthrough)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket, mode: Mode) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except (OSError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) or listener.fileno() < 0:
+                    return
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            sock.setblocking(False)
+            # Answers are small writes: never hold them back for an ACK (Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._serve(sock, (peer[0], peer[1]), mode))
+
+    # -- per connection ---------------------------------------------------------------
+
+    def _emit(self, event: ConnectionEvent) -> None:
+        if self._on_connection is None:
+            return
+        try:
+            self._on_connection(event)
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("connection handler failed")
+
+    def _context(
+        self, mode: Mode, peer: tuple[str, int], destination: tuple[str, int]
+    ) -> ProxyContext:
+        pid = None
+        if self._client_process is not None:
+            try:
+                pid = self._client_process(peer)
+            except Exception:
+                self.stats.callback_errors += 1
+                log.exception("client process lookup failed")
+        return ProxyContext(
+            connection_id=next(self._ids),
+            mode=mode,
+            client=peer,
+            destination=destination,
+            pid=pid,
+            started_ns=time.monotonic_ns(),
+        )
+
+    async def _serve(self, sock: socket.socket, peer: tuple[str, int], mode: Mode) -> None:
+        self.stats.connections += 1
+        try:
+            if mode == "explicit":
+                await self._serve_explicit(sock, peer)
+            else:
+                await self._serve_transparent(sock, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("proxy connection from %s failed", peer)
+        finally:
+            sock.close()  # no-op once a transport owns (and closed) it
+
+    async def _serve_transparent(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            destination = self._original_destination(sock)
+        except OSError as exc:
+            self.stats.refused_no_destination += 1
+            log.debug("no original destination for %s: %s", peer, exc)
+            return
+        if destination in self._own or (
+            destination[1] in {port for _, port in self._own} and _is_loopback(destination[0])
+        ):
+            self.stats.refused_loop += 1  # a direct connection to the listener, not a redirect
+            return
+        ctx = self._context("transparent", peer, destination)
+        await self._run(sock, ctx, b"")
+
+    async def _run(self, sock: socket.socket, ctx: ProxyContext, preamble: bytes) -> None:
+        """Open event, the connection served, close event."""
+        self._emit(ConnectionEvent("open", ctx.snapshot(), ctx.started_ns))
+        result = _Result()
+        result.from_client = len(preamble)
+        try:
+            await self._dispatch(sock, ctx, result)
+        except asyncio.CancelledError:
+            result.error = result.error or "proxy stopped"
+            raise
+        finally:
+            self._count(result)
+            self._emit(
+                ConnectionEvent(
+                    "close",
+                    ctx.snapshot(),
+                    time.monotonic_ns(),
+                    outcome=result.outcome,
+                    bytes_from_client=result.from_client,
+                    bytes_to_client=result.to_client,
+                    error=result.error,
+                )
+            )
+
+    def _count(self, result: _Result) -> None:
+        if result.outcome == "intercepted":
+            self.stats.intercepted += 1
+        elif result.outcome == "passthrough":
+            self.stats.passthrough += 1
+        elif result.outcome == "relayed":
+            self.stats.relayed += 1
+        elif result.outcome == "upstream_failed":
+            self.stats.upstream_failed += 1
+
+    # -- explicit listener ------------------------------------------------------------
+
+    async def _serve_explicit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        if not _is_loopback(peer[0]):
+            self.stats.refused_not_loopback += 1
+            return
+        limits = self.config.limits
+        try:
+            head = await self._peek(
+                sock,
+                lambda data: b"\r\n\r\n" in data,
+                limits.max_header_bytes,
+                limits.header_timeout,
+            )
+        except TimeoutError:
+            self.stats.timeouts_header += 1
+            return
+        if not head:
+            return
+        if not head.startswith(b"CONNECT "):
+            # Absolute-form HTTP: forwarded request by request, each to the host it names.
+            ctx = self._context("explicit", peer, ("", 0))
+            await self._run_explicit_http(sock, ctx)
+            return
+        end = head.find(b"\r\n\r\n")
+        target = head.split(b" ", 2)[1].decode("ascii", "replace") if end >= 0 else ""
+        destination = _authority(target)
+        if end < 0 or destination is None:
+            self.stats.refused_bad_request += 1
+            with contextlib.suppress(OSError):
+                sock.send(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            return
+        consumed = sock.recv(end + 4)  # exactly the CONNECT head: what follows is the tunnel
+        ctx = self._context("explicit", peer, destination)
+        try:
+            sock.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        except OSError:
+            return
+        await self._run(sock, ctx, consumed)
+
+    async def _run_explicit_http(self, sock: socket.socket, ctx: ProxyContext) -> None:
+        self._emit(ConnectionEvent("open", ctx.snapshot(), ctx.started_ns))
+        result = _Result()
+        result.outcome = "intercepted"
+        ctx.l7_protocol = "http1"
+        try:
+            client = await accept_channel(sock)
+            forwarder = Http1Forwarder(
+                client,
+                ctx,
+                self.stats,
+                self.config.limits,
+                self._plain_connector,
+                self._capture(ctx, http2=False),
+                explicit=True,
+            )
+            await self._forward(forwarder, result)
+        finally:
+            self._count(result)
+            self._emit(
+                ConnectionEvent(
+                    "close",
+                    ctx.snapshot(),
+                    time.monotonic_ns(),
+                    outcome=result.outcome,
+                    bytes_from_client=result.from_client,
+                    bytes_to_client=result.to_client,
+                    error=result.error,
+                )
+            )
+
+    # -- sniffing ---------------------------------------------------------------------
+
+    async def _peek(
+        self, sock: socket.socket, complete: Callable[[bytes], bool], most: int, timeout: float
+    ) -> bytes:
+        """The client's first bytes, left in the socket: once ``complete`` says so, at
+        ``most`` bytes, or at EOF. TimeoutError when nothing complete came in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = -1
+        while True:
+            try:
+                data = sock.recv(most, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            if data is not None:
+                if not data or complete(data) or len(data) >= most:
+                    return data
+                if len(data) == seen and loop.time() >= deadline:
+                    raise TimeoutError
+                seen = len(data)
+                # Readable stays true while bytes wait in the socket: poll gently instead.
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.sleep(0.001)
+                continue
+            await self._readable(sock, deadline)
+
+    @staticmethod
+    async def _readable(sock: socket.socket, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ready
+        finally:
+            loop.remove_reader(fd)
+
+    async def _dispatch(self, sock: socket.socket, ctx: ProxyContext, result: _Result) -> None:
+        try:
+            first = await self._peek(
+                sock, _first_bytes_complete, _PEEK_MAX, self.config.sniff_timeout
+            )
+        except TimeoutError:
+            first = b""  # the client waits for the server to speak: relay
+        if first.startswith(b"\x16\x03"):
+            try:
+                hello = parse_client_hello(first)
+            except TlsParseError:
+                hello = None
+            if hello is not None:
+                await self._tls(sock, ctx, hello, result)
+                return
+        if first and _looks_http1(first):
+            ctx.l7_protocol = "http1"
+            client = await accept_channel(sock)
+            forwarder = Http1Forwarder(
+                client,
+                ctx,
+                self.stats,
+                self.config.limits,
+                self._plain_connector,
+                self._capture(ctx, http2=False),
+            )
+            result.outcome = "intercepted"
+            await self._forward(forwarder, result)
+            return
+        h2 = bool(first) and first.startswith(_H2_PREFACE[: len(first)])
+        ctx.l7_protocol = "http2" if h2 else ("tls" if first[:1] == b"\x16" else "other")
+        await self._relay_raw(sock, ctx, result, self._capture(ctx, http2=True) if h2 else None)
+        if h2 and result.outcome == "relayed":
+            result.outcome = "intercepted"
+
+    async def _forward(self, forwarder: Http1Forwarder, result: _Result) -> None:
+        try:
+            await forwarder.run()
+        finally:
+            result.from_client += forwarder.from_client
+            result.to_client += forwarder.to_client
+            result.error = result.error or forwarder.error
+            if forwarder.upstream_failed and result.outcome == "intercepted":
+                result.outcome = "upstream_failed"
+            if forwarder.capture is not None:
+                forwarder.capture.close()
+
+    def _capture(self, ctx: ProxyContext, *, http2: bool | None) -> Capture | None:
+        if self._on_transaction is None or self.config.http.level == "none":
+            return None  # no records wanted: do not parse at all
+        return Capture(ctx, self._on_transaction, self.stats, max_body=self._body_keep, http2=http2)
+
+    async def _plain_connector(self, host: str, port: int) -> Channel:
+        return await open_channel(host, port, timeout=self.config.limits.upstream_connect_timeout)
+
+    async def _relay_raw(
+        self,
+        sock: socket.socket,
+        ctx: ProxyContext,
+        result: _Result,
+        capture: Capture | None,
+        outcome: Outcome = "relayed",
+    ) -> None:
+        """The client's bytes (anything still unread in its socket included) to the
+        destination and back, unchanged."""
+        host, port = ctx.destination
+        try:
+            upstream = await self._plain_connector(host, port)
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.stats.timeouts_upstream += 1
+            result.outcome = "upstream_failed"
+            result.error = f"upstream {host}:{port}: {describe_error(exc)}"
+            return
+        client = await accept_channel(sock)
+        await self._relay(client, upstream, result, capture)
+        result.outcome = outcome
+
+    async def _relay(
+        self, client: Channel, upstream: Channel, result: _Result, capture: Capture | None
+    ) -> None:
+        def up(data: bytes) -> None:
+            result.from_client += len(data)
+            if capture is not None:
+                capture.client(data)
+
+        def down(data: bytes) -> None:
+            result.to_client += len(data)
+            if capture is not None:
+                capture.server(data)
+
+        try:
+            finished = await relay(
+                client, upstream, up, down, idle_timeout=self.config.limits.relay_idle_timeout
+            )
+            if not finished:
+                self.stats.timeouts_idle += 1
+                result.error = "idle"
+        finally:
+            if capture is not None:
+                capture.close()
+
+    # -- TLS --------------------------------------------------------------------------
+
+    async def _tls(
+        self, sock: socket.socket, ctx: ProxyContext, hello: ClientHello, result: _Result
+    ) -> None:
+        ctx.tls = True
+        ctx.sni = hello.sni
+        ctx.l7_protocol = "tls"
+        host, port = ctx.destination
+        key = (host, port, hello.sni)
+        if key in self._passthrough:
+            self._passthrough.move_to_end(key)
+            await self._relay_raw(sock, ctx, result, None, outcome="passthrough")
+            return
+        server_name = hello.sni or host
+        upstream: Channel | None = None
+        upstream_error: str | None = None
+        try:
+            upstream = await open_channel(
+                host,
+                port,
+                context=self._upstream_tls.get(hello.alpn),
+                server_hostname=server_name,
+                timeout=self.config.limits.upstream_connect_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.stats.timeouts_upstream += 1
+            upstream_error = f"upstream {host}:{port}: {describe_error(exc)}"
+        if upstream is not None:
+            alpn = upstream.alpn()
+        else:
+            # We answer the client ourselves (502): in HTTP/1.1 if it can speak it.
+            alpn = "http/1.1" if "http/1.1" in hello.alpn else None
+        try:
+            client = await accept_channel(
+                sock,
+                self._client_tls.get(server_name, alpn),
+                self.config.tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            if upstream is not None:
+                upstream.close()
+            result.outcome = "rejected"
+            if is_rejection(exc):
+                self.stats.rejected_by_client += 1
+                self._remember_passthrough(key)
+                result.error = f"client rejected our certificate: {describe_error(exc)}"
+            else:
+                self.stats.client_handshake_errors += 1
+                result.error = f"client TLS handshake failed: {describe_error(exc)}"
+            return
+        ctx.alpn = alpn
+        if upstream is None:
+            await self._tls_http1(client, ctx, result, None, upstream_error)
+            result.outcome = "upstream_failed"
+            result.error = upstream_error
+            return
+        result.outcome = "intercepted"
+        if alpn == "h2":
+            ctx.l7_protocol = "http2"
+            await self._relay(client, upstream, result, self._capture(ctx, http2=True))
+        elif alpn in _PLAIN_HTTP_ALPN:
+            await self._tls_http1(client, ctx, result, upstream, None)
+        else:
+            ctx.l7_protocol = "other"
+            await self._relay(client, upstream, result, None)
+
+    async def _tls_http1(
+        self,
+        client: Channel,
+        ctx: ProxyContext,
+        result: _Result,
+        upstream: Channel | None,
+        upstream_error: str | None,
+    ) -> None:
+        """HTTP/1.x inside terminated TLS, if the client's first bytes are HTTP/1.x; any
+        other protocol is relayed as plaintext."""
+        try:
+            while not client.buf and await _fill_within(client, self.config.sniff_timeout):
+                pass
+        except TimeoutError:
+            pass
+        if upstream is not None and client.buf and not _looks_http1(bytes(client.buf[:8])):
+            ctx.l7_protocol = "other"
+            await self._relay(client, upstream, result, None)
+            return
+        ctx.l7_protocol = "http1"
+        server_name = ctx.sni or ctx.destination[0]
+
+        async def reconnect(host: str, port: int) -> Channel:
+            return await open_channel(
+                host,
+                port,
+                context=self._upstream_tls.get(("http/1.1",)),
+                server_hostname=server_name,
+                timeout=self.config.limits.upstream_connect_timeout,
+            )
+
+        forwarder = Http1Forwarder(
+            client,
+            ctx,
+            self.stats,
+            self.config.limits,
+            reconnect,
+            self._capture(ctx, http2=False),
+            upstream=upstream,
+            upstream_error=upstream_error,
+        )
+        await self._forward(forwarder, result)
+
+    def _remember_passthrough(self, key: tuple[str, int, str | None]) -> None:
+        self._passthrough[key] = None
+        self._passthrough.move_to_end(key)
+        while len(self._passthrough) > self.config.passthrough_cache:
+            self._passthrough.popitem(last=False)
+
+
+async def _fill_within(channel: Channel, timeout: float) -> bool:
+    async with asyncio.timeout(timeout):
+        return await channel.fill()
+
+
+def _first_bytes_complete(data: bytes) -> bool:
+    """Enough of the client's first bytes to decide: a whole TLS record (the ClientHello),
+    or a few bytes of anything else."""
+    if data[:1] == b"\x16":
+        if len(data) < 5:
+            return False
+        return len(data) >= 5 + int.from_bytes(data[3:5], "big")
+    if data[:1] == b"P":  # maybe the HTTP/2 preface
+        return len(data) >= len(_H2_PREFACE) or not _H2_PREFACE.startswith(data)
+    return len(data) >= 8 or not _looks_http1(data)
+
+
+def _authority(target: str) -> tuple[str, int] | None:
+    """host:port of a CONNECT request (IPv6 in brackets)."""
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port

@@ -1,0 +1,367 @@
+"""The egress controller end to end: `flowtap run --egress` with its redirection attached
+to the test's cgroup, clients with QPOINT_STRATEGY=forward in a child cgroup, and the
+upstream servers on a test host in a network namespace the test made.
+
+The sensor runs inside the egress cgroup too (a child "sensor" cgroup), so the proxy's
+SO_ORIGINAL_DST is answered by the cgroup/getsockopt program, as with the default (root).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import (
+    BPFTOOL,
+    CURL,
+    PYTHON,
+    RECORD_TIMEOUT_S,
+    Cgroup,
+    Lab,
+    Peer,
+    Record,
+    Sensor,
+    openssl,
+    wait_until,
+)
+from .netns import TestHost, make_test_host
+
+pytestmark = pytest.mark.e2e
+
+NAME = "api.flowtap.test"
+HTTP_PORT = 8080
+HTTPS_PORT = 8443
+NODE = "/usr/bin/node"
+UPSTREAM = Path(__file__).resolve().with_name("egress_upstream.py")
+
+
+@dataclass
+class Egress:
+    e2e: Lab
+    host: TestHost
+    upstream: Peer
+    sensor: Sensor
+    clients: Cgroup
+    trust: Path  # the proxy's CA, as written to --trust-store
+    upstream_ca: Path  # the upstream's own CA (what a client that is not intercepted needs)
+    proxy_port: int  # the explicit proxy's
+
+    def client(self, argv: list[str], stem: str, env: dict[str, str] | None = None) -> Peer:
+        return self.e2e.spawn(
+            argv, cgroup=self.clients, stem=stem, env={"QPOINT_STRATEGY": "forward", **(env or {})}
+        )
+
+    def curl(self, *args: str, trust: Path | None = None, stem: str = "curl") -> Peer:
+        argv = [
+            CURL,
+            "-sS",
+            "--max-time",
+            "10",
+            "--resolve",
+            f"{NAME}:{HTTPS_PORT}:{self.host.address}",
+        ]
+        argv += ["--cacert", str(trust or self.trust), "-o", "-", *args]
+        return self.client(argv, stem)
+
+    def received(self) -> list[dict[str, Any]]:
+        return self.upstream.messages("request")
+
+
+def _pki(d: Path, address: str) -> dict[str, Path]:
+    """The upstream's CA and a certificate for NAME and the test host's address."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+            "-days", "2", "-subj", "/CN=flowtap egress test upstream CA")  # fmt: skip
+    openssl("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+            "-subj", f"/CN={NAME}")  # fmt: skip
+    (d / "san.ext").write_text(f"subjectAltName=DNS:{NAME},IP:{address}\n")
+    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))  # fmt: skip
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@pytest.fixture
+def egress(e2e: Lab, tmp_path: Path) -> Iterator[Egress]:
+    with make_test_host() as host:
+        pki_dir = tmp_path / "upstream-pki"
+        pki_dir.mkdir()
+        pki = _pki(pki_dir, host.address)
+        upstream = e2e.spawn(
+            host.command(
+                [
+                    PYTHON,
+                    str(UPSTREAM),
+                    "--host",
+                    host.address,
+                    "--cert",
+                    str(pki["cert"]),
+                    "--key",
+                    str(pki["key"]),
+                ]
+            ),
+            cgroup=None,
+            stem="upstream",
+        )
+        upstream.wait_message("listening")
+        clients = e2e.cgroup.child("clients")
+        trust = tmp_path / "trust"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            proxy_port = probe.getsockname()[1]
+        sensor = e2e.sensor(
+            "--cgroup",
+            str(clients.path),
+            extra=[
+                "--egress",
+                "--egress-cgroup",
+                str(e2e.cgroup.path),
+                "--trust-store",
+                str(trust),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--upstream-ca-file",
+                str(pki["ca"]),
+                "--proxy-port",
+                str(proxy_port),
+                "--capture-level",
+                "full",
+            ],
+            cgroup=e2e.cgroup.child("sensor"),
+        )
+        try:
+            yield Egress(
+                e2e,
+                host,
+                upstream,
+                sensor,
+                clients,
+                trust / "flowtap-ca.pem",
+                pki["ca"],
+                proxy_port,
+            )
+        finally:
+            sensor.stop()
+            upstream.kill()
+    # Everything the sensor attached hung on its links: the cgroup holds nothing now.
+    shown = e2e.cgroup.path.exists() and _attached(e2e.cgroup.path)
+    assert not shown, shown
+
+
+def _attached(cgroup: Path) -> str:
+    out = subprocess.run([BPFTOOL, "cgroup", "show", str(cgroup)], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _http(sensor: Sensor, **request: Any) -> Record:
+    """The one egress http record whose request has these fields (bounded wait)."""
+
+    def found() -> Record | None:
+        hits = [
+            r
+            for r in sensor.all_records()
+            if r.get("type") == "http"
+            and r["capture_source"] == "egress"
+            and r["request"]
+            and all(r["request"].get(k) == v for k, v in request.items())
+        ]
+        assert len(hits) <= 1, hits
+        return hits[0] if hits else None
+
+    return wait_until(found, RECORD_TIMEOUT_S, f"an http record of {request}", interval=0.05,
+                      describe=sensor.describe)  # fmt: skip
+
+
+def _body(part: Record) -> bytes:
+    return base64.b64decode(part["body"])
+
+
+def test_https_and_http_through_the_proxy(egress: Egress) -> None:
+    """curl (HTTP/1.1 POST and HTTP/2), Python urllib over plain HTTP, and node https:
+    exact records attributed to each client, and the upstream received what was sent."""
+    post = egress.curl("--http1.1", "-d", "hello body", "-H", "Authorization: Bearer s3cret",
+                       f"https://{NAME}:{HTTPS_PORT}/submit?x=1", stem="curl-post")  # fmt: skip
+    post.finish()
+    record = _http(egress.sensor, method="POST", path="/submit?x=1")
+    assert record["process"]["pid"] == post.pid
+    assert record["process"]["exe"] == CURL
+    assert record["direction"] == "egress"
+    assert record["request"]["authority"] == f"{NAME}:{HTTPS_PORT}"
+    assert _body(record["request"]) == b"hello body"
+    assert record["response"]["status"] == 201
+    assert _body(record["response"]) == b"echo:hello body"
+    headers = dict(record["request"]["headers"])
+    assert headers["Authorization"] == "Bearer [REDACTED]"
+    # The upstream got the request itself, credentials included (only records redact).
+    raw = base64.b64decode(egress.received()[0]["raw"])
+    assert raw.startswith(b"POST /submit?x=1 HTTP/1.1\r\nHost: api.flowtap.test:8443\r\n")
+    assert b"\r\nAuthorization: Bearer s3cret\r\n" in raw
+    assert raw.endswith(b"\r\n\r\nhello body")
+
+    h2 = egress.curl("--http2", f"https://{NAME}:{HTTPS_PORT}/over/h2", stem="curl-h2")
+    h2.finish()
+    record = _http(egress.sensor, method="GET", path="/over/h2")
+    assert record["request"]["protocol"] == "HTTP/2"
+    assert (record["response"]["status"], _body(record["response"])) == (200, b"hello /over/h2")
+    assert record["process"]["pid"] == h2.pid
+    assert egress.received()[-1]["h2"] is True
+
+    # Python trusts the proxy's CA through SSL_CERT_FILE; no SNI (an address), so the
+    # proxy's leaf certificate is for the address.
+    url = f"https://{egress.host.address}:{HTTPS_PORT}/py/tls"
+    script = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=10).read()"
+    urllib_client = egress.client(
+        [PYTHON, "-c", script], stem="urllib", env={"SSL_CERT_FILE": str(egress.trust)}
+    )
+    urllib_client.finish()
+    record = _http(egress.sensor, method="GET", path="/py/tls")
+    assert record["process"]["pid"] == urllib_client.pid
+    assert (record["response"]["status"], _body(record["response"])) == (200, b"hello /py/tls")
+
+    script = (
+        "import http.client;"
+        f"c = http.client.HTTPConnection({egress.host.address!r}, {HTTP_PORT}, timeout=10);"
+        "c.request('DELETE', '/py/plain', headers={'X-Api-Key': 'k1'}); c.getresponse().read()"
+    )
+    plain = egress.client([PYTHON, "-c", script], stem="http-client")
+    plain.finish()
+    record = _http(egress.sensor, method="DELETE", path="/py/plain")
+    assert record["process"]["pid"] == plain.pid
+    assert dict(record["request"]["headers"])["X-Api-Key"] == "[REDACTED]"
+
+    node_script = (
+        "const https = require('https');"
+        f"const req = https.request({{host: '{egress.host.address}', port: {HTTPS_PORT},"
+        f" servername: '{NAME}', path: '/from/node', method: 'PUT',"
+        " headers: {'Content-Length': 4}}, (res) => { res.resume();"
+        " res.on('end', () => process.exit(res.statusCode === 200 ? 0 : 1)); });"
+        "req.end('abcd');"
+    )
+    node = egress.client([NODE, "-e", node_script], stem="node",
+                         env={"NODE_EXTRA_CA_CERTS": str(egress.trust)})  # fmt: skip
+    node.finish()
+    record = _http(egress.sensor, method="PUT", path="/from/node")
+    assert record["process"]["pid"] == node.pid
+    assert _body(record["request"]) == b"abcd"
+
+    records = egress.sensor.finish()
+    closes = [
+        r for r in records if r.get("capture_source") == "egress" and r.get("event") == "close"
+    ]
+    by_pid = {r["process"]["pid"]: r for r in closes}
+    assert by_pid[post.pid]["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
+    assert by_pid[post.pid]["sni"] == NAME
+    assert by_pid[post.pid]["egress"]["outcome"] == "intercepted"
+    assert by_pid[h2.pid]["egress"]["alpn"] == "h2"
+    assert by_pid[urllib_client.pid]["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
+    assert by_pid[urllib_client.pid]["sni"] is None
+    assert by_pid[plain.pid]["egress"] == {
+        "mode": "transparent",
+        "outcome": "intercepted",
+        "tls": False,
+        "alpn": None,
+        "detail": None,
+    }
+    assert len(egress.received()) == 5
+
+
+def test_a_client_that_rejects_the_ca_is_passed_through_afterwards(egress: Egress) -> None:
+    """First attempt: curl does not trust the proxy's CA and fails, as with any MITM.
+    Then that destination passes through untouched: curl trusting only the upstream's own
+    CA succeeds, and the connection is still reported, with its SNI."""
+    url = f"https://{NAME}:{HTTPS_PORT}/pinned"
+    first = egress.curl(url, trust=egress.upstream_ca, stem="curl-rejects")
+    assert first.wait() == 60  # CURLE_PEER_FAILED_VERIFICATION
+    second = egress.curl(url, trust=egress.upstream_ca, stem="curl-passthrough")
+    second.finish()
+    records = egress.sensor.finish()
+    closes = {
+        r["process"]["pid"]: r
+        for r in records
+        if r.get("capture_source") == "egress" and r.get("event") == "close"
+    }
+    assert closes[first.pid]["egress"]["outcome"] == "rejected"
+    assert closes[second.pid]["egress"]["outcome"] == "passthrough"
+    assert closes[second.pid]["sni"] == NAME
+    assert egress.sensor.http_records() == []
+    # Only the passed-through request reached the upstream (the first never got that far).
+    assert len(egress.received()) == 1
+
+
+def test_requests_that_smuggle_or_overflow_are_refused(egress: Egress) -> None:
+    """Through the transparent path to the plain HTTP upstream: Content-Length with
+    Transfer-Encoding and an oversize header section are refused by the proxy and never
+    reach the upstream; a good request on a new connection still passes."""
+    script = f"""
+import socket, sys
+def send(raw):
+    with socket.create_connection(({egress.host.address!r}, {HTTP_PORT}), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\\r\\n\\r\\n" in data:
+                break
+        return data.split(b" ", 2)[1].decode()
+smuggle = (b"POST /a HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 4\\r\\n"
+           b"Transfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n")
+huge = b"GET /b HTTP/1.1\\r\\nHost: x\\r\\nX-Big: " + b"a" * 70000 + b"\\r\\n\\r\\n"
+good = b"GET /c HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"
+import json, os
+codes = [send(smuggle), send(huge), send(good)]
+print(json.dumps({{"event": "codes", "pid": os.getpid(), "codes": codes}}), flush=True)
+"""
+    client = egress.client([PYTHON, "-c", script], stem="smuggler")
+    client.finish()
+    assert client.wait_message("codes")["codes"] == ["400", "431", "200"]
+    egress.sensor.finish()
+    assert len(egress.received()) == 1
+    raw = base64.b64decode(egress.received()[0]["raw"])
+    assert raw.startswith(b"GET /c HTTP/1.1\r\n")
+    stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
+    assert stats["refused_smuggling"] == 1
+    assert stats["refused_header_too_large"] == 1
+    http = egress.sensor.http_records()
+    assert [r["request"]["path"] for r in http] == ["/c"]
+
+
+def test_processes_without_forward_are_not_redirected(egress: Egress) -> None:
+    """No QPOINT_STRATEGY: the same curl reaches the upstream directly (it must trust
+    the upstream's CA), and the proxy never sees it."""
+    resolve = f"{NAME}:{HTTPS_PORT}:{egress.host.address}"
+    argv = [CURL, "-sS", "--max-time", "10", "--resolve", resolve, "--cacert",
+            str(egress.upstream_ca), "-o", "-", f"https://{NAME}:{HTTPS_PORT}/direct"]  # fmt: skip
+    direct = egress.e2e.spawn(argv, cgroup=egress.clients, stem="direct")
+    direct.finish()
+    records = egress.sensor.finish()
+    assert not [r for r in records if r.get("capture_source") == "egress"]
+    closes = [r for r in records if r.get("event") == "close" and r["process"]["pid"] == direct.pid]
+    assert [r["remote"] for r in closes] == [{"ip": egress.host.address, "port": HTTPS_PORT}]
+    assert len(egress.received()) == 1
+
+
+def test_explicit_proxy(egress: Egress) -> None:
+    """HTTPS_PROXY-style use, no redirection: curl CONNECTs through the port flowtap was
+    given; the client is found from its socket, and the request is recorded."""
+    url = f"https://{egress.host.address}:{HTTPS_PORT}/explicit"
+    argv = [CURL, "-sS", "--max-time", "10", "--cacert", str(egress.trust), "-o", "-",
+            "--proxy", f"http://127.0.0.1:{egress.proxy_port}", url]  # fmt: skip
+    curl = egress.e2e.spawn(argv, cgroup=egress.clients, stem="explicit")
+    curl.finish()
+    record = _http(egress.sensor, method="GET", path="/explicit")
+    assert record["process"]["pid"] == curl.pid
+    assert record["response"]["status"] == 200
+    records = egress.sensor.finish()
+    close = next(
+        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
+    )
+    assert close["egress"]["mode"] == "explicit"
+    assert close["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}

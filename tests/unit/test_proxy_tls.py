@@ -1,0 +1,287 @@
+"""The egress proxy with TLS: interception with a leaf per SNI, ALPN mirrored from the
+upstream (HTTP/2 relayed and recorded), upstream verification, passthrough after a client
+rejected our certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from proxy_support import LOCALHOST, Recorder, Upstream, UpstreamPki, make_pki, read_response, run
+
+from flowtap.proxy import CertificateAuthority, EgressProxy, ProxyConfig
+from flowtap.proxy.records import egress_http_record
+from flowtap.records.connection import WallClock
+from flowtap.records.http import HttpRecordOptions
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> UpstreamPki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path_factory.mktemp("ca") / "state")
+
+
+def trusting(ca_pem: bytes | Path, alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if isinstance(ca_pem, Path):
+        ctx.load_verify_locations(cafile=str(ca_pem))
+    else:
+        ctx.load_verify_locations(cadata=ca_pem.decode())
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+@asynccontextmanager
+async def proxied(
+    ca: CertificateAuthority,
+    destination: tuple[str, int],
+    recorder: Recorder,
+    upstream_ca: Path | None,
+) -> AsyncIterator[EgressProxy]:
+    config = ProxyConfig(
+        upstream_ca_file=str(upstream_ca) if upstream_ca else None,
+        http=HttpRecordOptions(level="full"),
+    )
+    proxy = EgressProxy(
+        config,
+        ca,
+        on_transaction=recorder.on_transaction,
+        on_connection=recorder.on_connection,
+        original_destination=lambda sock: destination,
+        client_process=lambda peer: 7,
+    )
+    async with proxy:
+        yield proxy
+
+
+def _port(proxy: EgressProxy) -> int:
+    assert proxy.transparent_address is not None
+    return proxy.transparent_address[1]
+
+
+def _issuer_cn(writer: asyncio.StreamWriter) -> str:
+    cert = writer.get_extra_info("peercert")
+    return dict(x[0] for x in cert["issuer"])["commonName"]  # type: ignore[no-any-return]
+
+
+def test_tls_intercepted_with_a_leaf_for_the_sni(
+    ca: CertificateAuthority, pki: UpstreamPki
+) -> None:
+    request = b"GET /secure HTTP/1.1\r\nHost: localhost\r\nX-Order: 1\r\nx-order: 2\r\n\r\n"
+
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context(["http/1.1"]))
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST,
+                _port(proxy),
+                ssl=trusting(ca.cert_pem, ["h2", "http/1.1"]),
+                server_hostname="localhost",
+            )
+            # The upstream only speaks http/1.1: that is what the client is offered.
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            assert _issuer_cn(writer) == "flowtap local egress CA"
+            writer.write(request)
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.json()["path"] == "/secure"
+            writer.close()
+            closes = await recorder.wait_closes(1)
+        await upstream.close()
+        assert bytes(upstream.received[0]) == request
+        ((tx, ctx),) = recorder.transactions
+        assert ctx.tls and ctx.sni == "localhost" and ctx.alpn == "http/1.1"
+        record = egress_http_record(tx, ctx, {"pid": 7}, HttpRecordOptions(), WallClock())
+        assert record is not None and record["request"]["url"] == "https://localhost/secure"
+        assert closes[0].outcome == "intercepted" and closes[0].context.sni == "localhost"
+
+    run(main())
+
+
+def test_no_sni_gets_a_leaf_for_the_destination_ip(
+    ca: CertificateAuthority, pki: UpstreamPki
+) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context())
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+            ctx = trusting(ca.cert_pem)
+            ctx.check_hostname = False  # no server_hostname: no SNI sent
+            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy), ssl=ctx)
+            cert = writer.get_extra_info("peercert")
+            assert ("IP Address", LOCALHOST) in cert["subjectAltName"]
+            writer.write(b"GET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader)).status == 200
+            writer.close()
+            closes = await recorder.wait_closes(1)
+        await upstream.close()
+        assert closes[0].context.sni is None and closes[0].outcome == "intercepted"
+
+    run(main())
+
+
+async def _h2_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    try:
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    conn.send_headers(
+                        event.stream_id, [(":status", "200"), ("content-type", "text/plain")]
+                    )
+                    conn.send_data(event.stream_id, b"h2 says hi", end_stream=True)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def test_alpn_h2_mirrored_and_recorded(ca: CertificateAuthority, pki: UpstreamPki) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(
+            _h2_server, LOCALHOST, 0, ssl=pki.server_context(["h2", "http/1.1"])
+        )
+        port = server.sockets[0].getsockname()[1]
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, port), recorder, pki.ca_file) as proxy:
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST,
+                _port(proxy),
+                ssl=trusting(ca.cert_pem, ["h2", "http/1.1"]),
+                server_hostname="localhost",
+            )
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection()
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(
+                sid,
+                [
+                    (":method", "GET"),
+                    (":path", "/h2path"),
+                    (":scheme", "https"),
+                    (":authority", "localhost"),
+                ],
+                end_stream=True,
+            )
+            writer.write(conn.data_to_send())
+            status, body, ended = None, b"", False
+            while not ended:
+                data = await reader.read(65536)
+                assert data, "connection closed before the response ended"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(len(event.data), event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+                writer.write(conn.data_to_send())
+            assert (status, body) == (b"200", b"h2 says hi")
+            writer.close()
+            closes = await recorder.wait_closes(1)
+        server.close()
+        ((tx, ctx),) = recorder.transactions
+        assert ctx.alpn == "h2" and closes[0].context.l7_protocol == "http2"
+        assert tx.request is not None and tx.request.target == "/h2path"
+        assert tx.response is not None and tx.response.status == 200
+        assert bytes(tx.response.body.data) == b"h2 says hi"
+
+    run(main())
+
+
+def test_untrusted_upstream_is_a_502(ca: CertificateAuthority, pki: UpstreamPki) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context())
+        recorder = Recorder()
+        # No upstream_ca_file: the test CA is not among the system roots.
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, None) as proxy:
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST, _port(proxy), ssl=trusting(ca.cert_pem), server_hostname="localhost"
+            )
+            writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            resp = await read_response(reader)
+            writer.close()
+            closes = await recorder.wait_closes(1)
+        await upstream.close()
+        assert resp.status == 502
+        assert "certificate" in (resp.header("x-flowtap-error") or "")
+        assert closes[0].outcome == "upstream_failed"
+        assert upstream.requests == []
+
+    run(main())
+
+
+def test_passthrough_after_the_client_rejects_our_certificate(
+    ca: CertificateAuthority, pki: UpstreamPki
+) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context())
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+            # This client trusts only the upstream's real CA (as if it pinned it).
+            pinned = trusting(pki.ca_file)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.open_connection(
+                    LOCALHOST, _port(proxy), ssl=pinned, server_hostname="localhost"
+                )
+            first = await recorder.wait_closes(1)
+            assert first[0].outcome == "rejected" and first[0].context.sni == "localhost"
+            assert proxy.passthrough_destinations() == [(LOCALHOST, upstream.port, "localhost")]
+            # From now on it passes through: the client sees the real certificate.
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST, _port(proxy), ssl=pinned, server_hostname="localhost"
+            )
+            assert _issuer_cn(writer) == "test upstream CA"
+            writer.write(b"GET /pinned HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await read_response(reader)).json()["path"] == "/pinned"
+            writer.close()
+            closes = await recorder.wait_closes(2)
+            counters = proxy.counters()
+        await upstream.close()
+        assert closes[1].outcome == "passthrough" and closes[1].context.sni == "localhost"
+        assert closes[1].bytes_from_client > 0
+        assert recorder.transactions == []  # nothing decrypted
+        assert counters["rejected_by_client"] == 1 and counters["passthrough"] == 1
+
+    run(main())
+
+
+def test_explicit_connect_with_tls(ca: CertificateAuthority, pki: UpstreamPki) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context())
+        recorder = Recorder()
+        async with proxied(ca, ("0.0.0.0", 1), recorder, pki.ca_file) as proxy:
+            assert proxy.explicit_address is not None
+            reader, writer = await asyncio.open_connection(LOCALHOST, proxy.explicit_address[1])
+            writer.write(
+                f"CONNECT localhost:{upstream.port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            await writer.start_tls(trusting(ca.cert_pem), server_hostname="localhost")
+            writer.write(b"GET /connect-tls HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await read_response(reader)).json()["path"] == "/connect-tls"
+            writer.close()
+            closes = await recorder.wait_closes(1)
+        await upstream.close()
+        assert closes[0].outcome == "intercepted" and closes[0].context.mode == "explicit"
+        assert closes[0].context.destination == ("localhost", upstream.port)
+        ((tx, _),) = recorder.transactions
+        assert tx.request is not None and tx.request.target == "/connect-tls"
+
+    run(main())
