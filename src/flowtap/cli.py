@@ -122,8 +122,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     egress.add_argument(
         "--egress-cgroup",
         type=Path,
-        help="cgroup v2 directory whose processes can be redirected (default: the root); "
-        "flowtap itself must run inside it",
+        help="cgroup v2 directory whose processes can be redirected (default: the root)",
     )
     egress.add_argument(
         "--trust-store",

@@ -50,6 +50,13 @@ BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
 BPF_TRACE_FENTRY = 24
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
+BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
+BPF_CGROUP_GETSOCKOPT = 21
 _ATTR_SIZE = 128
 # mov r0, 0; exit
 _PROG_RET0 = bytes.fromhex("b700000000000000") + bytes.fromhex("9500000000000000")
@@ -394,6 +401,27 @@ def read_lockdown(path: str = "/sys/kernel/security/lockdown") -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def check_egress(root: bool) -> Check:
+    """Optional: the program types the egress controller (--egress) attaches to a cgroup."""
+    if not root:
+        return Check("egress", False, False, NOT_ROOT, RUN_AS_ROOT)
+    wanted = (
+        ("cgroup/connect4", BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
+        ("cgroup/connect6", BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT),
+        ("sockops", BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS),
+        ("cgroup/getsockopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_CGROUP_GETSOCKOPT),
+    )
+    refused = [
+        f"{name}: {probe.describe()}"
+        for name, prog_type, attach_type in wanted
+        if (probe := probe_prog(prog_type, attach_type)).err
+    ]
+    if not refused:
+        return Check("egress", True, False, "cgroup connect4/6, sockops and getsockopt load")
+    fix = "use a kernel with cgroup BPF (CONFIG_CGROUP_BPF); without it, run without --egress"
+    return Check("egress", False, False, "; ".join(refused), fix)
+
+
 def check_lockdown() -> Check:
     mode = read_lockdown()
     if mode is None:
@@ -421,6 +449,7 @@ def run_checks() -> list[Check]:
         check_kprobes(mounts),
         check_uprobes(),
         check_cgroup2(mounts),
+        check_egress(root),
         check_lockdown(),
     ]
 

@@ -237,6 +237,24 @@ def test_https_and_http_through_the_proxy(egress: Egress) -> None:
     assert record["process"]["pid"] == plain.pid
     assert dict(record["request"]["headers"])["X-Api-Key"] == "[REDACTED]"
 
+    # requests trusts the proxy's CA through REQUESTS_CA_BUNDLE (its own certifi otherwise).
+    script = (
+        "import requests;"
+        f"r = requests.post('https://{egress.host.address}:{HTTPS_PORT}/py/requests',"
+        " json={'n': 1}, timeout=10);"
+        "r.raise_for_status()"
+    )
+    req = egress.client(
+        [PYTHON, "-c", script],
+        stem="requests",
+        env={"REQUESTS_CA_BUNDLE": str(egress.trust)},
+    )
+    req.finish()
+    record = _http(egress.sensor, method="POST", path="/py/requests")
+    assert record["process"]["pid"] == req.pid
+    assert _body(record["request"]) == b'{"n": 1}'
+    assert _body(record["response"]) == b'echo:{"n": 1}'
+
     node_script = (
         "const https = require('https');"
         f"const req = https.request({{host: '{egress.host.address}', port: {HTTPS_PORT},"
@@ -270,7 +288,7 @@ def test_https_and_http_through_the_proxy(egress: Egress) -> None:
         "alpn": None,
         "detail": None,
     }
-    assert len(egress.received()) == 5
+    assert len(egress.received()) == 6
 
 
 def test_a_client_that_rejects_the_ca_is_passed_through_afterwards(egress: Egress) -> None:
@@ -359,6 +377,19 @@ def test_explicit_proxy(egress: Egress) -> None:
     record = _http(egress.sensor, method="GET", path="/explicit")
     assert record["process"]["pid"] == curl.pid
     assert record["response"]["status"] == 200
+    # Not an open proxy: the test host cannot reach it through this host's address.
+    script = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(({egress.host.gateway!r}, {egress.proxy_port}), timeout=5)\n"
+        "except ConnectionRefusedError:\n"
+        "    print('refused')\n"
+    )
+    probe = subprocess.run(
+        egress.host.command([PYTHON, "-c", script]), capture_output=True, text=True, timeout=20
+    )
+    assert probe.stdout == "refused\n", probe
+
     records = egress.sensor.finish()
     close = next(
         r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"

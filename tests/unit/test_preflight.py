@@ -47,6 +47,10 @@ def test_run_checks_on_this_host() -> None:
     assert not kprobes.ok
     assert not kprobes.required
 
+    # The egress controller's program types load here (optional: only --egress needs them).
+    assert checks["egress"].ok, checks["egress"]
+    assert not checks["egress"].required
+
     cgroup2 = _cgroup2_mount()
     if cgroup2 is not None:
         assert checks["cgroup v2"].ok

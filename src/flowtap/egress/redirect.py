@@ -113,12 +113,6 @@ class EgressRedirect:
         )
         return Origin(address, socket.ntohs(fields.integer("port")), fields.integer("pid"))
 
-    def forget(self, peer: tuple[str, int]) -> None:
-        """Drops a connection's entry once the proxy has it (the LRU would, later)."""
-        addr, family = _address_bytes(peer[0])
-        key = self._key.pack({"addr": addr, "port": socket.htons(peer[1]), "family": family})
-        self._obj.map("redirects").delete(key)
-
     def counters(self) -> dict[str, int]:
         table = self._obj.map("egress_counters")
         totals: dict[str, int] = {}
