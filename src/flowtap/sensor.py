@@ -50,14 +50,9 @@ log = logging.getLogger("flowtap")
 _WAKEUP_BYTES = 256 << 10
 _POLL_MS = 50
 _EGRESS_BATCH = 10_000
-# The proxy's counters that are losses or refusals, in the drop report.
-_EGRESS_DROPS = (
-    "parser_errors",
-    "callback_errors",
-    "refused_no_destination",
-    "upstream_failed",
-    "client_handshake_errors",
-)
+# The proxy's counters of what it lost, in the drop report (a failed upstream or client
+# handshake is not lost: its connection record says so, and a 502 is a transaction).
+_EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination")
 
 
 @dataclass(slots=True)

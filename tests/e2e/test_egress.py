@@ -396,3 +396,23 @@ def test_explicit_proxy(egress: Egress) -> None:
     )
     assert close["egress"]["mode"] == "explicit"
     assert close["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
+
+
+def test_an_unreachable_upstream_is_answered_with_502(egress: Egress) -> None:
+    """Nothing listens on the test host's port 9: the client gets a 502 from the proxy,
+    which is recorded as a transaction and as a connection whose upstream failed."""
+    url = f"http://{egress.host.address}:9/nowhere"
+    argv = [CURL, "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", url]
+    curl = egress.client(argv, stem="curl-502")
+    curl.finish()
+    record = _http(egress.sensor, method="GET", path="/nowhere")
+    assert record["process"]["pid"] == curl.pid
+    assert record["response"]["status"] == 502
+    records = egress.sensor.finish()
+    close = next(
+        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
+    )
+    assert close["egress"]["outcome"] == "upstream_failed"
+    assert close["status"] == "failed"
+    assert "refused" in close["egress"]["detail"].lower()
+    assert egress.received() == []
