@@ -1,5 +1,5 @@
 """Upstream servers for the egress e2e tests, run inside the test host's namespace:
-``python egress_upstream.py --host IP --cert C --key K``.
+``python egress_upstream.py --host IP [--host6 IP6] --cert C --key K``.
 
 HTTP/1.1 on port 8080, and HTTPS on 8443 (ALPN h2 or http/1.1, the h2 library for h2).
 Every request is printed as it arrived ("request": raw bytes in base64 for HTTP/1.x,
@@ -103,14 +103,16 @@ async def serve_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", required=True)
+    parser.add_argument("--host6", help="also listen on this IPv6 address")
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     args = parser.parse_args()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(args.cert, args.key)
     context.set_alpn_protocols(["h2", "http/1.1"])
-    plain = await asyncio.start_server(lambda r, w: serve_h1(r, w, tls=False), args.host, HTTP_PORT)
-    secure = await asyncio.start_server(serve_tls, args.host, HTTPS_PORT, ssl=context)
+    hosts = [args.host, args.host6] if args.host6 else [args.host]
+    plain = await asyncio.start_server(lambda r, w: serve_h1(r, w, tls=False), hosts, HTTP_PORT)
+    secure = await asyncio.start_server(serve_tls, hosts, HTTPS_PORT, ssl=context)
     say("listening")
     async with plain, secure:
         await asyncio.sleep(LIFETIME_S)

@@ -75,14 +75,14 @@ class Egress:
         return self.upstream.messages("request")
 
 
-def _pki(d: Path, address: str) -> dict[str, Path]:
+def _pki(d: Path, address: str, address6: str) -> dict[str, Path]:
     """The upstream's CA and a certificate for NAME and the test host's address."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
             "-days", "2", "-subj", "/CN=flowtap egress test upstream CA")  # fmt: skip
     openssl("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
             "-subj", f"/CN={NAME}")  # fmt: skip
-    (d / "san.ext").write_text(f"subjectAltName=DNS:{NAME},IP:{address}\n")
+    (d / "san.ext").write_text(f"subjectAltName=DNS:{NAME},IP:{address},IP:{address6}\n")
     openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
             "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))  # fmt: skip
@@ -94,7 +94,7 @@ def egress(e2e: Lab, tmp_path: Path) -> Iterator[Egress]:
     with make_test_host() as host:
         pki_dir = tmp_path / "upstream-pki"
         pki_dir.mkdir()
-        pki = _pki(pki_dir, host.address)
+        pki = _pki(pki_dir, host.address, host.address6)
         upstream = e2e.spawn(
             host.command(
                 [
@@ -102,6 +102,8 @@ def egress(e2e: Lab, tmp_path: Path) -> Iterator[Egress]:
                     str(UPSTREAM),
                     "--host",
                     host.address,
+                    "--host6",
+                    host.address6,
                     "--cert",
                     str(pki["cert"]),
                     "--key",
@@ -416,3 +418,26 @@ def test_an_unreachable_upstream_is_answered_with_502(egress: Egress) -> None:
     assert close["status"] == "failed"
     assert "refused" in close["egress"]["detail"].lower()
     assert egress.received() == []
+
+
+def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
+    """connect6: an IPv6 destination reaches the proxy's ::1 listener, SO_ORIGINAL_DST is
+    answered at the IPv6 level, and the record names the IPv6 original destination."""
+    url = f"https://[{egress.host.address6}]:{HTTPS_PORT}/v6"
+    curl = egress.client(
+        [CURL, "-sS", "--max-time", "10", "--cacert", str(egress.trust), "-o", "/dev/null", url],
+        stem="curl-v6",
+    )
+    curl.finish()
+    record = _http(egress.sensor, method="GET", path="/v6")
+    assert record["process"]["pid"] == curl.pid
+    assert record["response"]["status"] == 200
+    records = egress.sensor.finish()
+    close = next(
+        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
+    )
+    assert close["remote"] == {"ip": egress.host.address6, "port": HTTPS_PORT}
+    assert close["family"] == "ipv6"
+    assert close["local"]["ip"] == "::1"
+    stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
+    assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 1)

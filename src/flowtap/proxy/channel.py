@@ -57,7 +57,9 @@ class Channel(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake_reader()
-        return True  # keep our sending half open (TCP half-close); TLS ignores this
+        # Keep our sending half open (TCP half-close); over TLS there is no half-close,
+        # and asyncio warns on every connection if asked for one.
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
