@@ -305,3 +305,42 @@ def test_tls_attach_process_needs_a_pid() -> None:
     with pytest.raises(ConfigError, match="give --pid, or use --tls-attach file"):
         SensorConfig(tls_attach="process").validate()
     SensorConfig(pids=(os.getpid(),), tls_attach="process").validate()
+
+
+def test_egress_options_make_the_config(
+    cgroup_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRUST_STORE", str(tmp_path / "from-env"))
+    argv = ["run", "--egress", "--egress-cgroup", str(cgroup_root), "--proxy-port", "3128"]
+    argv += ["--state-dir", str(tmp_path / "state")]
+    made = config_from_args(build_parser().parse_args(argv))
+
+    assert made.egress
+    assert made.egress_cgroup == cgroup_root
+    assert made.trust_store == tmp_path / "from-env"  # TRUST_STORE, as in the seed
+    assert made.proxy_port == 3128
+    assert made.egress_state_dir == tmp_path / "state"
+    made.validate()
+
+
+def test_egress_settings_need_egress(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="need --egress"):
+        SensorConfig(trust_store=tmp_path).validate()
+
+
+def test_egress_cgroup_outside_the_mount(cgroup_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"^--egress-cgroup {tmp_path}: not inside"):
+        SensorConfig(egress=True, egress_cgroup=tmp_path).validate()
+
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_proxy_port_range(cgroup_root: Path, port: int) -> None:
+    with pytest.raises(ConfigError, match=f"--proxy-port {port}"):
+        SensorConfig(egress=True, proxy_port=port).validate()
+
+
+def test_trust_store_that_is_a_file(cgroup_root: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match=r"--trust-store .*: not a directory"):
+        SensorConfig(egress=True, trust_store=afile).validate()
