@@ -39,6 +39,26 @@ def answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
     return 200, b"hello " + path.encode()
 
 
+async def read_body(
+    reader: asyncio.StreamReader, length: int, chunked: bool
+) -> tuple[bytes, bytes]:
+    """(the body's bytes as they came, its content)."""
+    if not chunked:
+        whole = await reader.readexactly(length) if length else b""
+        return whole, whole
+    raw, body = bytearray(), bytearray()
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        raw += line
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            raw += await reader.readuntil(b"\r\n")  # no trailers here: the final CRLF
+            return bytes(raw), bytes(body)
+        chunk = await reader.readexactly(size + 2)
+        raw += chunk
+        body += chunk[:-2]
+
+
 async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: bool) -> None:
     while True:
         try:
@@ -47,13 +67,15 @@ async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t
             break
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
-        length = 0
+        length, chunked = 0, False
         for line in lines[1:]:
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
                 length = int(value)
-        body = await reader.readexactly(length) if length else b""
-        say("request", tls=tls, raw=base64.b64encode(head + body).decode())
+            elif name.strip().lower() == "transfer-encoding":
+                chunked = value.strip().lower() == "chunked"
+        raw, body = await read_body(reader, length, chunked)
+        say("request", tls=tls, raw=base64.b64encode(head + raw).decode())
         status, reply = answer(method, path, body)
         writer.write(
             f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\n"

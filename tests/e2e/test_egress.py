@@ -182,6 +182,13 @@ def _http(sensor: Sensor, **request: Any) -> Record:
                       describe=sensor.describe)  # fmt: skip
 
 
+def _egress_close(records: list[Record]) -> Record:
+    """The one close record of a proxied connection."""
+    closes = [r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"]
+    assert len(closes) == 1, closes
+    return closes[0]
+
+
 def _body(part: Record) -> bytes:
     return base64.b64decode(part["body"])
 
@@ -393,9 +400,7 @@ def test_explicit_proxy(egress: Egress) -> None:
     assert probe.stdout == "refused\n", probe
 
     records = egress.sensor.finish()
-    close = next(
-        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
-    )
+    close = _egress_close(records)
     assert close["egress"]["mode"] == "explicit"
     assert close["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
 
@@ -411,9 +416,7 @@ def test_an_unreachable_upstream_is_answered_with_502(egress: Egress) -> None:
     assert record["process"]["pid"] == curl.pid
     assert record["response"]["status"] == 502
     records = egress.sensor.finish()
-    close = next(
-        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
-    )
+    close = _egress_close(records)
     assert close["egress"]["outcome"] == "upstream_failed"
     assert close["status"] == "failed"
     assert "refused" in close["egress"]["detail"].lower()
@@ -433,11 +436,45 @@ def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
     assert record["process"]["pid"] == curl.pid
     assert record["response"]["status"] == 200
     records = egress.sensor.finish()
-    close = next(
-        r for r in records if r.get("capture_source") == "egress" and r["event"] == "close"
-    )
+    close = _egress_close(records)
     assert close["remote"] == {"ip": egress.host.address6, "port": HTTPS_PORT}
     assert close["family"] == "ipv6"
     assert close["local"]["ip"] == "::1"
     stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
     assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 1)
+
+
+def test_the_upstream_receives_the_request_byte_for_byte(egress: Egress) -> None:
+    """Odd header case and order, repeated headers, a chunked body: what the client wrote
+    over TLS is exactly what the upstream read."""
+    sent = (
+        b"PUT /exact?a=1&b=2 HTTP/1.1\r\nhost: api.flowtap.test\r\nX-Zeta: 1\r\n"
+        b"x-alpha:   spaced  \r\nX-Zeta: 2\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"
+    )
+    script = f"""
+import json, os, socket, ssl
+context = ssl.create_default_context(cafile={str(egress.trust)!r})
+raw = socket.create_connection(({egress.host.address!r}, {HTTPS_PORT}), timeout=10)
+with context.wrap_socket(raw, server_hostname={NAME!r}) as tls:
+    tls.sendall({sent!r})
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+print(json.dumps({{"event": "answer", "pid": os.getpid(), "status": answer[9:12].decode()}}))
+"""
+    client = egress.client([PYTHON, "-c", script], stem="exact")
+    client.finish()
+    assert client.wait_message("answer")["status"] == "200"
+    (request,) = egress.received()
+    assert base64.b64decode(request["raw"]) == sent
+    record = _http(egress.sensor, method="PUT", path="/exact?a=1&b=2")
+    assert _body(record["request"]) == b"hello!"
+    assert [name for name, _ in record["request"]["headers"]] == [
+        "host",
+        "X-Zeta",
+        "x-alpha",
+        "X-Zeta",
+        "Transfer-Encoding",
+        "Connection",
+    ]

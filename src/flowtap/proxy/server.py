@@ -311,18 +311,22 @@ class EgressProxy:
             result.error = result.error or "proxy stopped"
             raise
         finally:
-            self._count(result)
-            self._emit(
-                ConnectionEvent(
-                    "close",
-                    ctx.snapshot(),
-                    time.monotonic_ns(),
-                    outcome=result.outcome,
-                    bytes_from_client=result.from_client,
-                    bytes_to_client=result.to_client,
-                    error=result.error,
-                )
+            self._closed(ctx, result)
+
+    def _closed(self, ctx: ProxyContext, result: _Result) -> None:
+        """Counts how the connection ended and reports its close."""
+        self._count(result)
+        self._emit(
+            ConnectionEvent(
+                "close",
+                ctx.snapshot(),
+                time.monotonic_ns(),
+                outcome=result.outcome,
+                bytes_from_client=result.from_client,
+                bytes_to_client=result.to_client,
+                error=result.error,
             )
+        )
 
     def _count(self, result: _Result) -> None:
         if result.outcome == "intercepted":
@@ -394,18 +398,7 @@ class EgressProxy:
             )
             await self._forward(forwarder, result)
         finally:
-            self._count(result)
-            self._emit(
-                ConnectionEvent(
-                    "close",
-                    ctx.snapshot(),
-                    time.monotonic_ns(),
-                    outcome=result.outcome,
-                    bytes_from_client=result.from_client,
-                    bytes_to_client=result.to_client,
-                    error=result.error,
-                )
-            )
+            self._closed(ctx, result)
 
     # -- sniffing ---------------------------------------------------------------------
 
