@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httptools
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,11 +31,14 @@ LOCALHOST = "127.0.0.1"
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Runs a test on uvloop, the loop the sensor runs the proxy on (it differs from
+    asyncio's in ways that matter: a second reader on one fd is an error there)."""
+
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
             return await coro
 
-    return asyncio.run(bounded())
+    return uvloop.run(bounded())
 
 
 @dataclass(frozen=True)

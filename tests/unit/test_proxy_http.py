@@ -378,6 +378,72 @@ def test_non_http_is_relayed_untouched(ca: CertificateAuthority) -> None:
     run(main())
 
 
+def test_a_server_that_speaks_first_is_heard_at_once(ca: CertificateAuthority) -> None:
+    """SMTP-style: the upstream greets first. The proxy connected upstream while it waited
+    for the client, so the greeting arrives long before the sniff timeout (10 s here),
+    and the upstream sees one connection per client connection."""
+
+    async def main() -> None:
+        accepted = 0
+
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            writer.write(b"220 upstream ready\r\n")
+            line = await reader.readline()
+            writer.write(b"250 " + line)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, LOCALHOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        recorder = Recorder()
+        config = replace(ProxyConfig(), sniff_timeout=10.0)
+        async with proxied(ca, (LOCALHOST, port), recorder, config) as proxy:
+            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            async with asyncio.timeout(2.0):
+                assert await reader.readline() == b"220 upstream ready\r\n"
+            writer.write(b"HELO client\r\n")
+            assert await reader.read() == b"250 HELO client\r\n"
+            writer.close()
+            closes = await recorder.wait_closes(1)
+            assert proxy.counters()["server_first"] == 1
+        server.close()
+        assert accepted == 1
+        assert closes[0].outcome == "relayed"
+
+    run(main())
+
+
+def test_one_upstream_connection_per_intercepted_client(ca: CertificateAuthority) -> None:
+    """The early connection carries the client's HTTP: no second upstream connection."""
+
+    async def main() -> None:
+        accepted = 0
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, LOCALHOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, port), recorder) as proxy:
+            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 204")
+            writer.close()
+            await recorder.wait_closes(1)
+        server.close()
+        assert accepted == 1
+
+    run(main())
+
+
 def test_direct_connection_to_the_listener_is_refused(
     ca: CertificateAuthority, tmp_path: Path
 ) -> None:

@@ -132,6 +132,28 @@ def test_no_sni_gets_a_leaf_for_the_destination_ip(
     run(main())
 
 
+def test_a_client_slow_to_send_its_client_hello(ca: CertificateAuthority, pki: UpstreamPki) -> None:
+    """The early upstream connection is up (and watched) before the ClientHello comes: it
+    is handed over to the TLS connection cleanly, and only one is made."""
+
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context())
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+            raw_reader, raw_writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            await asyncio.sleep(0.3)  # the proxy's upstream connect finishes meanwhile
+            await raw_writer.start_tls(trusting(ca.cert_pem), server_hostname="localhost")
+            raw_writer.write(b"GET /late HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await read_response(raw_reader)).status == 200
+            raw_writer.close()
+            closes = await recorder.wait_closes(1)
+        await upstream.close()
+        assert closes[0].outcome == "intercepted", closes[0]
+        assert len(upstream.received) == 1
+
+    run(main())
+
+
 async def _h2_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()

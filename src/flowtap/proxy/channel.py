@@ -174,18 +174,20 @@ async def open_channel(
     context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     timeout: float = 10.0,
+    sock: socket.socket | None = None,
 ) -> Channel:
-    """A channel to ``host:port`` (TLS with ``context``), connected within ``timeout``."""
+    """A channel to ``host:port`` (TLS with ``context``), connected within ``timeout``;
+    over ``sock`` instead when given (already connected there)."""
     loop = asyncio.get_running_loop()
     channel = Channel()
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
     async with asyncio.timeout(timeout):
         if context is None:
-            await loop.create_connection(lambda: channel, host, port)
+            await loop.create_connection(lambda: channel, **where)
         else:
             await loop.create_connection(
                 lambda: channel,
-                host,
-                port,
+                **where,
                 ssl=context,
                 server_hostname=server_hostname,
                 ssl_handshake_timeout=timeout,

@@ -76,6 +76,7 @@ class ProxyStats:
     intercepted: int = 0
     passthrough: int = 0
     relayed: int = 0
+    server_first: int = 0  # relayed at once: the upstream spoke before the client did
     upstream_failed: int = 0
     rejected_by_client: int = 0  # client refused our certificate
     client_handshake_errors: int = 0  # other failed client handshakes (timeouts included)

@@ -43,6 +43,7 @@ from flowtap.proxy.events import (
 )
 from flowtap.proxy.forward import Http1Forwarder, Limits
 from flowtap.proxy.original_dst import so_original_dst
+from flowtap.proxy.preconnect import Preconnected
 from flowtap.proxy.relay import relay
 from flowtap.proxy.tls import ClientContexts, UpstreamContexts, is_rejection
 from flowtap.records.http import HttpRecordOptions
@@ -305,12 +306,20 @@ class EgressProxy:
         self._emit(ConnectionEvent("open", ctx.snapshot(), ctx.started_ns))
         result = _Result()
         result.from_client = len(preamble)
+        # Redirected: the destination is an address, reached while the client is sniffed.
+        pre = (
+            Preconnected(ctx.destination, self.config.limits.upstream_connect_timeout)
+            if ctx.mode == "transparent"
+            else None
+        )
         try:
-            await self._dispatch(sock, ctx, result)
+            await self._dispatch(sock, ctx, result, pre)
         except asyncio.CancelledError:
             result.error = result.error or "proxy stopped"
             raise
         finally:
+            if pre is not None:
+                pre.close()
             self._closed(ctx, result)
 
     def _closed(self, ctx: ProxyContext, result: _Result) -> None:
@@ -444,30 +453,31 @@ class EgressProxy:
         finally:
             loop.remove_reader(fd)
 
-    async def _dispatch(self, sock: socket.socket, ctx: ProxyContext, result: _Result) -> None:
-        try:
-            first = await self._peek(
-                sock, _first_bytes_complete, _PEEK_MAX, self.config.sniff_timeout
-            )
-        except TimeoutError:
-            first = b""  # the client waits for the server to speak: relay
+    async def _dispatch(
+        self, sock: socket.socket, ctx: ProxyContext, result: _Result, pre: Preconnected | None
+    ) -> None:
+        first = await self._first_bytes(sock, pre)
         if first.startswith(b"\x16\x03"):
             try:
                 hello = parse_client_hello(first)
             except TlsParseError:
                 hello = None
             if hello is not None:
-                await self._tls(sock, ctx, hello, result)
+                await self._tls(sock, ctx, hello, result, pre=pre)
                 return
         if first and _looks_http1(first):
             ctx.l7_protocol = "http1"
             client = await accept_channel(sock)
+
+            async def connect(host: str, port: int) -> Channel:
+                return await self._upstream_channel(pre, host, port)
+
             forwarder = Http1Forwarder(
                 client,
                 ctx,
                 self.stats,
                 self.config.limits,
-                self._plain_connector,
+                connect,
                 self._capture(ctx, http2=False),
             )
             result.outcome = "intercepted"
@@ -475,9 +485,59 @@ class EgressProxy:
             return
         h2 = bool(first) and first.startswith(_H2_PREFACE[: len(first)])
         ctx.l7_protocol = "http2" if h2 else ("tls" if first[:1] == b"\x16" else "other")
-        await self._relay_raw(sock, ctx, result, self._capture(ctx, http2=True) if h2 else None)
+        capture = self._capture(ctx, http2=True) if h2 else None
+        await self._relay_raw(sock, ctx, result, capture, pre=pre)
         if h2 and result.outcome == "relayed":
             result.outcome = "intercepted"
+
+    async def _first_bytes(self, sock: socket.socket, pre: Preconnected | None) -> bytes:
+        """The client's first bytes; b"" when the server spoke first (SMTP, MySQL...) or
+        the client said nothing within the sniff timeout: the connection is relayed."""
+        peek = asyncio.ensure_future(
+            self._peek(sock, _first_bytes_complete, _PEEK_MAX, self.config.sniff_timeout)
+        )
+        spoke = asyncio.ensure_future(pre.server_spoke()) if pre is not None else None
+        waiting: set[asyncio.Future[Any]] = {peek} if spoke is None else {peek, spoke}
+        try:
+            while True:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if peek in done:
+                    try:
+                        return peek.result()
+                    except TimeoutError:
+                        return b""
+                if spoke is not None and spoke in done and spoke.exception() is None:
+                    self.stats.server_first += 1
+                    return b""
+                # The early connect failed: the client's bytes still decide (and the
+                # failure is reported when the connection is made for them).
+        finally:
+            pending = [task for task in (peek, spoke) if task is not None and not task.done()]
+            for task in pending:
+                task.cancel()
+            # Until they have unwound, their readers still watch the sockets, which the
+            # transports about to take them over would find taken (EEXIST).
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _upstream_channel(
+        self,
+        pre: Preconnected | None,
+        host: str,
+        port: int,
+        *,
+        context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> Channel:
+        """A channel to the upstream: over the early connection when there is one left."""
+        sock = await pre.take() if pre is not None else None
+        return await open_channel(
+            host,
+            port,
+            context=context,
+            server_hostname=server_hostname,
+            timeout=self.config.limits.upstream_connect_timeout,
+            sock=sock,
+        )
 
     async def _forward(self, forwarder: Http1Forwarder, result: _Result) -> None:
         try:
@@ -505,13 +565,15 @@ class EgressProxy:
         ctx: ProxyContext,
         result: _Result,
         capture: Capture | None,
+        *,
         outcome: Outcome = "relayed",
+        pre: Preconnected | None = None,
     ) -> None:
         """The client's bytes (anything still unread in its socket included) to the
         destination and back, unchanged."""
         host, port = ctx.destination
         try:
-            upstream = await self._plain_connector(host, port)
+            upstream = await self._upstream_channel(pre, host, port)
         except (OSError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 self.stats.timeouts_upstream += 1
@@ -549,7 +611,13 @@ class EgressProxy:
     # -- TLS --------------------------------------------------------------------------
 
     async def _tls(
-        self, sock: socket.socket, ctx: ProxyContext, hello: ClientHello, result: _Result
+        self,
+        sock: socket.socket,
+        ctx: ProxyContext,
+        hello: ClientHello,
+        result: _Result,
+        *,
+        pre: Preconnected | None,
     ) -> None:
         ctx.tls = True
         ctx.sni = hello.sni
@@ -558,18 +626,18 @@ class EgressProxy:
         key = (host, port, hello.sni)
         if key in self._passthrough:
             self._passthrough.move_to_end(key)
-            await self._relay_raw(sock, ctx, result, None, outcome="passthrough")
+            await self._relay_raw(sock, ctx, result, None, outcome="passthrough", pre=pre)
             return
         server_name = hello.sni or host
         upstream: Channel | None = None
         upstream_error: str | None = None
         try:
-            upstream = await open_channel(
+            upstream = await self._upstream_channel(
+                pre,
                 host,
                 port,
                 context=self._upstream_tls.get(hello.alpn),
                 server_hostname=server_name,
-                timeout=self.config.limits.upstream_connect_timeout,
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if isinstance(exc, TimeoutError):
