@@ -41,6 +41,8 @@ HTTP_PORT = 8080
 HTTPS_PORT = 8443
 NODE = "/usr/bin/node"
 UPSTREAM = Path(__file__).resolve().with_name("egress_upstream.py")
+JAVA = "/usr/bin/java"
+JAVA_CLIENT = Path(__file__).resolve().with_name("java") / "EgressClient.java"
 
 
 @dataclass
@@ -478,3 +480,19 @@ print(json.dumps({{"event": "answer", "pid": os.getpid(), "status": answer[9:12]
         "Transfer-Encoding",
         "Connection",
     ]
+
+
+def test_java_trusts_the_keystore(egress: Egress) -> None:
+    """Java's own HTTP client, pointed at the JKS written to the trust store."""
+    jks = egress.trust.with_name("flowtap-ca.jks")  # keytool is in debian-packages.txt
+    assert jks.stat().st_mode & 0o777 == 0o644
+    url = f"https://{egress.host.address}:{HTTPS_PORT}/from/java"
+    trust = [f"-Djavax.net.ssl.trustStore={jks}", "-Djavax.net.ssl.trustStorePassword=changeit"]
+    argv = [JAVA, *trust, str(JAVA_CLIENT), url, "jvm body"]
+    java = egress.client(argv, stem="java")
+    assert java.wait_message("response", timeout=60)["status"] == 201
+    java.finish()
+    record = _http(egress.sensor, method="POST", path="/from/java")
+    assert record["process"]["pid"] == java.pid
+    assert _body(record["request"]) == b"jvm body"
+    assert _body(record["response"]) == b"echo:jvm body"
