@@ -485,7 +485,11 @@ print(json.dumps({{"event": "answer", "pid": os.getpid(), "status": answer[9:12]
 def test_java_trusts_the_keystore(egress: Egress) -> None:
     """Java's own HTTP client, pointed at the JKS written to the trust store."""
     jks = egress.trust.with_name("flowtap-ca.jks")  # keytool is in debian-packages.txt
-    assert jks.stat().st_mode & 0o777 == 0o644
+    assert jks.stat().st_mode & 0o777 == 0o644  # public: every client must read it
+    # The CA's key, by contrast, is the sensor's alone, in a directory only it can enter.
+    state = egress.e2e.workdir / "state"
+    assert (state / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    assert state.stat().st_mode & 0o777 == 0o700
     url = f"https://{egress.host.address}:{HTTPS_PORT}/from/java"
     trust = [f"-Djavax.net.ssl.trustStore={jks}", "-Djavax.net.ssl.trustStorePassword=changeit"]
     argv = [JAVA, *trust, str(JAVA_CLIENT), url, "jvm body"]
