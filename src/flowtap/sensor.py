@@ -486,7 +486,8 @@ class Sensor:
     # --- shutdown -------------------------------------------------------------------
 
     def _stop_egress(self) -> None:
-        """The proxy stops first (its last reports become records), then the links go."""
+        """Redirection off first (new connections go direct), then the proxy stops and its
+        last reports become records."""
         if self.egress is not None:
             self.egress.stop()
             self._drain_egress()

@@ -92,7 +92,7 @@ def _pki(d: Path, address: str, address6: str) -> dict[str, Path]:
 
 
 @pytest.fixture
-def egress(e2e: Lab, tmp_path: Path) -> Iterator[Egress]:
+def egress(e2e: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Egress]:
     with make_test_host() as host:
         pki_dir = tmp_path / "upstream-pki"
         pki_dir.mkdir()
@@ -139,7 +139,11 @@ def egress(e2e: Lab, tmp_path: Path) -> Iterator[Egress]:
                 "--capture-level",
                 "full",
             ],
-            cgroup=e2e.cgroup.child("sensor"),
+            # Inside the egress cgroup, as under the default (the root), unless the test
+            # asks for the other case: the proxy then reads the kernel's table itself.
+            cgroup=None
+            if request.node.get_closest_marker("sensor_outside")
+            else e2e.cgroup.child("sensor"),
         )
         try:
             yield Egress(
@@ -500,3 +504,19 @@ def test_java_trusts_the_keystore(egress: Egress) -> None:
     assert record["process"]["pid"] == java.pid
     assert _body(record["request"]) == b"jvm body"
     assert _body(record["response"]) == b"echo:jvm body"
+
+
+@pytest.mark.sensor_outside
+def test_flowtap_outside_the_egress_cgroup(egress: Egress) -> None:
+    """The getsockopt program does not see the proxy's sockets then: the original
+    destination comes from the kernel's table, with the same result."""
+    post = egress.curl("-d", "outside", f"https://{NAME}:{HTTPS_PORT}/outside", stem="curl")
+    post.finish()
+    record = _http(egress.sensor, method="POST", path="/outside")
+    assert record["process"]["pid"] == post.pid
+    assert _body(record["response"]) == b"echo:outside"
+    assert "from the kernel's table instead of SO_ORIGINAL_DST" in egress.sensor.stderr()
+    records = egress.sensor.finish()
+    assert _egress_close(records)["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
+    stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
+    assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 0)

@@ -109,6 +109,7 @@ class EgressController:
         try:
             self._call(self._proxy.start())
         except OSError as exc:
+            self.stop()
             raise EgressError(
                 f"the proxy cannot listen: {exc.strerror or exc}; choose another --proxy-port"
             ) from exc
