@@ -79,6 +79,7 @@ const enum ft_counter *anchor_counter __attribute__((unused));
 const enum ft_direction *anchor_direction __attribute__((unused));
 const enum ft_flow *anchor_flow __attribute__((unused));
 const enum ft_source *anchor_source __attribute__((unused));
+const enum ft_strategy *anchor_strategy __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

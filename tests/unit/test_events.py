@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from flowtap.egress.strategy import Strategy
 from flowtap.events import (
     Conn,
     ConnClose,
@@ -150,6 +151,13 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_GO_CONN_UNRESOLVED": 10,
         "FT_CNT_STRATEGY_TABLE_FULL": 11,
         "FT_CNT_MAX": 12,
+    }
+
+
+def test_strategies_match_flowtap_h(btf: Btf) -> None:
+    """The values /proc's scan writes into the strategies table (egress/strategy.py)."""
+    assert btf.enum_values("ft_strategy") == {
+        f"FT_STRATEGY_{member.name}": member.value for member in Strategy
     }
 
 
