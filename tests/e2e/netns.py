@@ -37,7 +37,7 @@ def make_test_host() -> Iterator[TestHost]:
     tag = secrets.token_hex(3)
     namespace, outside, inside = f"flowtap-test-{tag}", f"ftv{tag}a", f"ftv{tag}b"
     subnet = secrets.randbelow(250) + 2
-    prefix = f"fd31:{secrets.token_hex(2)}:{subnet:x}"
+    prefix = f"fd31:{secrets.randbelow(0xFFFF) + 1:x}:{subnet:x}"  # canonical: no leading 0
     host = TestHost(
         namespace, f"10.231.{subnet}.2", f"10.231.{subnet}.1", f"{prefix}::2", f"{prefix}::1"
     )
