@@ -361,3 +361,23 @@ def test_json_lines_one_compact_object_per_line() -> None:
     assert lines[0].startswith('{"type":"connection","event":"open","connection_id":7,')
     assert ": " not in lines[0]
     assert ", " not in lines[0]
+
+
+def test_console_marks_what_went_through_the_egress_proxy(console: ConsoleSink) -> None:
+    process = {"pid": 42, "tid": 42, "exe": "/usr/bin/curl", "comm": "curl", "cmdline": [],
+               "uid": 0, "user": "root", "container_id": None}  # fmt: skip
+    close: dict[str, Any] = {
+        "type": "connection", "event": "close", "connection_id": 1 << 48, "process": process,
+        "direction": "egress", "capture_source": "egress",
+        "local": {"ip": "127.0.0.1", "port": 5555}, "remote": {"ip": "10.0.0.1", "port": 443},
+        "l7_protocol": "tls", "sni": "api.example.com", "bytes_sent": 10, "bytes_received": 20,
+        "duration_ms": 3.0, "status": "closed", "error": None,
+        "egress": {"mode": "transparent", "outcome": "passthrough", "tls": True, "alpn": None,
+                   "detail": None},
+    }  # fmt: skip
+    assert console.format(close) == (
+        "close curl[42] egress 127.0.0.1:5555 -> 10.0.0.1:443 via proxy tls "
+        "sni=api.example.com sent 10 B recv 20 B 3 ms passthrough"
+    )
+    close["egress"]["outcome"] = "intercepted"
+    assert console.format(close).endswith("sent 10 B recv 20 B 3 ms")

@@ -66,6 +66,8 @@ class ConsoleSink(LineSink):
         )
         if record.get("error"):
             line += " " + self._paint(record["error"], _RED)
+        if record.get("capture_source") == "egress":
+            line += " " + self._paint("via proxy", _DIM)
         lines = [line]
         for mark, part in ((">", request), ("<", response)):
             if not part:
@@ -89,6 +91,8 @@ class ConsoleSink(LineSink):
         if record["direction"] == "ingress":
             flow = f"{endpoint(record['local'])} <- {endpoint(record['remote'])}"
         head = f"{who} {record['direction']} {flow}"
+        if record.get("capture_source") == "egress":
+            head += " " + self._paint("via proxy", _DIM)
         if record["event"] == "open":
             state = record["state"]
             mark = self._paint("open", _CYAN) if state != "failed" else self._paint("fail", _RED)
@@ -104,6 +108,10 @@ class ConsoleSink(LineSink):
         parts.append(f"sent {human_bytes(record['bytes_sent'])}")
         parts.append(f"recv {human_bytes(record['bytes_received'])}")
         parts.append(f"{record['duration_ms']:.0f} ms")
+        egress = record.get("egress")
+        if egress is not None and egress["outcome"] != "intercepted":
+            detail = f" ({egress['detail']})" if egress.get("detail") else ""
+            parts.append(self._paint(egress["outcome"] + detail, _YELLOW))
         status = record["status"]
         if status != "closed":
             colour = _GREEN if status == "open_at_exit" else _RED
