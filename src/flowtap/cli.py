@@ -146,6 +146,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="where the proxy keeps its CA (created at first start, key mode 0600)",
     )
     egress.add_argument(
+        "--proxy-header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a client must send a whole request head within this, or gets 408 (default 10)",
+    )
+    egress.add_argument(
         "--upstream-ca-file",
         type=Path,
         help="PEM roots trusted for upstream servers besides the system's",
@@ -201,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         proxy_port=args.proxy_port,
         egress_state_dir=args.state_dir,
         upstream_ca_file=args.upstream_ca_file,
+        proxy_header_timeout_s=args.proxy_header_timeout,
     )
 
 

@@ -57,6 +57,7 @@ class SensorConfig:
     proxy_port: int = 0  # explicit proxy (HTTP_PROXY/HTTPS_PROXY); 0: any free port
     egress_state_dir: Path = Path("/var/lib/flowtap")
     upstream_ca_file: Path | None = None  # extra roots for upstream servers
+    proxy_header_timeout_s: float = 10.0  # a request head must arrive within this
 
     def validate(self) -> None:
         for pid in self.pids:
@@ -114,6 +115,11 @@ class SensorConfig:
         ):
             if path is not None and path.exists() and not path.is_dir():
                 raise ConfigError(f"{flag} {path}: not a directory")
+        if not math.isfinite(self.proxy_header_timeout_s) or self.proxy_header_timeout_s <= 0:
+            raise ConfigError(
+                f"--proxy-header-timeout {self.proxy_header_timeout_s}: use a positive number "
+                "of seconds"
+            )
         if self.upstream_ca_file is not None and not self.upstream_ca_file.is_file():
             raise ConfigError(f"--upstream-ca-file {self.upstream_ca_file}: no such file")
 

@@ -40,6 +40,7 @@ NAME = "api.flowtap.test"
 HTTP_PORT = 8080
 HTTPS_PORT = 8443
 NODE = "/usr/bin/node"
+HEADER_TIMEOUT_S = 2.0
 UPSTREAM = Path(__file__).resolve().with_name("egress_upstream.py")
 JAVA = "/usr/bin/java"
 JAVA_CLIENT = Path(__file__).resolve().with_name("java") / "EgressClient.java"
@@ -136,6 +137,8 @@ def egress(e2e: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
                 str(pki["ca"]),
                 "--proxy-port",
                 str(proxy_port),
+                "--proxy-header-timeout",
+                str(HEADER_TIMEOUT_S),
                 "--capture-level",
                 "full",
             ],
@@ -520,3 +523,36 @@ def test_flowtap_outside_the_egress_cgroup(egress: Egress) -> None:
     assert _egress_close(records)["remote"] == {"ip": egress.host.address, "port": HTTPS_PORT}
     stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
     assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 0)
+
+
+def test_a_slow_client_is_timed_out_while_others_are_served(egress: Egress) -> None:
+    """Half a request head, then silence: 408 after --proxy-header-timeout, and a curl
+    made meanwhile is served at once."""
+    script = f"""
+import json, os, socket, time
+s = socket.create_connection(({egress.host.address!r}, {HTTP_PORT}), timeout=30)
+s.sendall(b"GET /slow HTTP/1.1\\r\\nHost: x\\r\\n")
+print(json.dumps({{"event": "sent", "pid": os.getpid()}}), flush=True)
+start = time.monotonic()
+answer = s.recv(65536)
+print(json.dumps({{"event": "answer", "pid": os.getpid(), "status": answer[9:12].decode(),
+                  "after": time.monotonic() - start}}), flush=True)
+"""
+    slow = egress.client([PYTHON, "-c", script], stem="slow")
+    slow.wait_message("sent")
+    fast = egress.client(
+        [CURL, "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+         f"http://{egress.host.address}:{HTTP_PORT}/fast"],
+        stem="fast",
+    )  # fmt: skip
+    fast.finish()
+    assert slow.popen.poll() is None  # still waiting for its answer
+    answer = slow.wait_message("answer")
+    slow.finish()
+    assert answer["status"] == "408"
+    assert HEADER_TIMEOUT_S - 0.5 <= answer["after"] <= HEADER_TIMEOUT_S + 3
+    assert _http(egress.sensor, method="GET", path="/fast")["response"]["status"] == 200
+    egress.sensor.finish()
+    assert [base64.b64decode(m["raw"]).split(b" ")[1] for m in egress.received()] == [b"/fast"]
+    stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
+    assert stats["timeouts_header"] == 1

@@ -29,6 +29,7 @@ from flowtap.loader.system import cgroup2_mount
 from flowtap.protocols.messages import Transaction
 from flowtap.proxy.ca import CAError, CertificateAuthority
 from flowtap.proxy.events import ConnectionEvent, ProxyContext
+from flowtap.proxy.forward import Limits
 from flowtap.proxy.original_dst import so_original_dst
 from flowtap.proxy.server import EgressProxy, ProxyConfig
 from flowtap.records.connection import Record, process_record
@@ -96,7 +97,10 @@ class EgressController:
         upstream_ca = str(cfg.upstream_ca_file) if cfg.upstream_ca_file else None
         self._proxy = EgressProxy(
             ProxyConfig(
-                explicit_port=cfg.proxy_port, upstream_ca_file=upstream_ca, http=self._http
+                explicit_port=cfg.proxy_port,
+                upstream_ca_file=upstream_ca,
+                http=self._http,
+                limits=Limits(header_timeout=cfg.proxy_header_timeout_s),
             ),
             ca,
             on_transaction=lambda tx, ctx: self.reports.put((tx, ctx)),
