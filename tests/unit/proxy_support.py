@@ -11,8 +11,9 @@ import hashlib
 import ipaddress
 import json
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from flowtap.protocols.messages import Transaction
-from flowtap.proxy import ConnectionEvent, ProxyContext
+from flowtap.proxy import (
+    CertificateAuthority,
+    ConnectionEvent,
+    EgressProxy,
+    ProxyConfig,
+    ProxyContext,
+)
+from flowtap.records.http import HttpRecordOptions
 
 T = TypeVar("T")
 LOCALHOST = "127.0.0.1"
@@ -339,3 +347,37 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 async def gather_bounded(*aws: Awaitable[Any]) -> list[Any]:
     return list(await asyncio.gather(*aws))
+
+
+CLIENT_PID = 4242  # what the injected attribution says of every client
+
+
+@asynccontextmanager
+async def proxied(
+    ca: CertificateAuthority,
+    destination: tuple[str, int],
+    recorder: Recorder,
+    config: ProxyConfig | None = None,
+    *,
+    upstream_ca: Path | None = None,
+) -> AsyncIterator[EgressProxy]:
+    """flowtap's proxy with every connection's original destination injected (no eBPF),
+    capturing at level full unless ``config`` says otherwise."""
+    config = config or ProxyConfig(http=HttpRecordOptions(level="full"))
+    if upstream_ca is not None:
+        config = replace(config, upstream_ca_file=str(upstream_ca))
+    proxy = EgressProxy(
+        config,
+        ca,
+        on_transaction=recorder.on_transaction,
+        on_connection=recorder.on_connection,
+        original_destination=lambda sock: destination,
+        client_process=lambda peer: CLIENT_PID,
+    )
+    async with proxy:
+        yield proxy
+
+
+def transparent_port(proxy: EgressProxy) -> int:
+    assert proxy.transparent_address is not None
+    return proxy.transparent_address[1]

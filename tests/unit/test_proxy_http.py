@@ -6,49 +6,34 @@ import asyncio
 import hashlib
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from proxy_support import LOCALHOST, Recorder, Upstream, exchange, read_response, run
+from proxy_support import (
+    CLIENT_PID,
+    LOCALHOST,
+    Recorder,
+    Upstream,
+    exchange,
+    proxied,
+    read_response,
+    run,
+    transparent_port,
+)
 
 from flowtap.proxy import CertificateAuthority, EgressProxy, Limits, ProxyConfig
 from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import WallClock
 from flowtap.records.http import HttpRecordOptions
 
-PROCESS = {"pid": 4242, "exe": "/usr/bin/client"}
+PROCESS = {"pid": CLIENT_PID, "exe": "/usr/bin/client"}
 
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return CertificateAuthority.load_or_create(tmp_path_factory.mktemp("ca") / "state")
-
-
-@asynccontextmanager
-async def proxied(
-    ca: CertificateAuthority,
-    destination: tuple[str, int],
-    recorder: Recorder,
-    config: ProxyConfig | None = None,
-) -> AsyncIterator[EgressProxy]:
-    proxy = EgressProxy(
-        config or ProxyConfig(http=HttpRecordOptions(level="full")),
-        ca,
-        on_transaction=recorder.on_transaction,
-        on_connection=recorder.on_connection,
-        original_destination=lambda sock: destination,
-        client_process=lambda peer: 4242,
-    )
-    async with proxy:
-        yield proxy
-
-
-def _port(proxy: EgressProxy) -> int:
-    assert proxy.transparent_address is not None
-    return proxy.transparent_address[1]
 
 
 def _explicit_port(proxy: EgressProxy) -> int:
@@ -73,7 +58,7 @@ def test_forwarded_byte_for_byte_and_recorded(ca: CertificateAuthority) -> None:
         upstream = await Upstream().start()
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
-            resp = await exchange(_port(proxy), REQUEST)
+            resp = await exchange(transparent_port(proxy), REQUEST)
             assert resp.status == 200
             assert resp.json()["body_size"] == 11
             assert bytes(upstream.received[0]) == REQUEST  # headers in order, case kept
@@ -84,7 +69,7 @@ def test_forwarded_byte_for_byte_and_recorded(ca: CertificateAuthority) -> None:
         assert (tx.request.method, tx.request.target) == ("POST", "/submit?x=1")
         assert bytes(tx.request.body.data) == b"hello world"
         assert tx.response.status == 200
-        assert ctx.pid == 4242 and ctx.destination == (LOCALHOST, upstream.port)
+        assert ctx.pid == CLIENT_PID and ctx.destination == (LOCALHOST, upstream.port)
         record = egress_http_record(
             tx, ctx, PROCESS, HttpRecordOptions(level="headers"), WallClock()
         )
@@ -105,7 +90,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(ca: CertificateAuthor
         upstream = await Upstream().start()
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             for i in range(5):
                 writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
                 resp = await read_response(reader)
@@ -181,10 +166,10 @@ def test_refused_while_others_are_served(
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
             # A well-behaved client keeps its connection open throughout.
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             writer.write(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")
             assert (await read_response(reader)).status == 200
-            resp = await exchange(_port(proxy), request_bytes)
+            resp = await exchange(transparent_port(proxy), request_bytes)
             assert resp.status == status
             assert resp.header("connection") == "close"
             writer.write(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -212,11 +197,13 @@ def test_slow_client_is_timed_out(ca: CertificateAuthority) -> None:
         upstream = await Upstream().start()
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder, config) as proxy:
-            slow_reader, slow_writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            slow_reader, slow_writer = await asyncio.open_connection(
+                LOCALHOST, transparent_port(proxy)
+            )
             slow_writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n")  # never finished
             # Others are served meanwhile.
             assert (
-                await exchange(_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                await exchange(transparent_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             ).status == 200
             resp = await read_response(slow_reader)
             assert resp.status == 408
@@ -235,7 +222,9 @@ def test_refused_upstream_gets_502(ca: CertificateAuthority) -> None:
         async def main() -> None:
             recorder = Recorder()
             async with proxied(ca, (LOCALHOST, closed_port), recorder) as proxy:
-                resp = await exchange(_port(proxy), b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                resp = await exchange(
+                    transparent_port(proxy), b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+                )
                 assert resp.status == 502
                 assert "refused" in (resp.header("x-flowtap-error") or "").lower()
                 closes = await recorder.wait_closes(1)
@@ -267,7 +256,7 @@ def test_large_bodies_stream_with_bounded_memory(ca: CertificateAuthority) -> No
         upstream = await Upstream(keep=4096).start()
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder, config) as proxy:
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             writer.write(
                 f"PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n".encode()
             )
@@ -366,7 +355,7 @@ def test_non_http_is_relayed_untouched(ca: CertificateAuthority) -> None:
         port = server.sockets[0].getsockname()[1]
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, port), recorder) as proxy:
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             writer.write(b"\x00\x01binary protocol")
             assert await reader.read() == b"\x00\x01BINARY PROTOCOL"
             writer.close()
@@ -400,7 +389,7 @@ def test_a_server_that_speaks_first_is_heard_at_once(ca: CertificateAuthority) -
         recorder = Recorder()
         config = replace(ProxyConfig(), sniff_timeout=10.0)
         async with proxied(ca, (LOCALHOST, port), recorder, config) as proxy:
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             async with asyncio.timeout(2.0):
                 assert await reader.readline() == b"220 upstream ready\r\n"
             writer.write(b"HELO client\r\n")
@@ -433,7 +422,7 @@ def test_one_upstream_connection_per_intercepted_client(ca: CertificateAuthority
         port = server.sockets[0].getsockname()[1]
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, port), recorder) as proxy:
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert (await reader.read()).startswith(b"HTTP/1.1 204")
             writer.close()
@@ -452,7 +441,7 @@ def test_direct_connection_to_the_listener_is_refused(
         proxy = EgressProxy(ProxyConfig(), ca, on_connection=recorder.on_connection)
         # Default SO_ORIGINAL_DST on a socket nobody redirected: no destination, refused.
         async with proxy:
-            reader, _ = await asyncio.open_connection(LOCALHOST, _port(proxy))
+            reader, _ = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             assert await reader.read() == b""
             await asyncio.sleep(0.05)
             assert (
@@ -470,7 +459,7 @@ def test_capture_level_none_parses_nothing(ca: CertificateAuthority) -> None:
         recorder = Recorder()
         async with proxied(ca, (LOCALHOST, upstream.port), recorder, config) as proxy:
             assert (
-                await exchange(_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                await exchange(transparent_port(proxy), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             ).status == 200
             await recorder.wait_closes(1)
         await upstream.close()

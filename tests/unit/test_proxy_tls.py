@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
-from proxy_support import LOCALHOST, Recorder, Upstream, UpstreamPki, make_pki, read_response, run
+from proxy_support import (
+    LOCALHOST,
+    Recorder,
+    Upstream,
+    UpstreamPki,
+    make_pki,
+    proxied,
+    read_response,
+    run,
+    transparent_port,
+)
 
-from flowtap.proxy import CertificateAuthority, EgressProxy, ProxyConfig
+from flowtap.proxy import CertificateAuthority
 from flowtap.proxy.records import egress_http_record
 from flowtap.records.connection import WallClock
 from flowtap.records.http import HttpRecordOptions
@@ -43,34 +51,6 @@ def trusting(ca_pem: bytes | Path, alpn: list[str] | None = None) -> ssl.SSLCont
     return ctx
 
 
-@asynccontextmanager
-async def proxied(
-    ca: CertificateAuthority,
-    destination: tuple[str, int],
-    recorder: Recorder,
-    upstream_ca: Path | None,
-) -> AsyncIterator[EgressProxy]:
-    config = ProxyConfig(
-        upstream_ca_file=str(upstream_ca) if upstream_ca else None,
-        http=HttpRecordOptions(level="full"),
-    )
-    proxy = EgressProxy(
-        config,
-        ca,
-        on_transaction=recorder.on_transaction,
-        on_connection=recorder.on_connection,
-        original_destination=lambda sock: destination,
-        client_process=lambda peer: 7,
-    )
-    async with proxy:
-        yield proxy
-
-
-def _port(proxy: EgressProxy) -> int:
-    assert proxy.transparent_address is not None
-    return proxy.transparent_address[1]
-
-
 def _issuer_cn(writer: asyncio.StreamWriter) -> str:
     cert = writer.get_extra_info("peercert")
     return dict(x[0] for x in cert["issuer"])["commonName"]  # type: ignore[no-any-return]
@@ -84,10 +64,12 @@ def test_tls_intercepted_with_a_leaf_for_the_sni(
     async def main() -> None:
         upstream = await Upstream().start(pki.server_context(["http/1.1"]))
         recorder = Recorder()
-        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+        async with proxied(
+            ca, (LOCALHOST, upstream.port), recorder, upstream_ca=pki.ca_file
+        ) as proxy:
             reader, writer = await asyncio.open_connection(
                 LOCALHOST,
-                _port(proxy),
+                transparent_port(proxy),
                 ssl=trusting(ca.cert_pem, ["h2", "http/1.1"]),
                 server_hostname="localhost",
             )
@@ -116,10 +98,14 @@ def test_no_sni_gets_a_leaf_for_the_destination_ip(
     async def main() -> None:
         upstream = await Upstream().start(pki.server_context())
         recorder = Recorder()
-        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+        async with proxied(
+            ca, (LOCALHOST, upstream.port), recorder, upstream_ca=pki.ca_file
+        ) as proxy:
             ctx = trusting(ca.cert_pem)
             ctx.check_hostname = False  # no server_hostname: no SNI sent
-            reader, writer = await asyncio.open_connection(LOCALHOST, _port(proxy), ssl=ctx)
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST, transparent_port(proxy), ssl=ctx
+            )
             cert = writer.get_extra_info("peercert")
             assert ("IP Address", LOCALHOST) in cert["subjectAltName"]
             writer.write(b"GET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -139,8 +125,12 @@ def test_a_client_slow_to_send_its_client_hello(ca: CertificateAuthority, pki: U
     async def main() -> None:
         upstream = await Upstream().start(pki.server_context())
         recorder = Recorder()
-        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
-            raw_reader, raw_writer = await asyncio.open_connection(LOCALHOST, _port(proxy))
+        async with proxied(
+            ca, (LOCALHOST, upstream.port), recorder, upstream_ca=pki.ca_file
+        ) as proxy:
+            raw_reader, raw_writer = await asyncio.open_connection(
+                LOCALHOST, transparent_port(proxy)
+            )
             await asyncio.sleep(0.3)  # the proxy's upstream connect finishes meanwhile
             await raw_writer.start_tls(trusting(ca.cert_pem), server_hostname="localhost")
             raw_writer.write(b"GET /late HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -179,10 +169,10 @@ def test_alpn_h2_mirrored_and_recorded(ca: CertificateAuthority, pki: UpstreamPk
         )
         port = server.sockets[0].getsockname()[1]
         recorder = Recorder()
-        async with proxied(ca, (LOCALHOST, port), recorder, pki.ca_file) as proxy:
+        async with proxied(ca, (LOCALHOST, port), recorder, upstream_ca=pki.ca_file) as proxy:
             reader, writer = await asyncio.open_connection(
                 LOCALHOST,
-                _port(proxy),
+                transparent_port(proxy),
                 ssl=trusting(ca.cert_pem, ["h2", "http/1.1"]),
                 server_hostname="localhost",
             )
@@ -232,9 +222,12 @@ def test_untrusted_upstream_is_a_502(ca: CertificateAuthority, pki: UpstreamPki)
         upstream = await Upstream().start(pki.server_context())
         recorder = Recorder()
         # No upstream_ca_file: the test CA is not among the system roots.
-        async with proxied(ca, (LOCALHOST, upstream.port), recorder, None) as proxy:
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
             reader, writer = await asyncio.open_connection(
-                LOCALHOST, _port(proxy), ssl=trusting(ca.cert_pem), server_hostname="localhost"
+                LOCALHOST,
+                transparent_port(proxy),
+                ssl=trusting(ca.cert_pem),
+                server_hostname="localhost",
             )
             writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             resp = await read_response(reader)
@@ -255,19 +248,21 @@ def test_passthrough_after_the_client_rejects_our_certificate(
     async def main() -> None:
         upstream = await Upstream().start(pki.server_context())
         recorder = Recorder()
-        async with proxied(ca, (LOCALHOST, upstream.port), recorder, pki.ca_file) as proxy:
+        async with proxied(
+            ca, (LOCALHOST, upstream.port), recorder, upstream_ca=pki.ca_file
+        ) as proxy:
             # This client trusts only the upstream's real CA (as if it pinned it).
             pinned = trusting(pki.ca_file)
             with pytest.raises(ssl.SSLCertVerificationError):
                 await asyncio.open_connection(
-                    LOCALHOST, _port(proxy), ssl=pinned, server_hostname="localhost"
+                    LOCALHOST, transparent_port(proxy), ssl=pinned, server_hostname="localhost"
                 )
             first = await recorder.wait_closes(1)
             assert first[0].outcome == "rejected" and first[0].context.sni == "localhost"
             assert proxy.passthrough_destinations() == [(LOCALHOST, upstream.port, "localhost")]
             # From now on it passes through: the client sees the real certificate.
             reader, writer = await asyncio.open_connection(
-                LOCALHOST, _port(proxy), ssl=pinned, server_hostname="localhost"
+                LOCALHOST, transparent_port(proxy), ssl=pinned, server_hostname="localhost"
             )
             assert _issuer_cn(writer) == "test upstream CA"
             writer.write(b"GET /pinned HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -288,7 +283,7 @@ def test_explicit_connect_with_tls(ca: CertificateAuthority, pki: UpstreamPki) -
     async def main() -> None:
         upstream = await Upstream().start(pki.server_context())
         recorder = Recorder()
-        async with proxied(ca, ("0.0.0.0", 1), recorder, pki.ca_file) as proxy:
+        async with proxied(ca, ("0.0.0.0", 1), recorder, upstream_ca=pki.ca_file) as proxy:
             assert proxy.explicit_address is not None
             reader, writer = await asyncio.open_connection(LOCALHOST, proxy.explicit_address[1])
             writer.write(
