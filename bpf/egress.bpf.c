@@ -39,7 +39,6 @@ const struct ft_egress_key *anchor_egress_key __attribute__((unused));
 const struct ft_egress_origin *anchor_egress_origin __attribute__((unused));
 const struct ft_egress_config *anchor_egress_config __attribute__((unused));
 const enum ft_egress_counter *anchor_egress_counter __attribute__((unused));
-const enum ft_strategy *anchor_strategy __attribute__((unused));
 
 /* Set at connect, until the local port is known (sockops). */
 struct {

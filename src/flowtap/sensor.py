@@ -107,7 +107,7 @@ class Sensor:
         self.egress: EgressController | None = None
         self._clock = WallClock()
         self.egress_unattributed = 0  # proxied records whose client process was unknown
-        self._egress_counters: dict[str, int] = {}  # the proxy's, kept after it stops
+        self._egress_counters: dict[str, int] = {}  # the proxy's final ones, once stopped
         self.tls: TlsProbes | None = None
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
@@ -430,11 +430,7 @@ class Sensor:
         report["http_parser_errors"] = self.payloads.stats.parser_errors
         if self.config.egress:
             report["egress_unattributed"] = self.egress_unattributed
-            if self.egress is not None:
-                proxy = self.egress.counters()
-                self._egress_counters = proxy
-            else:
-                proxy = self._egress_counters
+            proxy = self.egress.counters() if self.egress else self._egress_counters
             for name in _EGRESS_DROPS:
                 report[f"egress_{name}"] = proxy.get(name, 0)
         return report

@@ -147,6 +147,12 @@ class Cgroup:
             time.sleep(0.05)
 
 
+def cgroup_programs(cgroup: Path) -> str:
+    """What bpftool lists as attached to a cgroup (empty when nothing is)."""
+    shown = subprocess.run([BPFTOOL, "cgroup", "show", str(cgroup)], capture_output=True)
+    return shown.stdout.decode().strip()
+
+
 # --- processes -----------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from .helpers import (
-    BPFTOOL,
     CURL,
     PYTHON,
     RECORD_TIMEOUT_S,
@@ -29,6 +28,7 @@ from .helpers import (
     Peer,
     Record,
     Sensor,
+    cgroup_programs,
     openssl,
     wait_until,
 )
@@ -163,13 +163,8 @@ def egress(e2e: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
             sensor.stop()
             upstream.kill()
     # Everything the sensor attached hung on its links: the cgroup holds nothing now.
-    shown = e2e.cgroup.path.exists() and _attached(e2e.cgroup.path)
+    shown = e2e.cgroup.path.exists() and cgroup_programs(e2e.cgroup.path)
     assert not shown, shown
-
-
-def _attached(cgroup: Path) -> str:
-    out = subprocess.run([BPFTOOL, "cgroup", "show", str(cgroup)], capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 def _http(sensor: Sensor, **request: Any) -> Record:

@@ -10,14 +10,13 @@ import errno
 import json
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from flowtap.egress.redirect import EgressRedirect
 from flowtap.loader.libbpf import BpfLink, BpfObject
 
-from .helpers import BPF_OBJECT, BPFTOOL, PYTHON, Cgroup, child_env
+from .helpers import BPF_OBJECT, PYTHON, Cgroup, cgroup_programs, child_env
 from .netns import TestHost, make_test_host
 
 pytestmark = pytest.mark.e2e
@@ -133,11 +132,6 @@ def _finish(client: subprocess.Popen[str]) -> tuple[int, int, str]:
     return int(pid), int(port), reply
 
 
-def _attached_programs(cgroup: Path) -> str:
-    shown = subprocess.run([BPFTOOL, "cgroup", "show", str(cgroup)], capture_output=True)
-    return shown.stdout.decode()
-
-
 def _accepted(proxy: subprocess.Popen[str]) -> tuple[tuple[str, int], object]:
     assert proxy.stdout is not None
     line = json.loads(proxy.stdout.readline())
@@ -160,7 +154,7 @@ def test_forward_processes_reach_the_proxy_with_their_original_destination(
         cgroup.path, int(proxy.stdout.readline()), strategies_source.map("strategies")
     )
     try:
-        assert "egress_connect4" in _attached_programs(cgroup.path)
+        assert "egress_connect4" in cgroup_programs(cgroup.path)
         proxy.stdin.write("go\n")
         proxy.stdin.flush()
         # Not redirected, asked anyway: the kernel's own answer (no conntrack entry).
@@ -195,4 +189,4 @@ def test_forward_processes_reach_the_proxy_with_their_original_destination(
         redirect.close()
         proxy.kill()
         proxy.wait()
-    assert "egress" not in _attached_programs(cgroup.path)
+    assert "egress" not in cgroup_programs(cgroup.path)

@@ -15,12 +15,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import uvloop
 
 from flowtap.config import SensorConfig
-from flowtap.egress.redirect import EgressRedirect
+from flowtap.egress.redirect import EgressRedirect, Origin
 from flowtap.egress.sockets import socket_owner
 from flowtap.events import Task
 from flowtap.loader.errors import BpfError
@@ -37,8 +37,6 @@ from flowtap.records.http import HttpRecordOptions
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
 
 log = logging.getLogger("flowtap.egress")
-
-T = TypeVar("T")
 
 # Proxied connections get ids of their own, far above the kernel's (which count from 1).
 FIRST_CONNECTION_ID = 1 << 48
@@ -172,15 +170,14 @@ class EgressController:
     def _original_destination(self, sock: socket.socket) -> tuple[str, int]:
         if self.uses_getsockopt:
             return so_original_dst(sock)
-        origin = self._lookup(sock.getpeername()[:2], lambda o: (o.address, o.port))
+        origin = self._origin(sock.getpeername()[:2])
         if origin is None:
             raise OSError("not a redirected connection")
-        return origin
+        return origin.address, origin.port
 
     def _client_process(self, peer: tuple[str, int]) -> int | None:
-        pid = self._lookup(peer, lambda o: o.pid)
-        if pid is None:
-            pid = socket_owner(peer)  # an explicit-proxy client
+        origin = self._origin(peer)
+        pid = origin.pid if origin is not None else socket_owner(peer)  # explicit: /proc
         if pid is None:
             return None
         info = self._processes.lookup(Task(pid=pid, tid=pid, uid=0, comm=""))
@@ -199,10 +196,9 @@ class EgressController:
         with self._clients_lock:
             return self._clients.get(pid)
 
-    def _lookup(self, peer: tuple[str, int], field: Callable[[Any], T]) -> T | None:
+    def _origin(self, peer: tuple[str, int]) -> Origin | None:
         redirect = self._redirect
-        origin = redirect.origin(peer) if redirect is not None else None
-        return field(origin) if origin is not None else None
+        return redirect.origin(peer) if redirect is not None else None
 
     # -- accounting ---------------------------------------------------------------------
 

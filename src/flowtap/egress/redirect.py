@@ -16,7 +16,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowtap.egress.strategy import Strategy
 from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject
@@ -54,7 +53,6 @@ class EgressRedirect:
         self._obj = BpfObject.open(bpf_object_path("egress.bpf.o"))
         try:
             btf = Btf(self._obj)
-            self._check_enum(btf)
             layout = btf.struct_layout("ft_egress_config")
             image = layout.pack({"proxy_tgid": os.getpid(), "proxy_port": socket.htons(proxy_port)})
             offset, _ = btf.variable_offset(".rodata", "ecfg")
@@ -72,13 +70,6 @@ class EgressRedirect:
         except BaseException:
             self.close()
             raise
-
-    @staticmethod
-    def _check_enum(btf: Btf) -> None:
-        values = btf.enum_values("ft_strategy")
-        for member in Strategy:
-            if values.get(f"FT_STRATEGY_{member.name}") != member.value:
-                raise BpfError(f"enum ft_strategy disagrees with Python on {member.name}")
 
     def _attach(self) -> None:
         try:

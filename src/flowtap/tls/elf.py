@@ -7,6 +7,8 @@ the loadable segments translate one into the other.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -38,15 +40,23 @@ class _Segment:
     executable: bool
 
 
-def contains_any(path: Path, needles: tuple[bytes, ...]) -> bool:
-    """A cheap test before parsing: does the file contain any of these byte strings?"""
+@contextmanager
+def mapped(path: Path) -> Iterator[mmap.mmap | None]:
+    """The file's bytes, mapped read-only (None for an empty file, which cannot be)."""
     with path.open("rb") as stream:
         try:
             view = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            return False
+        except ValueError:
+            yield None
+            return
         with view:
-            return any(view.find(needle) != -1 for needle in needles)
+            yield view
+
+
+def contains_any(path: Path, needles: tuple[bytes, ...]) -> bool:
+    """A cheap test before parsing: does the file contain any of these byte strings?"""
+    with mapped(path) as view:
+        return view is not None and any(view.find(needle) != -1 for needle in needles)
 
 
 class ElfImage:

@@ -8,9 +8,10 @@ in read-only data, as the inspector's "node.js/vX.Y.Z" and as the release's sour
 
 from __future__ import annotations
 
-import mmap
 import re
 from pathlib import Path
+
+from flowtap.tls.elf import mapped
 
 _VERSION = re.compile(
     rb"node\.js/v(\d{1,3}\.\d{1,3}\.\d{1,3})\0"
@@ -20,13 +21,8 @@ _VERSION = re.compile(
 
 def node_version(path: Path) -> str | None:
     """The version ("v20.20.2") when the file is a node executable that says so."""
-    with path.open("rb") as stream:
-        try:
-            view = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            return None
-        with view:
-            found = _VERSION.search(view)
-            # Read the match while the mapping is open: groups are slices of it.
-            version: bytes | None = None if found is None else found.group(1) or found.group(2)
+    with mapped(path) as view:
+        found = None if view is None else _VERSION.search(view)
+        # Read the match while the mapping is open: groups are slices of it.
+        version: bytes | None = None if found is None else found.group(1) or found.group(2)
     return None if version is None else "v" + version.decode()
