@@ -4,8 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUILD := build
 BPF_OUT := src/flowtap/bpf
+# Standalone objects (bpf/*.bpf.c), and the socket layer linked from one part per concern.
 BPF_SRC := $(wildcard bpf/*.bpf.c)
-BPF_OBJ := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC))
+BPF_OBJ := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC)) $(BPF_OUT)/conn.bpf.o
+# maps.bpf.c first: the linker (libbpf 1.1) gives an extern map the .maps offset of its
+# definition only when the definition comes before every extern use.
+SENSOR_SRC := bpf/sensor/maps.bpf.c $(filter-out bpf/sensor/maps.bpf.c,$(wildcard bpf/sensor/*.bpf.c))
+SENSOR_PARTS := $(patsubst bpf/sensor/%.bpf.c,$(BUILD)/bpf/%.bpf.o,$(SENSOR_SRC))
+BPF_CFLAGS = -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf
 ARCH := $(shell uname -m | sed 's/x86_64/x86/;s/aarch64/arm64/')
 CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
@@ -37,8 +43,17 @@ $(BUILD)/vmlinux.h: | $(BUILD)/.deps-stamp
 bpf: $(BPF_OBJ)
 $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(wildcard bpf/*.h) $(BUILD)/vmlinux.h
 	@mkdir -p $(BPF_OUT)
-	$(CLANG) -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) \
-		-I$(BUILD) -Ibpf -c $< -o $@.tmp
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
+	mv $@.tmp $@
+
+$(BUILD)/bpf/%.bpf.o: bpf/sensor/%.bpf.c $(wildcard bpf/*.h bpf/sensor/*.h) $(BUILD)/vmlinux.h
+	@mkdir -p $(BUILD)/bpf
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+# libbpf's static linker: one object, each map and global defined once (maps.bpf.c).
+$(BPF_OUT)/conn.bpf.o: $(SENSOR_PARTS)
+	@mkdir -p $(BPF_OUT)
+	$(BPFTOOL) gen object $@.tmp $(SENSOR_PARTS)
 	mv $@.tmp $@
 
 # Test-only BPF objects (loader tests); never shipped in the package.

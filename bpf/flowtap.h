@@ -5,7 +5,7 @@
  * This header is the single source of truth: Python never restates these
  * layouts, it reads offsets and sizes from the BTF that clang emits for them
  * into the compiled object (src/flowtap/loader/btf.py). Every struct and enum
- * here is anchored in conn.bpf.c so that its BTF is always present.
+ * here is anchored in sensor/maps.bpf.c so that its BTF is always present.
  */
 #ifndef FLOWTAP_H
 #define FLOWTAP_H
@@ -74,6 +74,17 @@ struct ft_config {
 	__u32 payload_limit_bytes; /* no payload copied while this much is waiting */
 	__u8 notify_forks; /* send fork events of traced processes (per-process TLS probes) */
 	__u8 pad2[3];
+	__u32 features; /* enum ft_feature bits: what this kernel offers (sensor/compat.h) */
+	__u32 thread_size; /* the kernel's THREAD_SIZE, where bpf_task_pt_regs is missing */
+};
+
+/* What the running kernel offers, probed by userspace (loader/features.py) before load. */
+enum ft_feature {
+	FT_FEATURE_TASK_BTF = 1 << 0, /* bpf_get_current_task_btf (5.11) */
+	FT_FEATURE_TASK_STORAGE = 1 << 1, /* task storage in tracing programs (5.11) */
+	FT_FEATURE_TASK_PT_REGS = 1 << 2, /* bpf_task_pt_regs (5.15) */
+	FT_FEATURE_ATOMICS = 1 << 3, /* atomic fetch-and-add and compare-and-swap (5.12) */
+	FT_FEATURE_SOCKET_COOKIE = 1 << 4, /* bpf_get_socket_cookie in tracing programs (5.12) */
 };
 
 /* Who did it: the thread that opened the connection or ran the exec. */

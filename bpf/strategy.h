@@ -8,14 +8,20 @@
  * very first connect with no race against userspace reading /proc. Children inherit the
  * entry at fork (they inherit the environment). Both objects declare this map; the egress
  * object reuses the socket layer's map fd, so there is one table. The reading itself is in
- * environment.h, used by the socket layer only.
+ * sensor/environment.h, used by the socket layer only.
  */
 #ifndef FLOWTAP_STRATEGY_H
 #define FLOWTAP_STRATEGY_H
 
 #include "flowtap.h"
 
-struct {
+/* Defined by the object that includes this with FT_SHARED empty (egress.bpf.c, the
+ * socket layer's maps.bpf.c); an extern in the socket layer's other parts. */
+#ifndef FT_SHARED
+#define FT_SHARED
+#endif
+
+FT_SHARED struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, FT_MAX_STRATEGIES);
 	__type(key, __u32); /* tgid */

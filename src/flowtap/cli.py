@@ -15,6 +15,7 @@ from typing import IO
 from flowtap import __version__, preflight
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.loader.errors import BpfError
+from flowtap.loader.features import FEATURES
 from flowtap.loader.system import require_root
 from flowtap.records.http import CAPTURE_LEVELS
 from flowtap.sensor import Sensor
@@ -157,6 +158,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         type=Path,
         help="PEM roots trusted for upstream servers besides the system's",
     )
+    run.add_argument(
+        "--avoid-kernel-features",
+        default=os.environ.get("FLOWTAP_AVOID_KERNEL_FEATURES", ""),
+        metavar="LIST",
+        help="kernel features not to use even where present, comma-separated (runs the "
+        f"fallbacks older kernels get; `flowtap check` shows the result): {', '.join(FEATURES)}",
+    )
     out = run.add_argument_group("output")
     out.add_argument("--output", choices=("console", "json"), default="console")
     out.add_argument("--output-file", type=Path, help="append records here (mode 0600)")
@@ -209,6 +217,9 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         egress_state_dir=args.state_dir,
         upstream_ca_file=args.upstream_ca_file,
         proxy_header_timeout_s=args.proxy_header_timeout,
+        avoid_kernel_features=tuple(
+            name.strip() for name in args.avoid_kernel_features.split(",") if name.strip()
+        ),
     )
 
 

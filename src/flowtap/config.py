@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
 
@@ -58,6 +59,8 @@ class SensorConfig:
     egress_state_dir: Path = Path("/var/lib/flowtap")
     upstream_ca_file: Path | None = None  # extra roots for upstream servers
     proxy_header_timeout_s: float = 10.0  # a request head must arrive within this
+    # Kernel features not to use even where present: runs (and tests) the fallbacks.
+    avoid_kernel_features: tuple[str, ...] = ()
 
     def validate(self) -> None:
         for pid in self.pids:
@@ -88,6 +91,12 @@ class SensorConfig:
             self._validate_egress()
         elif self.egress_cgroup is not None or self.trust_store is not None:
             raise ConfigError("--egress-cgroup and --trust-store need --egress")
+        unknown = sorted(set(self.avoid_kernel_features) - set(FEATURES))
+        if unknown:
+            raise ConfigError(
+                f"--avoid-kernel-features {','.join(unknown)}: not a kernel feature; "
+                f"use any of {', '.join(FEATURES)}"
+            )
         if self.tls_attach == "process" and not self.pids:
             raise ConfigError(
                 "--tls-attach process probes the --pid processes only: give --pid, "

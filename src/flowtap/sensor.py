@@ -29,8 +29,10 @@ from flowtap.events import (
     Fork,
     Task,
 )
+from flowtap.loader import hooks
 from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
+from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
 from flowtap.loader.system import bpf_object_path, require_btf, require_root
 from flowtap.proxy.events import ConnectionEvent
@@ -110,6 +112,7 @@ class Sensor:
         self._egress_counters: dict[str, int] = {}  # the proxy's final ones, once stopped
         self.tls: TlsProbes | None = None
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
+        self.plan: hooks.HookPlan | None = None  # what this kernel gets, per capability
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
 
     # --- start-up -------------------------------------------------------------------
@@ -117,17 +120,24 @@ class Sensor:
     def start(self) -> None:
         require_root()
         require_btf()
+        self.plan = self._plan()
+        if not self.plan.tls:
+            self.tls_unavailable = "; ".join(
+                f"{c.name}: {c.detail}" for c in self.plan.capabilities if c.name == hooks.OPENSSL
+            )
         try:
-            obj, btf = self._load(with_tls=True)
+            obj, btf = self._load(with_tls=self.plan.tls)
         except BpfError as exc:
-            # The TLS probes use helpers some kernels refuse to uprobes (task storage):
+            if not self.plan.tls:
+                raise
+            # A kernel may still refuse what the TLS probes need, past what was probed:
             # connections and plaintext HTTP do not need them.
             obj, btf = self._load(with_tls=False)
             self.tls_unavailable = str(exc)
             log.warning(
                 "TLS plaintext is off: the kernel refused the TLS probes (%s); connections "
-                "and plaintext HTTP are still captured. A kernel that allows task storage "
-                "in uprobe programs loads them (this one is checked on 6.18).",
+                "and plaintext HTTP are still captured. `flowtap check` shows what this "
+                "kernel offers.",
                 exc,
             )
         self._obj = obj
@@ -141,8 +151,8 @@ class Sensor:
         self._fill_filters(obj)
         self._ring = RingBuffer(obj.map("events"), self._on_record)
         for program in obj.programs():
-            if program.section.startswith(("uprobe", "uretprobe")):
-                continue  # attached per TLS library file, below (or not loaded)
+            if not program.autoload or program.section.startswith(("uprobe", "uretprobe")):
+                continue  # not for this kernel, or attached per TLS library file below
             link = program.attach()
             self._links.append(link)
             log.debug("attached %s", link.description)
@@ -161,18 +171,44 @@ class Sensor:
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
 
+    def _plan(self) -> hooks.HookPlan:
+        """Probes the kernel and picks, per capability, the best hook it has."""
+        features = KernelFeatures.probe(self.config.avoid_kernel_features)
+        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+        try:
+            plan = hooks.plan(features, [program.name for program in obj.programs()])
+        finally:
+            obj.close()
+        for capability in plan.capabilities:
+            if capability.available:
+                log.info("%s: %s (%s)", capability.name, capability.hook, capability.detail)
+            else:
+                log.warning("%s: off: %s", capability.name, capability.detail)
+        connections = plan.capability(hooks.CONNECTIONS)
+        if not connections.available:
+            raise BpfError(
+                f"this kernel cannot run the socket layer: {connections.detail}",
+                fix="use Linux 5.10 or newer with BTF (Debian 11 and later); `flowtap check` "
+                "says what this kernel offers",
+            )
+        return plan
+
     def _load(self, *, with_tls: bool) -> tuple[BpfObject, Btf]:
-        """Opens, configures and loads the object; without the uprobe programs if asked."""
+        """Opens, configures and loads the object: the programs and maps of the plan."""
+        assert self.plan is not None
         obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
         try:
             btf = Btf(obj)
             self._write_config(obj, btf)
             obj.map("events").set_max_entries(self.config.ring_buffer_bytes)
             obj.map("conns").set_max_entries(self.config.max_connections)
-            if not with_tls:
-                for program in obj.programs():
-                    if program.section.startswith(("uprobe", "uretprobe")):
-                        program.set_autoload(False)
+            for program in obj.programs():
+                wanted = program.name in self.plan.programs or (
+                    with_tls and program.name in self.plan.tls_programs
+                )
+                program.set_autoload(wanted)
+            for name in self.plan.maps_off:
+                obj.map(name).set_autocreate(False)
             obj.load()
         except BaseException:
             obj.close()
@@ -196,12 +232,21 @@ class Sensor:
                 "notify_forks": int(
                     cfg.capture_level != "none" and cfg.tls_attach_mode == "process"
                 ),
+                "features": self._feature_bits(btf),
+                "thread_size": self.plan.thread_size if self.plan else 0,
             }
         )
         offset, size = btf.variable_offset(".rodata", "cfg")
         if size != len(image):
             raise RuntimeError(f"cfg is {size} bytes in .rodata, layout says {len(image)}")
         obj.map(".rodata").write_initial_value(offset, image)
+
+    def _feature_bits(self, btf: Btf) -> int:
+        """cfg.features: the plan's flags as enum ft_feature bits."""
+        if self.plan is None:
+            return 0
+        values = btf.enum_values("ft_feature")
+        return sum(values[name] for name, on in self.plan.flags.items() if on)
 
     def _fill_filters(self, obj: BpfObject) -> None:
         traced = obj.map("traced_pids")
@@ -265,6 +310,7 @@ class Sensor:
             obj,
             self.config.tls_attach_mode,
             internal=self.config.tls_placement == "auto",
+            program_name=self.plan.program if self.plan else str,
         )
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)
@@ -464,6 +510,8 @@ class Sensor:
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
+        if self.plan is not None:
+            stats["kernel"] = {"release": os.uname().release} | self.plan.as_dict()
         if self.tls_unavailable is not None:
             stats["tls"] = {"unavailable": self.tls_unavailable}
         if self.config.egress:

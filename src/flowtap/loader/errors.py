@@ -32,6 +32,27 @@ class BpfError(Exception):
 
 
 _VERIFIER_HINT = re.compile(r"(invalid|unknown|not allowed|R\d+|expected|unreleased|prog)", re.I)
+# What libbpf says when the kernel's own BTF cannot be had (and only then).
+_NO_KERNEL_BTF = "failed to find valid kernel BTF"
+_LOG_END = "-- END PROG LOAD LOG --"
+# The verifier's closing statistics, after its reason.
+_LOG_STATS = ("processed ", "verification time", "stack depth", "max_states_per_insn")
+
+
+def verifier_reason(lines: list[str], count: int = 4) -> list[str]:
+    """The last lines of the verifier's log before its statistics: where it says why."""
+    if _LOG_END not in lines:
+        return []
+    end = len(lines) - 1 - lines[::-1].index(_LOG_END)
+    reason: list[str] = []
+    for line in reversed(lines[:end]):
+        if "-- BEGIN PROG LOAD LOG --" in line:
+            break
+        if line.strip() and not line.startswith(_LOG_STATS):
+            reason.insert(0, line.strip())
+            if len(reason) == count:
+                break
+    return reason
 
 
 def _errno_name(err: int) -> str:
@@ -62,12 +83,14 @@ def explain(action: str, err: int, *, subject: str = "", libbpf_log: list[str]) 
         fix = "the binary or function is gone: check the path and offset"
     elif err == errno.ESRCH and "tp_btf" in subject:
         fix = "this kernel has no such tracepoint (needs Linux >= 6.3 for sock_send_length)"
-    elif err == errno.EINVAL and any("BTF" in line for line in libbpf_log):
+    elif err == errno.EINVAL and any(_NO_KERNEL_BTF in line for line in libbpf_log):
         fix = "the kernel has no usable BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     elif err == errno.ENOMEM:
         fix = "raise the memlock limit (ulimit -l unlimited) or free memory"
     details = [line for line in libbpf_log if line.strip()]
-    reasons = [line for line in details if _VERIFIER_HINT.search(line)]
-    if reasons and err in (errno.EINVAL, errno.EACCES):
-        message += "\n  kernel said: " + "\n  kernel said: ".join(reasons[-5:])
+    reasons = (
+        verifier_reason(details) or [line for line in details if _VERIFIER_HINT.search(line)][-5:]
+    )
+    if reasons and err in (errno.EINVAL, errno.EACCES, errno.E2BIG):
+        message += "\n  kernel said: " + "\n  kernel said: ".join(reasons)
     return BpfError(message, fix=fix, errno_value=err, details=details)

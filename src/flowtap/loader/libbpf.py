@@ -60,6 +60,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_program__name": (_c_char_p, [_c_void_p]),
         "bpf_program__section_name": (_c_char_p, [_c_void_p]),
         "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
+        "bpf_program__autoload": (ctypes.c_bool, [_c_void_p]),
         "bpf_program__attach": (_c_void_p, [_c_void_p]),
         "bpf_program__attach_uprobe": (
             _c_void_p,
@@ -69,6 +70,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_link__destroy": (_c_int, [_c_void_p]),
         "bpf_map__fd": (_c_int, [_c_void_p]),
         "bpf_map__set_max_entries": (_c_int, [_c_void_p, ctypes.c_uint32]),
+        "bpf_map__set_autocreate": (_c_int, [_c_void_p, ctypes.c_bool]),
         "bpf_map__reuse_fd": (_c_int, [_c_void_p, _c_int]),
         "bpf_map__max_entries": (ctypes.c_uint32, [_c_void_p]),
         "bpf_map__key_size": (ctypes.c_uint32, [_c_void_p]),
@@ -100,19 +102,27 @@ _libc.vsnprintf.argtypes = [_c_char_p, ctypes.c_size_t, _c_char_p, _c_void_p]
 _libc.vsnprintf.restype = _c_int
 
 
+# libbpf prints a refused program's whole verifier log as one message, and the reason is
+# at its end: room for all of it (libbpf's own log buffer is smaller than this).
+_MESSAGE_BYTES = 4 << 20
+
+
 class _Messages:
     """Keeps libbpf's recent messages so a failure can quote the verifier's reasons."""
 
     def __init__(self) -> None:
-        self.recent: collections.deque[str] = collections.deque(maxlen=60)
+        self.recent: collections.deque[str] = collections.deque(maxlen=400)
         self.lock = threading.Lock()
+        self._buf: ctypes.Array[ctypes.c_char] | None = None
 
     def handle(self, level: int, fmt: bytes | None, args: int | None) -> int:
-        buf = ctypes.create_string_buffer(1024)
-        _libc.vsnprintf(buf, len(buf), fmt, args)
-        text = buf.value.decode("utf-8", "replace").rstrip("\n")
         with self.lock:
-            self.recent.append(text)
+            if self._buf is None:
+                self._buf = ctypes.create_string_buffer(_MESSAGE_BYTES)
+            _libc.vsnprintf(self._buf, len(self._buf), fmt, args)
+            text = self._buf.value.decode("utf-8", "replace").rstrip("\n")
+            # A verifier log arrives as one message: keep its lines, so its end survives.
+            self.recent.extend(text.splitlines() or [""])
         if level == _LIBBPF_WARN:
             log.debug("libbpf: %s", text)
         return 0
@@ -189,6 +199,11 @@ class BpfProgram:
     def set_autoload(self, enabled: bool) -> None:
         _check_ret(lib().bpf_program__set_autoload(self._ptr, enabled), "set autoload", self.name)
 
+    @property
+    def autoload(self) -> bool:
+        """Whether load() loads it (the hook plan turns off what this kernel cannot take)."""
+        return bool(lib().bpf_program__autoload(self._ptr))
+
     def attach(self) -> BpfLink:
         """Attaches by section name (tracepoint, tp_btf, raw_tp, ...)."""
         ptr = _check_ptr(lib().bpf_program__attach(self._ptr), "attach", self._subject())
@@ -246,6 +261,11 @@ class BpfMap:
 
     def set_max_entries(self, count: int) -> None:
         _check_ret(lib().bpf_map__set_max_entries(self._ptr, count), "resize map", self.name)
+
+    def set_autocreate(self, enabled: bool) -> None:
+        """Before load: a map this kernel cannot create (or the plan does not use) is left
+        out; libbpf poisons its references in code the verifier never reaches."""
+        _check_ret(lib().bpf_map__set_autocreate(self._ptr, enabled), "set autocreate", self.name)
 
     def reuse(self, other: BpfMap) -> None:
         """Before load: this map becomes `other`, a loaded map of another object, so the

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -111,8 +112,17 @@ class TlsStats:
 class TlsProbes:
     """Finds the files with TLS code that traced processes run, and keeps them probed."""
 
-    def __init__(self, obj: BpfObject, mode: AttachMode = "file", *, internal: bool = True) -> None:
+    def __init__(
+        self,
+        obj: BpfObject,
+        mode: AttachMode = "file",
+        *,
+        internal: bool = True,
+        program_name: Callable[[str], str] = str,
+    ) -> None:
         self._obj = obj
+        # The build of each program this kernel loaded (ssl_return or ssl_return_bounded).
+        self._program_name = program_name
         self.mode: AttachMode = mode
         self._internal = internal
         self._placements: dict[FileKey, TlsPlan | None] = {}
@@ -227,7 +237,7 @@ class TlsProbes:
             return
         try:
             for site in placement.sites():
-                program = self._obj.program(site.program)
+                program = self._obj.program(self._program_name(site.program))
                 attached.links.append(
                     program.attach_uprobe(target, site.offset, pid=pid, retprobe=site.retprobe)
                 )
