@@ -83,8 +83,7 @@ enum ft_feature {
 	FT_FEATURE_TASK_BTF = 1 << 0, /* bpf_get_current_task_btf (5.11) */
 	FT_FEATURE_TASK_STORAGE = 1 << 1, /* task storage in tracing programs (5.11) */
 	FT_FEATURE_TASK_PT_REGS = 1 << 2, /* bpf_task_pt_regs (5.15) */
-	FT_FEATURE_ATOMICS = 1 << 3, /* atomic fetch-and-add and compare-and-swap (5.12) */
-	FT_FEATURE_SOCKET_COOKIE = 1 << 4, /* bpf_get_socket_cookie in tracing programs (5.12) */
+	FT_FEATURE_SOCKET_COOKIE = 1 << 3, /* bpf_get_socket_cookie in tracing programs (5.12) */
 };
 
 /* Who did it: the thread that opened the connection or ran the exec. */

@@ -13,9 +13,16 @@
 
 #include "common.h"
 
-/* How a hook sees its socket and what it may call (constants folded at compile time). */
+/*
+ * How a hook sees its socket and what it may use (constants folded at compile time).
+ * A program comes in a full build (bpf_loop, atomics; for 5.17 on) and a bounded one
+ * (suffix _bounded) that has neither: before 5.12 the kernel refuses an atomic fetch or
+ * compare-and-swap anywhere in a program, even where the verifier would never go.
+ */
 #define FT_HOOK_BTF 1 /* sk is a BTF pointer (tp_btf, fentry): helpers may take it */
 #define FT_HOOK_LOOP 2 /* bpf_loop may be used (5.17): else bounded loops, fewer steps */
+#define FT_HOOK_ATOMICS 4 /* atomic fetch-and-add and compare-and-swap (5.12) */
+#define FT_FULL (FT_HOOK_LOOP | FT_HOOK_ATOMICS)
 
 static __always_inline bool have(__u32 feature)
 {
@@ -71,12 +78,12 @@ extern __u64 next_conn_id;
 #endif
 
 /*
- * A new connection id: a counter where atomic fetch-and-add exists (5.12); before, the
- * clock and the CPU (one CPU never reads the same nanosecond twice).
+ * A new connection id: a counter in the full build; in the bounded one, the clock and
+ * the CPU (one CPU never reads the same nanosecond twice).
  */
-static __always_inline __u64 new_conn_id(void)
+static __always_inline __u64 new_conn_id(const __u32 hook)
 {
-	if (have(FT_FEATURE_ATOMICS))
+	if (hook & FT_HOOK_ATOMICS)
 		return __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return bpf_ktime_get_ns() << 6 | (bpf_get_smp_processor_id() & 63);
 }
@@ -86,11 +93,11 @@ static __always_inline __u64 new_conn_id(void)
  * stream). Without fetch-and-add the total stays exact (a plain atomic add) and only two
  * sends on one socket at the same instant could be given one position.
  */
-static __always_inline __u64 add_bytes(__u64 *counter, __u64 n)
+static __always_inline __u64 add_bytes(__u64 *counter, __u64 n, const __u32 hook)
 {
 	__u64 before;
 
-	if (have(FT_FEATURE_ATOMICS))
+	if (hook & FT_HOOK_ATOMICS)
 		return __sync_fetch_and_add(counter, n);
 	before = *(volatile __u64 *)counter;
 	__sync_fetch_and_add(counter, n);

@@ -45,9 +45,9 @@ FT_SHARED struct {
 } udp_owners SEC(".maps");
 
 /*
- * Kernels without compare-and-swap (before 5.12): what CPUs race for (an accepted
+ * The bounded build has no compare-and-swap: what CPUs race for (an accepted
  * connection's owner, its first bytes) goes to the first to insert it here. Created
- * only there (userspace turns it off elsewhere).
+ * only for that build (userspace turns it off otherwise).
  */
 #define FT_CLAIM_OWNER 1
 #define FT_CLAIM_SNIFF 2
@@ -153,7 +153,7 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 
 	if (!cfg.include_loopback && is_loopback(&state->conn))
 		return NULL;
-	state->conn.conn_id = new_conn_id();
+	state->conn.conn_id = new_conn_id(hook);
 	state->conn.start_ns = bpf_ktime_get_ns();
 	state->conn.protocol = protocol;
 	state->conn.direction = direction;
@@ -220,33 +220,35 @@ static __always_inline void note_udp_error(struct ft_conn_state *state, int ret)
 }
 
 /* Ends a connection once, whichever CPUs race to: close event out, entry gone. */
-static __always_inline void untrack(const struct sock *sk, struct ft_conn_state *state)
+static __always_inline void untrack(const struct sock *sk, struct ft_conn_state *state,
+				    const __u32 hook)
 {
 	__u64 key = (__u64)sk;
 
-	if (have(FT_FEATURE_ATOMICS)) {
+	if (hook & FT_HOOK_ATOMICS) {
 		if (__sync_val_compare_and_swap(&state->finished, 0, 1) != 0)
 			return;
 		emit_close(sk, state);
 		bpf_map_delete_elem(&conns, &key);
 		return;
 	}
-	/* Before 5.12 the CPU whose delete succeeds ends it. The entry's memory (no prealloc)
+	/* Bounded build: the CPU whose delete succeeds ends it. The entry's memory (no prealloc)
 	 * is freed after an RCU grace period, so it can still be read here. */
 	if (bpf_map_delete_elem(&conns, &key))
 		return;
 	emit_close(sk, state);
 }
 
-static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state)
+static __always_inline void untrack_udp(const struct sock *sk, struct ft_conn_state *state,
+					const __u32 hook)
 {
 	__u32 tgid = state->task.pid;
 	__u64 *owned = bpf_map_lookup_elem(&udp_owners, &tgid);
 
-	untrack(sk, state);
+	untrack(sk, state, hook);
 	if (!owned)
 		return;
-	if (have(FT_FEATURE_ATOMICS)) {
+	if (hook & FT_HOOK_ATOMICS) {
 		if (__sync_fetch_and_add(owned, -1) == 1)
 			bpf_map_delete_elem(&udp_owners, &tgid);
 		return;
@@ -268,7 +270,7 @@ static __always_inline struct ft_conn_state *lookup_conn(const struct sock *sk, 
 
 	if (state && state->conn.protocol == IPPROTO_UDP &&
 	    state->cookie != socket_identity(sk, hook)) {
-		untrack_udp(sk, state);
+		untrack_udp(sk, state, hook);
 		return NULL;
 	}
 	return state;
@@ -293,12 +295,13 @@ static __always_inline struct ft_listener_key listener_key(const struct sock *sk
 }
 
 /* The first thread to read or write an accepted connection owns it: check it, open it. */
-static __always_inline bool claim_ingress(const struct sock *sk, struct ft_conn_state *state)
+static __always_inline bool claim_ingress(const struct sock *sk, struct ft_conn_state *state,
+					  const __u32 hook)
 {
 	__u64 key = (__u64)sk;
 
 	/* Two threads, or a send and a receive, may race here: one claims it. */
-	if (have(FT_FEATURE_ATOMICS)) {
+	if (hook & FT_HOOK_ATOMICS) {
 		if (__sync_val_compare_and_swap(&state->owner_pending, 1, 0) != 1)
 			return true;
 	} else {
@@ -316,7 +319,8 @@ static __always_inline bool claim_ingress(const struct sock *sk, struct ft_conn_
 }
 
 /* The connection is over: its open (if not out yet) and close events go out. */
-static __always_inline void finish(const struct sock *sk, struct ft_conn_state *state)
+static __always_inline void finish(const struct sock *sk, struct ft_conn_state *state,
+				   const __u32 hook)
 {
 	__u64 key = (__u64)sk;
 
@@ -330,7 +334,7 @@ static __always_inline void finish(const struct sock *sk, struct ft_conn_state *
 	}
 	if (state->owner_pending && !state->open_emitted)
 		emit_open(state);
-	untrack(sk, state);
+	untrack(sk, state, hook);
 }
 
 #endif /* FLOWTAP_SENSOR_CONNS_H */

@@ -5,7 +5,7 @@
  * a uretprobe: Go moves goroutine stacks, and a hijacked return address would crash it).
  * Register ABI (Go >= 1.17, amd64): receiver in RAX, the slice in RBX/RCX at entry; n in
  * RAX at return; the goroutine in R14 throughout. A Write's plaintext goes out at its
- * first send (tls.h, note_ssl_socket). go_return comes with bpf_loop (5.17) and bounded.
+ * first send (tls.h, note_ssl_socket). go_return comes in the full and the bounded build.
  */
 #include "tls.h"
 
@@ -167,7 +167,7 @@ static __always_inline void go_exit(struct pt_regs *ctx, const __u32 hook)
 SEC("uprobe")
 int go_return(struct pt_regs *ctx)
 {
-	go_exit(ctx, FT_HOOK_LOOP);
+	go_exit(ctx, FT_FULL);
 	return 0;
 }
 

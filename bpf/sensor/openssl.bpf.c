@@ -5,7 +5,7 @@
  * variants call, whose first instruction the kernel emulates instead of single-stepping
  * (tls/placement.py). The entry probe keeps the buffer; the return probe copies what the
  * call really moved and ties it to the socket the same thread used meanwhile.
- * ssl_return comes with bpf_loop (5.17) and bounded (ssl_return_bounded).
+ * ssl_return comes in the full build and the bounded one (compat.h).
  */
 #include "tls.h"
 
@@ -145,7 +145,7 @@ static __always_inline void ssl_exit(int ret, const __u32 hook)
 SEC("uretprobe")
 int BPF_KRETPROBE(ssl_return, int ret)
 {
-	ssl_exit(ret, FT_HOOK_LOOP);
+	ssl_exit(ret, FT_FULL);
 	return 0;
 }
 

@@ -248,9 +248,9 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 }
 
 /* One capture per connection, even with a send and a receive racing. */
-static __always_inline bool claim_sniff(struct ft_conn_state *state)
+static __always_inline bool claim_sniff(struct ft_conn_state *state, const __u32 hook)
 {
-	if (have(FT_FEATURE_ATOMICS))
+	if (hook & FT_HOOK_ATOMICS)
 		return __sync_val_compare_and_swap(&state->sniff.flow, 0, FT_SNIFF_CLAIMED) == 0;
 	if (state->sniff.flow || !claim(state->conn.conn_id, FT_CLAIM_SNIFF))
 		return false;
@@ -259,10 +259,10 @@ static __always_inline bool claim_sniff(struct ft_conn_state *state)
 }
 
 /* A capture that found nothing to read: the next call tries again. */
-static __always_inline void release_sniff(struct ft_conn_state *state)
+static __always_inline void release_sniff(struct ft_conn_state *state, const __u32 hook)
 {
 	state->sniff.flow = 0;
-	if (!have(FT_FEATURE_ATOMICS))
+	if (!(hook & FT_HOOK_ATOMICS))
 		unclaim(state->conn.conn_id, FT_CLAIM_SNIFF);
 }
 
@@ -270,16 +270,17 @@ static __always_inline void release_sniff(struct ft_conn_state *state)
  * Keeps the first bytes the connection moves through a user buffer, either way (the
  * client's request on both ends, normally), read from the syscall's user buffer.
  */
-static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flow, int ret)
+static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flow, int ret,
+					  const __u32 hook)
 {
 	void *buf = NULL;
 	__u64 len;
 
-	if (!claim_sniff(state))
+	if (!claim_sniff(state, hook))
 		return;
 	len = syscall_user_buffer(&buf);
 	if (!len || !buf) {
-		release_sniff(state); /* sendfile, io_uring: try again on the next call */
+		release_sniff(state, hook); /* sendfile, io_uring: try again on the next call */
 		return;
 	}
 	if (len > (__u64)ret)
@@ -288,7 +289,7 @@ static __always_inline void capture_sniff(struct ft_conn_state *state, __u32 flo
 		len = FT_SNIFF_LEN;
 	if (bpf_probe_read_user(state->sniff.data, len, buf)) {
 		count(FT_CNT_SNIFF_READ_FAILED);
-		release_sniff(state);
+		release_sniff(state, hook);
 		return;
 	}
 	state->sniff.length = len;

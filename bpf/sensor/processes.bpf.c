@@ -6,9 +6,9 @@
  *   tp_btf/sched_process_exec   exe, argv and cgroup of short-lived programs; the new
  *                               program's QPOINT_STRATEGY (environment.h).
  *   tp_btf/sched_process_exit   the end of a process: its DNS flows, its entries.
- * exec comes with bpf_loop (5.17) and bounded (_bounded); exit with
- * bpf_for_each_map_elem (5.13) and without it (_bounded: UDP flows then end when their
- * socket is released, socket_io.bpf.c).
+ * exec and exit come in the full build and the bounded one (compat.h); the bounded exit
+ * does not walk the table (no bpf_for_each_map_elem: UDP flows end when their socket is
+ * released, socket_io.bpf.c).
  */
 #include "conns.h"
 #include "environment.h"
@@ -107,7 +107,7 @@ static __always_inline void exec_event(struct task_struct *task, struct linux_bi
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
-	exec_event(task, bprm, FT_HOOK_BTF | FT_HOOK_LOOP);
+	exec_event(task, bprm, FT_HOOK_BTF | FT_FULL);
 	return 0;
 }
 
@@ -127,7 +127,7 @@ static __attribute__((unused)) long close_udp_of_process(struct bpf_map *map, __
 							  struct exit_ctx *ctx)
 {
 	if (state->conn.protocol == IPPROTO_UDP && state->task.pid == ctx->tgid)
-		untrack_udp((const struct sock *)*key, state);
+		untrack_udp((const struct sock *)*key, state, FT_HOOK_BTF | FT_FULL);
 	return 0;
 }
 

@@ -15,9 +15,9 @@
  *               inet_sendpage (sendfile, splice: until 6.5).
  *   kprobe      the same functions with a kprobe and a kretprobe (entry arguments kept
  *               by thread), where fentry/fexit are missing.
- * Each hook comes in two builds: with bpf_loop (5.17) and with bounded loops (_bounded).
- * Kernels without bpf_for_each_map_elem (before 5.13) also load a release hook, which
- * ends a UDP flow when its socket is released (the exit hook walks the table otherwise).
+ * Each hook comes in two builds (compat.h): full (5.17 on) and bounded (_bounded). The
+ * bounded build also loads a release hook, which ends a UDP flow when its socket is
+ * released (the full build's exit hook walks the table with bpf_for_each_map_elem).
  */
 #include "tls.h"
 
@@ -71,7 +71,7 @@ static __always_inline void account_send(const struct sock *sk, int ret, const _
 
 	note_ssl_socket(sk, hook);
 	state = lookup_conn(sk, hook);
-	if (state && state->owner_pending && !claim_ingress(sk, state))
+	if (state && state->owner_pending && !claim_ingress(sk, state, hook))
 		return;
 	if (state && ret <= 0)
 		note_udp_error(state, ret);
@@ -84,11 +84,11 @@ static __always_inline void account_send(const struct sock *sk, int ret, const _
 		if (!state)
 			return;
 	}
-	position = add_bytes(&state->bytes_sent, ret);
+	position = add_bytes(&state->bytes_sent, ret, hook);
 	if (state->conn.protocol == IPPROTO_UDP)
 		state->datagrams_sent++;
 	if (!state->sniff.flow)
-		capture_sniff(state, FT_FLOW_TX, ret);
+		capture_sniff(state, FT_FLOW_TX, ret, hook);
 	if (state->capture)
 		emit_payload(state, FT_FLOW_TX, position, ret, hook);
 }
@@ -108,13 +108,13 @@ static __always_inline void account_recv(const struct sock *sk, int ret, int fla
 		note_received(call, sk, state);
 	if (!state)
 		return;
-	if (state->owner_pending && !claim_ingress(sk, state))
+	if (state->owner_pending && !claim_ingress(sk, state, hook))
 		return;
 	if (ret > 0) {
-		__u64 position = add_bytes(&state->bytes_received, ret);
+		__u64 position = add_bytes(&state->bytes_received, ret, hook);
 
 		if (!state->sniff.flow)
-			capture_sniff(state, FT_FLOW_RX, ret);
+			capture_sniff(state, FT_FLOW_RX, ret, hook);
 		if (state->capture)
 			emit_payload(state, FT_FLOW_RX, position, ret, hook);
 	}
@@ -123,15 +123,15 @@ static __always_inline void account_recv(const struct sock *sk, int ret, int fla
 		if (ret > 0)
 			state->datagrams_received++;
 		if (state->sock_error || (ret > 0 && state->datagrams_received >= state->datagrams_sent))
-			untrack_udp(sk, state);
+			untrack_udp(sk, state, hook);
 		return;
 	}
 	/* A connection that ended with data queued: done once the program has it all. */
 	if (state->closed && (ret <= 0 || !unread_bytes(sk)))
-		finish(sk, state);
+		finish(sk, state, hook);
 }
 
-/* A socket is released: a UDP flow still open on it ends (kernels before 5.13). */
+/* A socket is released: a UDP flow still open on it ends (bounded build only). */
 static __always_inline void account_release(const struct sock *sk)
 {
 	__u64 key = (__u64)sk;
@@ -141,7 +141,7 @@ static __always_inline void account_release(const struct sock *sk)
 		return;
 	state = bpf_map_lookup_elem(&conns, &key);
 	if (state && state->conn.protocol == IPPROTO_UDP)
-		untrack_udp(sk, state);
+		untrack_udp(sk, state, 0);
 }
 
 /* --- tracepoints (6.3) ---------------------------------------------------------------- */
@@ -149,14 +149,14 @@ static __always_inline void account_release(const struct sock *sk)
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send, struct sock *sk, int ret, int flags)
 {
-	account_send(sk, ret, FT_HOOK_BTF | FT_HOOK_LOOP);
+	account_send(sk, ret, FT_HOOK_BTF | FT_FULL);
 	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(on_sock_recv, struct sock *sk, int ret, int flags)
 {
-	account_recv(sk, ret, flags, FT_HOOK_BTF | FT_HOOK_LOOP);
+	account_recv(sk, ret, flags, FT_HOOK_BTF | FT_FULL);
 	return 0;
 }
 
@@ -202,11 +202,11 @@ int BPF_PROG(on_sock_recv_bounded, struct sock *sk, int ret, int flags)
 		return 0;                                                                   \
 	}
 
-FEXIT_SENDMSG(inet_sendmsg, fexit_inet_sendmsg, FT_HOOK_LOOP)
-FEXIT_SENDMSG(inet6_sendmsg, fexit_inet6_sendmsg, FT_HOOK_LOOP)
-FEXIT_RECVMSG(inet_recvmsg, fexit_inet_recvmsg, FT_HOOK_LOOP)
-FEXIT_RECVMSG(inet6_recvmsg, fexit_inet6_recvmsg, FT_HOOK_LOOP)
-FEXIT_SENDPAGE(fexit_inet_sendpage, FT_HOOK_LOOP)
+FEXIT_SENDMSG(inet_sendmsg, fexit_inet_sendmsg, FT_FULL)
+FEXIT_SENDMSG(inet6_sendmsg, fexit_inet6_sendmsg, FT_FULL)
+FEXIT_RECVMSG(inet_recvmsg, fexit_inet_recvmsg, FT_FULL)
+FEXIT_RECVMSG(inet6_recvmsg, fexit_inet6_recvmsg, FT_FULL)
+FEXIT_SENDPAGE(fexit_inet_sendpage, FT_FULL)
 FEXIT_SENDMSG(inet_sendmsg, fexit_inet_sendmsg_bounded, 0)
 FEXIT_SENDMSG(inet6_sendmsg, fexit_inet6_sendmsg_bounded, 0)
 FEXIT_RECVMSG(inet_recvmsg, fexit_inet_recvmsg_bounded, 0)
@@ -300,11 +300,11 @@ KPROBE_ENTER(inet6_sendmsg, kprobe_inet6_sendmsg)
 KPROBE_ENTER_RECV(inet_recvmsg, kprobe_inet_recvmsg)
 KPROBE_ENTER_RECV(inet6_recvmsg, kprobe_inet6_recvmsg)
 KPROBE_ENTER(inet_sendpage, kprobe_inet_sendpage)
-KRETPROBE_SEND(inet_sendmsg, kretprobe_inet_sendmsg, FT_HOOK_LOOP)
-KRETPROBE_SEND(inet6_sendmsg, kretprobe_inet6_sendmsg, FT_HOOK_LOOP)
-KRETPROBE_RECV(inet_recvmsg, kretprobe_inet_recvmsg, FT_HOOK_LOOP)
-KRETPROBE_RECV(inet6_recvmsg, kretprobe_inet6_recvmsg, FT_HOOK_LOOP)
-KRETPROBE_SEND(inet_sendpage, kretprobe_inet_sendpage, FT_HOOK_LOOP)
+KRETPROBE_SEND(inet_sendmsg, kretprobe_inet_sendmsg, FT_FULL)
+KRETPROBE_SEND(inet6_sendmsg, kretprobe_inet6_sendmsg, FT_FULL)
+KRETPROBE_RECV(inet_recvmsg, kretprobe_inet_recvmsg, FT_FULL)
+KRETPROBE_RECV(inet6_recvmsg, kretprobe_inet6_recvmsg, FT_FULL)
+KRETPROBE_SEND(inet_sendpage, kretprobe_inet_sendpage, FT_FULL)
 KRETPROBE_SEND(inet_sendmsg, kretprobe_inet_sendmsg_bounded, 0)
 KRETPROBE_SEND(inet6_sendmsg, kretprobe_inet6_sendmsg_bounded, 0)
 KRETPROBE_RECV(inet_recvmsg, kretprobe_inet_recvmsg_bounded, 0)

@@ -12,17 +12,15 @@
  */
 #include "conns.h"
 
-#define HOOK FT_HOOK_BTF
-
 /* An outgoing connection starts: we are in connect() (or a fast-open send), in its thread. */
-static __always_inline void on_syn_sent(const struct sock *sk)
+static __always_inline void on_syn_sent(const struct sock *sk, const __u32 hook)
 {
 	struct ft_conn_state *state;
 
 	/* connect() again on a socket whose last connection ended: that one is over. */
-	state = lookup_conn(sk, HOOK);
+	state = lookup_conn(sk, hook);
 	if (state)
-		untrack(sk, state);
+		untrack(sk, state, hook);
 	if (!cfg.trace_egress || !current_is_traced())
 		return;
 	state = new_state();
@@ -30,7 +28,7 @@ static __always_inline void on_syn_sent(const struct sock *sk)
 		return;
 	fill_current_task(&state->task);
 	read_addresses(sk, &state->conn);
-	track(sk, state, IPPROTO_TCP, FT_DIR_EGRESS, HOOK);
+	track(sk, state, IPPROTO_TCP, FT_DIR_EGRESS, hook);
 }
 
 /*
@@ -39,7 +37,7 @@ static __always_inline void on_syn_sent(const struct sock *sk)
  * It is attributed to the listening port's owner for now, and to the thread that first
  * reads or writes it when that happens (see claim_ingress).
  */
-static __always_inline void on_passive_established(const struct sock *sk)
+static __always_inline void on_passive_established(const struct sock *sk, const __u32 hook)
 {
 	struct ft_listener_key key;
 	struct ft_conn_state *state;
@@ -61,20 +59,20 @@ static __always_inline void on_passive_established(const struct sock *sk)
 	}
 	state->established = 1;
 	state->owner_pending = 1;
-	track(sk, state, IPPROTO_TCP, FT_DIR_INGRESS, HOOK);
+	track(sk, state, IPPROTO_TCP, FT_DIR_INGRESS, hook);
 }
 
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int new_state)
+static __always_inline void tcp_state_changed(const struct sock *sk, const int old_state,
+					      const int new_state, const __u32 hook)
 {
 	struct ft_conn_state *state;
 
 	if (sk->sk_protocol != IPPROTO_TCP)
-		return 0;
+		return;
 
 	if (new_state == TCP_SYN_SENT && old_state == TCP_CLOSE) {
-		on_syn_sent(sk);
-		return 0;
+		on_syn_sent(sk, hook);
+		return;
 	}
 	if (new_state == TCP_LISTEN) {
 		struct ft_listener_key lkey = listener_key(sk, BPF_CORE_READ(sk, __sk_common.skc_num));
@@ -85,7 +83,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		listener.traced = current_is_traced();
 		if (bpf_map_update_elem(&listeners, &lkey, &listener, BPF_ANY))
 			count(FT_CNT_LISTENER_TABLE_FULL);
-		return 0;
+		return;
 	}
 	if (old_state == TCP_LISTEN) {
 		struct ft_listener_key lkey = listener_key(sk, BPF_CORE_READ(sk, __sk_common.skc_num));
@@ -93,20 +91,20 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 
 		/* A new connection's socket is cloned from its listener: LISTEN -> SYN_RECV. */
 		if (new_state != TCP_CLOSE)
-			return 0;
+			return;
 
 		/* Only its own listener's close: SO_REUSEPORT siblings, a failed listen(). */
 		listener_entry = bpf_map_lookup_elem(&listeners, &lkey);
 		if (listener_entry && listener_entry->sk == (__u64)sk)
 			bpf_map_delete_elem(&listeners, &lkey);
-		return 0;
+		return;
 	}
 
-	state = lookup_conn(sk, HOOK);
+	state = lookup_conn(sk, hook);
 	if (!state) {
 		if (new_state == TCP_ESTABLISHED && old_state == TCP_SYN_RECV)
-			on_passive_established(sk);
-		return 0;
+			on_passive_established(sk, hook);
+		return;
 	}
 	if (new_state == TCP_ESTABLISHED) {
 		state->established = 1;
@@ -114,7 +112,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		read_addresses(sk, &state->conn);
 		if (!state->open_emitted && state->conn.direction == FT_DIR_EGRESS)
 			emit_open(state);
-		return 0;
+		return;
 	}
 	if (new_state == TCP_CLOSE) {
 		if (!state->conn.local_port) {
@@ -132,18 +130,44 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int
 		state->closed = 1;
 		/* Data still queued will be read (and counted) later: close after that. */
 		if (!unread_bytes(sk))
-			finish(sk, state);
+			finish(sk, state, hook);
 	}
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_tcp_state, const struct sock *sk, const int old_state, const int new_state)
+{
+	tcp_state_changed(sk, old_state, new_state, FT_HOOK_BTF | FT_FULL);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_tcp_state_bounded, const struct sock *sk, const int old_state,
+	     const int new_state)
+{
+	tcp_state_changed(sk, old_state, new_state, FT_HOOK_BTF);
 	return 0;
 }
 
 /* Released with data never read: the close event goes out now. */
+static __always_inline void tcp_destroyed(struct sock *sk, const __u32 hook)
+{
+	struct ft_conn_state *state = lookup_conn(sk, hook);
+
+	if (state)
+		finish(sk, state, hook);
+}
+
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(on_tcp_destroy, struct sock *sk)
 {
-	struct ft_conn_state *state = lookup_conn(sk, HOOK);
+	tcp_destroyed(sk, FT_HOOK_BTF | FT_FULL);
+	return 0;
+}
 
-	if (state)
-		finish(sk, state);
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(on_tcp_destroy_bounded, struct sock *sk)
+{
+	tcp_destroyed(sk, FT_HOOK_BTF);
 	return 0;
 }

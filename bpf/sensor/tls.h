@@ -180,9 +180,9 @@ static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 fl
 		state->capture = 0;
 	}
 	if (flow == FT_FLOW_TX)
-		position = add_bytes(&state->tls_sent, length);
+		position = add_bytes(&state->tls_sent, length, hook);
 	else
-		position = add_bytes(&state->tls_received, length);
+		position = add_bytes(&state->tls_received, length, hook);
 	if (cfg.capture_payload) {
 		struct payload_walk walk = {
 			.io = { .buf = buf, .len = length },

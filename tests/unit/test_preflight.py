@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 
 from flowtap import preflight
+from flowtap.loader import hooks, kernel
+from flowtap.loader.features import CORE_TRACEPOINTS, SOCKET_TRACEPOINTS, KernelFeatures
+from flowtap.loader.libbpf import BpfObject
+from flowtap.loader.system import bpf_object_path
 from flowtap.preflight import Check
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="probing the kernel with bpf(2) needs root"
 )
 needs_btf = pytest.mark.skipif(
-    not Path(preflight.VMLINUX_BTF).exists(), reason="kernel exposes no vmlinux BTF"
+    not Path(kernel.VMLINUX_BTF).exists(), reason="kernel exposes no vmlinux BTF"
 )
 
 
@@ -34,7 +38,7 @@ def _cgroup2_mount() -> str | None:
 def test_run_checks_on_this_host() -> None:
     checks = _by_name(preflight.run_checks())
 
-    for name in ("root", "btf", "ring buffer", "tp_btf"):
+    for name in ("root", "btf", "ring buffer", hooks.CONNECTIONS):
         assert checks[name].ok, checks[name]
         assert checks[name].required
 
@@ -46,10 +50,17 @@ def test_run_checks_on_this_host() -> None:
     kprobes = checks["kprobes"]
     assert not kprobes.ok
     assert not kprobes.required
+    # 6.18: every capability gets its best hook.
+    assert checks[hooks.BYTE_COUNTS].detail.startswith("tp_btf/sock_send_length")
+    assert "bpf_task_pt_regs" in checks[hooks.PAYLOADS].detail
+    assert "task storage" in checks[hooks.OPENSSL].detail
+    for name in (hooks.PAYLOADS, hooks.OPENSSL, hooks.GO, hooks.NODE, hooks.EXEC_HOLD):
+        assert checks[name].ok, checks[name]
+        assert not checks[name].required
 
     # The egress controller's program types load here (optional: only --egress needs them).
-    assert checks["egress"].ok, checks["egress"]
-    assert not checks["egress"].required
+    assert checks[hooks.EGRESS].ok, checks[hooks.EGRESS]
+    assert not checks[hooks.EGRESS].required
 
     cgroup2 = _cgroup2_mount()
     if cgroup2 is not None:
@@ -69,9 +80,9 @@ def test_not_root_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     checks = _by_name(preflight.run_checks())
     assert not checks["root"].ok
-    for name in ("ring buffer", "tp_btf"):
-        assert checks[name].detail == "cannot probe: not root"
-        assert checks[name].fix == "run as root (sudo flowtap check)"
+    assert checks["ring buffer"].detail == "cannot probe: not root"
+    assert checks["ring buffer"].fix == "run as root (sudo flowtap check)"
+    assert checks["fentry"].detail == "cannot probe: not root"
     assert preflight.main([]) == 1
 
 
@@ -108,8 +119,8 @@ def test_report_when_everything_required_passes() -> None:
 
 @needs_btf
 def test_btf_walker_finds_tracepoint_typedef() -> None:
-    key = (preflight.BTF_KIND_TYPEDEF, "btf_trace_sched_process_exec")
-    ids = preflight.find_btf_ids([key, (preflight.BTF_KIND_TYPEDEF, "no_such_type_xyz")])
+    key = (kernel.BTF_KIND_TYPEDEF, "btf_trace_sched_process_exec")
+    ids = kernel.find_btf_ids([key, (kernel.BTF_KIND_TYPEDEF, "no_such_type_xyz")])
     assert ids[key] > 0
     assert len(ids) == 1
 
@@ -117,5 +128,96 @@ def test_btf_walker_finds_tracepoint_typedef() -> None:
 def test_btf_walker_rejects_non_btf(tmp_path: Path) -> None:
     bogus = tmp_path / "vmlinux"
     bogus.write_bytes(b"\0" * 64)
-    with pytest.raises(preflight.BtfError):
-        preflight.find_btf_ids([(preflight.BTF_KIND_FUNC, "tcp_connect")], str(bogus))
+    with pytest.raises(kernel.BtfError):
+        kernel.find_btf_ids([(kernel.BTF_KIND_FUNC, "tcp_connect")], str(bogus))
+
+
+@needs_root
+def test_avoided_features_get_the_fallbacks(capsys: pytest.CaptureFixture[str]) -> None:
+    """What 5.10 gets (no bpf_loop, task storage, task_pt_regs, atomics), forced here."""
+    avoid = "loop,task-storage,task-btf,task-pt-regs,atomics,socket-cookie,for-each"
+    assert preflight.main(["--avoid-kernel-features", avoid, "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "syscall registers from the task's kernel stack (THREAD_SIZE 16384)" in out
+    assert "per-thread state in a hash by thread id" in out
+    assert "up to 16 pieces per call (bounded build)" in out
+    assert "avoided (--avoid-kernel-features)" in out
+
+
+def test_unknown_avoided_feature_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        preflight.main(["--avoid-kernel-features", "loop,warp-drive"])
+    assert "unknown warp-drive" in capsys.readouterr().err
+
+
+def _features(**missing: str) -> KernelFeatures:
+    """A kernel with every core tracepoint and socket function, less `missing`."""
+    return KernelFeatures(
+        "test",
+        frozenset((*CORE_TRACEPOINTS, *SOCKET_TRACEPOINTS)),
+        frozenset(("inet_sendmsg", "inet6_sendmsg", "inet_recvmsg", "inet6_recvmsg")),
+        {name.replace("_", "-"): why for name, why in missing.items()},
+    )
+
+
+def _all_programs() -> list[str]:
+    obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+    try:
+        return [program.name for program in obj.programs()]
+    finally:
+        obj.close()
+
+
+def test_plan_for_debian_12_kernel() -> None:
+    """6.1: no socket tracepoints (6.3): fexit on the inet functions, bpf_loop builds."""
+    plan = hooks.plan(_features(sock_tracepoints="6.3"), _all_programs())
+    assert plan.capability(hooks.BYTE_COUNTS).hook == (
+        "fexit/inet_sendmsg, inet6_sendmsg, inet_recvmsg, inet6_recvmsg"
+    )
+    assert "fexit_inet_sendmsg" in plan.programs
+    assert "on_sock_send" not in plan.programs
+    assert plan.program("ssl_return") == "ssl_return"
+    assert "io_calls" in plan.maps_off and "ssl_calls_by_thread" in plan.maps_off
+
+
+def test_plan_for_debian_11_kernel() -> None:
+    """5.10: no tracepoints, bpf_loop, for_each, task storage or atomics."""
+    missing = dict.fromkeys(
+        (
+            "sock_tracepoints",
+            "loop",
+            "for_each",
+            "task_storage",
+            "task_btf",
+            "atomics",
+            "socket_cookie",
+        ),
+        "5.10",
+    )
+    plan = hooks.plan(_features(**missing, task_pt_regs="5.15"), _all_programs())
+    assert {"fexit_inet_recvmsg_bounded", "on_exec_bounded", "on_exit_bounded"} <= plan.programs
+    assert "fentry_inet_release" in plan.programs
+    assert plan.program("go_return") == "go_return_bounded"
+    assert "ssl_calls" in plan.maps_off and "claims" not in plan.maps_off
+    assert not any(plan.flags.values())
+    assert "bounded build" in plan.capability(hooks.CONNECTIONS).detail
+
+
+def test_plan_with_kprobes_only() -> None:
+    plan = hooks.plan(_features(sock_tracepoints="6.3", fentry="EPERM"), _all_programs())
+    assert plan.capability(hooks.BYTE_COUNTS).hook is not None
+    assert plan.capability(hooks.BYTE_COUNTS).hook.startswith("kprobe+kretprobe/")
+    assert {"kprobe_inet_sendmsg", "kretprobe_inet_sendmsg"} <= plan.programs
+    assert "io_calls" not in plan.maps_off
+
+
+def test_plan_without_any_socket_hook_keeps_connections() -> None:
+    plan = hooks.plan(
+        _features(sock_tracepoints="6.3", fentry="EPERM", kprobes="unset"), _all_programs()
+    )
+    assert plan.capability(hooks.CONNECTIONS).available
+    byte_counts = plan.capability(hooks.BYTE_COUNTS)
+    assert byte_counts.hook is None
+    assert "fentry: EPERM" in byte_counts.detail and "kprobes: unset" in byte_counts.detail
+    assert not plan.capability(hooks.OPENSSL).available
+    assert not plan.tls_programs

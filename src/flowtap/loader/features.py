@@ -183,7 +183,6 @@ class KernelFeatures:
             "FT_FEATURE_TASK_BTF": task_btf,
             "FT_FEATURE_TASK_STORAGE": task_btf and self.has("task-storage"),
             "FT_FEATURE_TASK_PT_REGS": task_btf and self.has("task-pt-regs"),
-            "FT_FEATURE_ATOMICS": self.has("atomics"),
             "FT_FEATURE_SOCKET_COOKIE": self.has("socket-cookie"),
         }
 

@@ -25,7 +25,7 @@ EXEC_HOLD = "exec hold"
 _SEND_RECV = ("inet_sendmsg", "inet6_sendmsg", "inet_recvmsg", "inet6_recvmsg")
 _OPENSSL_PROGRAMS = ("ssl_read_enter", "ssl_read_ex_enter", "ssl_write_enter", "ssl_write_ex_enter")
 _GO_PROGRAMS = ("go_read_enter", "go_write_enter", "go_handshake_enter", "go_handshake_return")
-# Programs built twice: with bpf_loop (5.17) and with bounded loops.
+# Programs built twice: full (5.17 on) and bounded (bpf/sensor/compat.h).
 _LOOPING = ("ssl_return", "go_return")
 
 
@@ -96,19 +96,29 @@ def _socket_hooks(features: KernelFeatures, suffix: str) -> tuple[str | None, li
     return None, [], reason
 
 
+def full_build(features: KernelFeatures) -> tuple[bool, str]:
+    """Whether the full build of the programs loads here (bpf_loop, atomics and
+    bpf_for_each_map_elem: Linux 5.17 on), and why not."""
+    lacking = [f for f in ("loop", "atomics", "for-each") if not features.has(f)]
+    if not lacking:
+        return True, "full build (bpf_loop, atomics, bpf_for_each_map_elem)"
+    why = "; ".join(f"{f}: {features.why_not(f)}" for f in lacking)
+    return False, f"bounded build ({why})"
+
+
 def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
     """The plan for this kernel; every program it names must be in the object."""
-    loop = features.has("loop")
-    suffix = "" if loop else "_bounded"
+    full, build = full_build(features)
+    suffix = "" if full else "_bounded"
     caps: list[Capability] = []
 
     missing_core = [t for t in CORE_TRACEPOINTS if t not in features.tracepoints]
-    programs = ["on_tcp_state", "on_tcp_destroy", "on_fork", "on_exec" + suffix]
-    programs.append("on_exit" if features.has("for-each") else "on_exit_bounded")
+    programs = [p + suffix for p in ("on_tcp_state", "on_tcp_destroy", "on_exec", "on_exit")]
+    programs.append("on_fork")
     family, socket_programs, socket_detail = _socket_hooks(features, suffix)
     programs += socket_programs
     dns_end = "DNS flows end at process exit (bpf_for_each_map_elem)"
-    if not features.has("for-each"):
+    if not full:
         release = "fentry_inet_release" if family and family.startswith("fexit") else None
         if family and family.startswith("kprobe"):
             release = "kprobe_inet_release"
@@ -126,7 +136,7 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
             Capability(
                 CONNECTIONS,
                 "tp_btf/inet_sock_set_state, tcp_destroy_sock, sched_process_*",
-                dns_end,
+                f"{build}; {dns_end}",
             )
         )
     caps.append(Capability(BYTE_COUNTS, family, socket_detail))
@@ -138,8 +148,8 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
     )
     pieces = (
         "up to 40 pieces per call (bpf_loop)"
-        if loop
-        else "up to 16 pieces per call (bounded loop: no bpf_loop, 5.17); the rest shows as a gap"
+        if full
+        else "up to 16 pieces per call (bounded build); the rest shows as a gap"
     )
     caps.append(
         Capability(PAYLOADS, f"user buffers at the socket hook, {regs}", pieces)
@@ -188,7 +198,7 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
 
     flags = features.flags()
     maps_off = {"ssl_calls_by_thread" if flags["FT_FEATURE_TASK_STORAGE"] else "ssl_calls"}
-    if flags["FT_FEATURE_ATOMICS"]:
+    if full:
         maps_off.add("claims")
     if not (family and family.startswith("kprobe")):
         maps_off.add("io_calls")
