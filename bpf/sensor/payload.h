@@ -20,8 +20,10 @@
 
 #define FT_PAYLOAD_STEPS 40 /* chunks and iovecs per syscall: up to ~128 KiB copied */
 #define FT_TLS_PAYLOAD_STEPS 512 /* chunks per SSL call: up to 2 MiB copied */
-/* Without bpf_loop (before 5.17) each step of a bounded loop is verified again: fewer. */
-#define FT_BOUNDED_PAYLOAD_STEPS 16
+/* The bounded build (no bpf_loop) verifies each step of its loops again: fewer steps,
+ * the most where it matters (an SSL_write of a whole body). */
+#define FT_BOUNDED_PAYLOAD_STEPS 16 /* 64 KiB per syscall */
+#define FT_BOUNDED_TLS_PAYLOAD_STEPS 128 /* 512 KiB per TLS call */
 #define FT_DATA_HEAD __builtin_offsetof(struct ft_data_event, data)
 #define FT_DATA_SMALL 256 /* data event sizes reserved in the ring, besides FT_DATA_LEN */
 #define FT_DATA_MEDIUM 1024
@@ -202,8 +204,9 @@ FT_SHARED struct {
 	__type(value, struct payload_walk);
 } payload_walks SEC(".maps");
 
-/* Runs payload_step up to `steps` times with bpf_loop, or a bounded loop without it. */
-static __always_inline void walk_payload(struct payload_walk *walk, __u32 steps, const __u32 hook)
+/* Runs payload_step up to `steps` times with bpf_loop, or `bounded` times without it. */
+static __always_inline void walk_payload(struct payload_walk *walk, __u32 steps,
+					 const __u32 bounded, const __u32 hook)
 {
 	struct payload_walk *kept;
 	__u32 zero = 0;
@@ -218,7 +221,7 @@ static __always_inline void walk_payload(struct payload_walk *walk, __u32 steps,
 	if (!kept)
 		return;
 	*kept = *walk;
-	for (__u32 i = 0; i < FT_BOUNDED_PAYLOAD_STEPS; i++)
+	for (__u32 i = 0; i < bounded; i++)
 		if (payload_step(i, kept))
 			break;
 }
@@ -244,7 +247,7 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 		return; /* sendfile, io_uring: userspace sees a gap by position */
 	walk.seg = walk.io.buf;
 	walk.seg_len = walk.io.buf ? walk.io.len : 0;
-	walk_payload(&walk, FT_PAYLOAD_STEPS, hook);
+	walk_payload(&walk, FT_PAYLOAD_STEPS, FT_BOUNDED_PAYLOAD_STEPS, hook);
 }
 
 /* One capture per connection, even with a send and a receive racing. */

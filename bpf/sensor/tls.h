@@ -200,7 +200,8 @@ static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 fl
 		if (length <= FT_DATA_LEN)
 			payload_step(0, &walk);
 		else
-			walk_payload(&walk, FT_TLS_PAYLOAD_STEPS, hook);
+			walk_payload(&walk, FT_TLS_PAYLOAD_STEPS, FT_BOUNDED_TLS_PAYLOAD_STEPS,
+				     hook);
 	}
 }
 

@@ -140,7 +140,7 @@ def test_avoided_features_get_the_fallbacks(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "syscall registers from the task's kernel stack (THREAD_SIZE 16384)" in out
     assert "per-thread state in a hash by thread id" in out
-    assert "up to 16 pieces per call (bounded build)" in out
+    assert "bounded build: up to 64 KiB per socket call and 512 KiB per TLS call" in out
     assert "avoided (--avoid-kernel-features)" in out
 
 

@@ -147,9 +147,10 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
         else f"syscall registers from the task's kernel stack (THREAD_SIZE {features.thread_size})"
     )
     pieces = (
-        "up to 40 pieces per call (bpf_loop)"
+        "up to 160 KiB per socket call and 2 MiB per TLS call (bpf_loop)"
         if full
-        else "up to 16 pieces per call (bounded build); the rest shows as a gap"
+        else "bounded build: up to 64 KiB per socket call and 512 KiB per TLS call; "
+        "the rest shows as a gap"
     )
     caps.append(
         Capability(PAYLOADS, f"user buffers at the socket hook, {regs}", pieces)
