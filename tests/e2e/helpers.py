@@ -40,10 +40,12 @@ CURL = "/usr/bin/curl"
 BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
 
-READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 20.0
-RECORD_TIMEOUT_S = 10.0
-PEER_TIMEOUT_S = 20.0
+# Guests under software emulation (tests/kernels) run everything several times slower.
+TIME_SCALE = float(os.environ.get("FLOWTAP_TEST_TIME_SCALE", "1"))
+READY_TIMEOUT_S = 20.0 * TIME_SCALE
+STOP_TIMEOUT_S = 20.0 * TIME_SCALE
+RECORD_TIMEOUT_S = 10.0 * TIME_SCALE
+PEER_TIMEOUT_S = 20.0 * TIME_SCALE
 
 
 def flowtap_command() -> str:

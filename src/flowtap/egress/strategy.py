@@ -1,6 +1,6 @@
 """QPOINT_STRATEGY of processes already running when the sensor starts.
 
-New processes get theirs in the kernel at exec (bpf/environment.h); this fills the same
+New processes get theirs in the kernel at exec (bpf/sensor/environment.h); this fills the same
 table for the ones that exec'd before, from /proc/PID/environ.
 """
 

@@ -69,7 +69,7 @@ _WALK_OFFSETS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 @dataclass(frozen=True, slots=True)
 class GoConnWalk:
-    """From a *tls.Conn to its fd: see go_conn_socket in bpf/conn.bpf.c."""
+    """From a *tls.Conn to its fd: see go_conn_socket in bpf/sensor/gotls.bpf.c."""
 
     itab_tcpconn: int
     conn_offset: int
