@@ -205,8 +205,9 @@ def test_plan_for_debian_11_kernel() -> None:
 
 def test_plan_with_kprobes_only() -> None:
     plan = hooks.plan(_features(sock_tracepoints="6.3", fentry="EPERM"), _all_programs())
-    assert plan.capability(hooks.BYTE_COUNTS).hook is not None
-    assert plan.capability(hooks.BYTE_COUNTS).hook.startswith("kprobe+kretprobe/")
+    hook = plan.capability(hooks.BYTE_COUNTS).hook
+    assert hook is not None
+    assert hook.startswith("kprobe+kretprobe/")
     assert {"kprobe_inet_sendmsg", "kretprobe_inet_sendmsg"} <= plan.programs
     assert "io_calls" not in plan.maps_off
 
