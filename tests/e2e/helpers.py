@@ -200,6 +200,11 @@ class Peer:
         with self._cond:
             return [m for m in self._messages if m.get("event") == event]
 
+    def lines(self) -> list[str]:
+        """Every stdout line so far, JSON or not."""
+        with self._cond:
+            return list(self._lines)
+
     def wait_message(
         self, event: str, timeout: float = PEER_TIMEOUT_S, *, pid: int | None = None
     ) -> Message:

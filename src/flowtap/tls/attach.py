@@ -31,6 +31,7 @@ from flowtap.loader.libbpf import BpfLink, BpfObject
 from flowtap.tls import golang
 from flowtap.tls.elf import ElfImage, ElfReadError, contains_any
 from flowtap.tls.golang import GoConnWalk, GoPlacement, UnsupportedGoError, plan_go
+from flowtap.tls.identity import stat_key
 from flowtap.tls.libraries import (
     FileKey,
     MappedFile,
@@ -253,7 +254,7 @@ class TlsProbes:
         if isinstance(placement, GoPlacement):
             self._set_flag("go_probed")
             if placement.walk is not None:
-                self._add_go_executable(mapped, placement.walk)
+                self._add_go_executable(mapped, placement.walk, target)
         scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
         if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
             self.stats.attached.append(
@@ -276,12 +277,16 @@ class TlsProbes:
         except BpfError as exc:
             log.warning("could not set %s: %s", name, exc)
 
-    def _add_go_executable(self, mapped: MappedFile, walk: GoConnWalk) -> None:
+    def _add_go_executable(self, mapped: MappedFile, walk: GoConnWalk, target: str) -> None:
         """Lets the kernel walk this executable's tls.Conn to its socket (keyed as the
-        kernel sees the file: mm->exe_file's inode)."""
+        kernel sees the file: mm->exe_file's inode, which on overlayfs is the overlay's,
+        not the layer's that mapped.key names; stat() through the process gives it)."""
         if self._btf is None:
             self._btf = Btf(self._obj)
-        major, minor, inode = mapped.key
+        try:
+            major, minor, inode = stat_key(os.stat(target))
+        except OSError:
+            major, minor, inode = mapped.key
         key = self._btf.struct_layout("ft_go_executable_key").pack(
             {"ino": inode, "dev": major << 20 | minor}
         )

@@ -1,7 +1,8 @@
 """Which files a process runs code from, and a path that reaches each of them.
 
 /proc/PID/map_files/START-END reaches the very file mapped, even deleted or inside a
-container's mount namespace; /proc/PID/root/PATH is the fallback.
+container's mount namespace; /proc/PID/root/PATH is the fallback. Files are keyed as the
+kernel's uprobes know them (identity.py: on overlayfs, by the layer's file).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-FileKey = tuple[int, int, int]  # device major, minor, inode
+from flowtap.tls.identity import FileKey, path_key, read_overlays, real_key
+
+__all__ = ["FileKey", "MappedFile", "executable_mappings", "file_key", "system_tls_libraries"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +47,19 @@ def executable_mappings(pid: int, proc: Path = Path("/proc")) -> list[MappedFile
         lines = (proc / str(pid) / "maps").read_text().splitlines()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return []
+    # The process's mounts name its paths; this sensor's, the layers (see real_key).
+    theirs = read_overlays(proc / str(pid) / "mountinfo")
+    own = read_overlays(proc / "self" / "mountinfo")
     found: dict[FileKey, MappedFile] = {}
     for line in lines:
         parsed = parse_maps_line(line)
         if parsed is None:
             continue
-        span, perms, key, path = parsed
-        if "x" not in perms or key in found:
+        span, perms, shown, path = parsed
+        if "x" not in perms:
+            continue
+        key = real_key(shown, path, theirs, own)
+        if key in found:
             continue
         access = proc / str(pid) / "map_files" / span
         if not os.path.exists(access):
@@ -59,9 +68,10 @@ def executable_mappings(pid: int, proc: Path = Path("/proc")) -> list[MappedFile
     return list(found.values())
 
 
-def file_key(path: Path) -> FileKey:
-    st = os.stat(path)
-    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+def file_key(path: Path, proc: Path = Path("/proc")) -> FileKey:
+    """The key of a file this sensor reaches by path, as executable_mappings keys it."""
+    shown = path_key(path, proc)
+    return real_key(shown, os.path.realpath(path), read_overlays(proc / "self" / "mountinfo"))
 
 
 def system_tls_libraries() -> list[Path]:
