@@ -68,6 +68,9 @@ def build_go_peer(minor: str, flavor: str) -> GoPeer | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.exists():
             _go_build(go, flags, out)
+            for stale in PEERS.glob(f"tlspeer-go{minor}-{flavor}-*"):
+                if stale != out:
+                    stale.unlink()  # an older source's build
     return GoPeer(minor, flavor, out)
 
 
