@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import capstone  # type: ignore[import-untyped]
@@ -160,19 +161,19 @@ def go_version(image: ElfImage) -> str | None:
             return None
         blob = image.read_file(found[0], 64 + _MAX_VERSION_BYTES)
     if len(blob) >= 32 and not blob[15] & 0x2:
-        return _pointed_version(image, blob)
+        return pointed_version(blob, image.read)
     return build_version(blob)
 
 
-def _pointed_version(image: ElfImage, blob: bytes) -> str:
-    """Go 1.17 and before: the build info points at runtime.buildVersion, a Go string."""
+def pointed_version(blob: bytes, read: Callable[[int, int], bytes]) -> str:
+    """Go 1.17 and before: the build info points at runtime.buildVersion, a Go string
+    (read(address, length) reads the executable's memory image)."""
     if blob[14] != 8 or blob[15] & 0x1:
         raise UnsupportedGoError("build info of a 32-bit or big-endian executable")
-    header = image.read(struct.unpack_from("<Q", blob, 16)[0], 16)
-    pointer, length = struct.unpack("<2Q", header)
+    pointer, length = struct.unpack("<2Q", read(struct.unpack_from("<Q", blob, 16)[0], 16))
     if length > _MAX_VERSION_BYTES:
         raise ElfReadError("Go version string too long")
-    version = image.read(pointer, length)
+    version = read(pointer, length)
     if not version.isascii():
         raise ElfReadError("Go version string is not text")
     return version.decode()
