@@ -22,14 +22,15 @@ PEERS = REPO / "build" / "go-peers"
 GO_PEER_SOURCE = REPO / "tests" / "e2e" / "go" / "tlspeer.go"
 SYSTEM_GO = Path("/usr/bin/go")
 GO_BUILD_TIMEOUT_S = 600
-# Stripped: no symbol table and no DWARF, as release builds often are.
-FLAVORS = {"symbols": [], "stripped": ["-ldflags=-s -w"]}
+# Stripped: no symbol table and no DWARF, as release builds often are; pie: as some
+# distributions build.
+FLAVORS = {"symbols": [], "stripped": ["-ldflags=-s -w"], "pie": ["-buildmode=pie"]}
 
 
 @dataclass(frozen=True, slots=True)
 class GoPeer:
     minor: str  # "1.21"
-    flavor: str  # "symbols" or "stripped"
+    flavor: str  # "symbols", "stripped" or "pie"
     path: Path
 
 

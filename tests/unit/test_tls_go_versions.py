@@ -251,3 +251,24 @@ def test_go_1_16_function_table_format() -> None:
     assert found == {
         "crypto/tls.(*Conn).Read": Function("crypto/tls.(*Conn).Read", 0x401200, 0x100)
     }
+
+
+@pytest.mark.parametrize("minor", ["1.21", "1.27"])
+def test_position_independent(minor: str) -> None:
+    """-buildmode=pie: the functions from the runtime's table (among the relocated data
+    before Go 1.27) match the symbol table; no walk (its addresses are final only once
+    loaded)."""
+    path = peer(minor, "pie").path
+    with ElfImage(path) as image:
+        found = plan_go(image)
+        expected = image.functions(set(FUNCTIONS))
+        text = image.section_span(".text")
+        assert text is not None
+        read = golang._pclntab_functions(image, set(FUNCTIONS), text[0])
+    assert {name: f.address for name, f in read.items()} == {
+        name: f.address for name, f in expected.items()
+    }
+    assert found is not None
+    assert found.source == "pclntab"
+    assert found.walk is None
+    assert found.walk_note == "position-independent executable"

@@ -184,7 +184,8 @@ def _pclntab_functions(
 ) -> dict[str, Function]:
     """The wanted functions from .gopclntab (the Go 1.16 format and Go 1.18's). In Go 1.27
     the header's textStart is 0: entries count from the module's text then."""
-    tab = image.section(".gopclntab")
+    # Position-independent builds before Go 1.27 put it among the relocated data.
+    tab = image.section(".gopclntab") or image.section(".data.rel.ro.gopclntab")
     if tab is None or len(tab) < 8 + 8 * 8:
         raise UnsupportedGoError("no .gopclntab to find functions in")
     magic = struct.unpack_from("<I", tab, 0)[0]
