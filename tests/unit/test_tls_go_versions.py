@@ -1,4 +1,4 @@
-"""Go 1.19 to 1.27, stripped and not: what golang.py reads from REAL executables (tlspeer.go
+"""Go 1.19 and 1.21 to 1.27, stripped and not (and position-independent): what golang.py reads from REAL executables (tlspeer.go
 built by each toolchain, cached under build/go-peers), checked against what other readers
 say about the same files: the ELF symbol table (pyelftools), GNU objdump's disassembly, and
 the DWARF of the build with symbols."""
@@ -23,7 +23,7 @@ from flowtap.tls.elf import ElfImage, Function
 from flowtap.tls.golang import GoPlacement, plan_go
 from flowtap.tls.goruntime import GoRuntimeError
 
-RELEASES = ["1.19", "1.21", "1.23", "1.25", "1.27"]
+RELEASES = ["1.19", "1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27"]
 FLAVORS = ["symbols", "stripped"]
 FUNCTIONS = list(golang._ENTRY_PROGRAMS)
 OBJDUMP = shutil.which("objdump") or "/usr/bin/objdump"
@@ -165,7 +165,7 @@ def image_offset(minor: str, name: str) -> int:
 @pytest.mark.parametrize("minor", RELEASES)
 def test_conn_walk(minor: str, flavor: str) -> None:
     """The walk's offsets are DWARF's; its itab is the symbol table's where the linker names
-    it (to Go 1.25), and at the same place in its section in the stripped build."""
+    it (to Go 1.26), and at the same place in its section in the stripped build."""
     found = placement(minor, flavor)
     walk = found.walk
     assert walk is not None, found.walk_note

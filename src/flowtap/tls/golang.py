@@ -70,11 +70,11 @@ class UnsupportedGoError(Exception):
 
 
 # The itab of *net.TCPConn as a net.Conn: its symbol before and since Go 1.20 (Go 1.27's
-# linker names it otherwise; the runtime's itab list finds it in every release).
+# linker writes no itab symbols; the runtime's itab list finds it in every release).
 _TCPCONN_ITABS = ("go.itab.*net.TCPConn,net.Conn", "go:itab.*net.TCPConn,net.Conn")
 # Field offsets from a *tls.Conn to its socket's fd, for when the type descriptors cannot
 # be read: (tls.Conn.conn, net.TCPConn.conn.fd, netFD.pfd.Sysfd). Read off the sources and
-# checked against the descriptors of real builds (tests/unit/test_tls_go_versions.py):
+# checked against DWARF of real builds (tests/unit/test_tls_go_versions.py):
 # unchanged from Go 1.17 to 1.27. A later release takes the newest row.
 _WALK_OFFSETS: dict[tuple[int, int], tuple[int, int, int]] = {
     (1, minor): (0, 0, 16) for minor in range(17, 28)
@@ -182,8 +182,8 @@ def pointed_version(blob: bytes, read: Callable[[int, int], bytes]) -> str:
 def _pclntab_functions(
     image: ElfImage, wanted: set[str], text_start: int | None
 ) -> dict[str, Function]:
-    """The wanted functions from .gopclntab (the Go 1.16 format and Go 1.18's). In Go 1.27
-    the header's textStart is 0: entries count from the module's text then."""
+    """The wanted functions from .gopclntab (the Go 1.16 format and Go 1.18's). Since Go
+    1.26 the header's textStart is 0: entries count from the module's text then."""
     # Position-independent builds before Go 1.27 put it among the relocated data.
     tab = image.section(".gopclntab") or image.section(".data.rel.ro.gopclntab")
     if tab is None or len(tab) < 8 + 8 * 8:

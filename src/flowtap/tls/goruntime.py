@@ -6,9 +6,9 @@ field offsets from them, instead of trusting a table per release.
 Layouts on amd64, read off runtime/symtab.go and internal/abi/type.go of Go 1.17 to 1.27:
 - moduledata: pcHeader, six slices, findfunctab, minpc, maxpc, then text (word 22) ...
   enoptrbss (word 31); covctrs and ecovctrs since 1.20; then end, gcdata, gcbss, types.
-  While the linker writes a .itablink section (to Go 1.25 at least), an itablinks slice
-  that points into it lists the itabs; Go 1.27 has no such section, but typedesclen
-  after types, and the itabs lie one after another at types + itaboffset (itabsize bytes).
+  While the linker writes a .itablink section (to Go 1.26), an itablinks slice that
+  points into it lists the itabs; Go 1.27 has no such section, but typedesclen after
+  types, and the itabs lie one after another at types + itaboffset (itabsize bytes).
 - a type descriptor (abi.Type, 48 bytes): tflag at +20, kind at +23, its name's offset
   from `types` at +40; a pointer type's element at +48; a struct's fields at +56 (slice),
   each (name pointer, type pointer, offset), the offset shifted left by one before 1.19.
@@ -46,7 +46,7 @@ class GoRuntimeError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ModuleData:
-    text: int  # where function entries are counted from (pcHeader's textStart is 0 in 1.27)
+    text: int  # where function entries count from (pcHeader's textStart is 0 since 1.26)
     types: int  # type names are offsets from here
     itabs: tuple[int, ...]
 
