@@ -1,7 +1,8 @@
-"""Go 1.19 and 1.21 to 1.27, stripped and not (and position-independent): what golang.py reads from REAL executables (tlspeer.go
-built by each toolchain, cached under build/go-peers), checked against what other readers
-say about the same files: the ELF symbol table (pyelftools), GNU objdump's disassembly, and
-the DWARF of the build with symbols."""
+"""Go 1.19 and 1.21 to 1.27, stripped and not (and position-independent): what golang.py
+reads from REAL executables (tlspeer.go built by each toolchain, cached under
+build/go-peers), checked against what other readers say about the same files: the ELF
+symbol table (pyelftools), GNU objdump's disassembly, and the DWARF of the build with
+symbols."""
 
 from __future__ import annotations
 
