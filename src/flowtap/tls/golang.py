@@ -156,7 +156,9 @@ def go_version(image: ElfImage) -> str | None:
     the .go.buildinfo section, or found by its magic when section headers say nothing."""
     blob = image.section(".go.buildinfo")
     if blob is None or not blob.startswith(_BUILDINFO_MAGIC):
-        found = image.find(_BUILDINFO_MAGIC)
+        # The linker aligns it to 16 bytes; the same bytes elsewhere are a string constant
+        # (in Go's own debug/buildinfo, say).
+        found = [at for at in image.find(_BUILDINFO_MAGIC, limit=8) if at % 16 == 0]
         if not found:
             return None
         blob = image.read_file(found[0], 64 + _MAX_VERSION_BYTES)
