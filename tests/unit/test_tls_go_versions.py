@@ -273,3 +273,15 @@ def test_position_independent(minor: str) -> None:
     assert found.source == "pclntab"
     assert found.walk is None
     assert found.walk_note == "position-independent executable"
+
+
+def test_build_info_found_without_its_section_name(tmp_path: Path) -> None:
+    """Section names renamed (as a packer or a stripping tool may leave them): the build
+    info is still found by its magic, and the version read."""
+    copy = tmp_path / "renamed"
+    data = peer("1.27", "stripped").path.read_bytes()
+    assert data.count(b".go.buildinfo\0") == 1
+    copy.write_bytes(data.replace(b".go.buildinfo\0", b".go.xuildinfo\0"))
+    with ElfImage(copy) as image:
+        assert image.section(".go.buildinfo") is None
+        assert golang.go_version(image) == "go1.27.3"
