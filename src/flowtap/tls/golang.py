@@ -364,7 +364,12 @@ def _conn_walk(
     address is never guessed: from the runtime's itab list, else the symbol table."""
     if image.position_independent:
         return None, "position-independent executable"
-    itab = runtime.itab("*net.TCPConn", "net.Conn") if runtime else None
+    itab = None
+    if runtime is not None:
+        try:
+            itab = runtime.itab("*net.TCPConn", "net.Conn")
+        except GoRuntimeError as exc:
+            runtime, runtime_note = None, f"runtime tables not read ({exc})"
     if itab is None:
         symbols = image.functions(set(_TCPCONN_ITABS), kinds=("STT_OBJECT",))
         if not symbols:
