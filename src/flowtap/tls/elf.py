@@ -134,6 +134,36 @@ class ElfImage:
         data: bytes = section.data()
         return data
 
+    def section_span(self, name: str) -> tuple[int, int] | None:
+        """A section's virtual address and size; None when there is no such section."""
+        section = self._elf.get_section_by_name(name)
+        if section is None:
+            return None
+        return int(section["sh_addr"]), int(section["sh_size"])
+
+    def find(self, needle: bytes, limit: int = 1) -> list[int]:
+        """File offsets of up to `limit` occurrences of needle in the whole file."""
+        found: list[int] = []
+        with mapped(self.path) as view:
+            position = -1
+            while view is not None and len(found) < limit:
+                position = view.find(needle, position + 1)
+                if position < 0:
+                    break
+                found.append(position)
+        return found
+
+    def read(self, address: int, length: int) -> bytes:
+        """Exactly length bytes from a virtual address in the file (data or code)."""
+        data = self.code(address, length)
+        if len(data) != length:
+            raise ElfReadError(f"{self.path}: {length} bytes at {address:#x} run past a segment")
+        return data
+
+    def read_file(self, offset: int, length: int) -> bytes:
+        self._stream.seek(offset)
+        return self._stream.read(length)
+
     def file_offset(self, address: int) -> int:
         """Where the byte at a virtual address lies in the file (the uprobe offset)."""
         for seg in self._segments:

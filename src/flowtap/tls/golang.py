@@ -1,28 +1,36 @@
 """Go executables: crypto/tls in the binary itself, probed at (*Conn).Read and Write (and
 at the handshakes, for their socket).
 
-The Go version comes from the build info (.go.buildinfo, written inline since Go 1.18).
-The functions come from the symbol table or, in stripped executables (-ldflags=-s), from
-the runtime's own function table (.gopclntab), which every Go executable keeps. Each
-function gets an entry probe and a plain uprobe at every RET found by disassembling it:
-never a uretprobe, because Go moves goroutine stacks and a hijacked return address would
-crash the program.
+Everything comes from the executable itself, stripped or not: the Go version from its
+build info ("\\xff Go buildinf:", the version inline since Go 1.18, behind a pointer in
+1.17); the functions from the symbol table or else the runtime's own function table
+(.gopclntab, which every Go executable keeps); the tls.Conn walk's itab address and field
+offsets from the runtime's itabs and type descriptors (goruntime.py), with a table per
+release, its newest row for releases after it, where they cannot be read. Each function
+gets an entry probe and a plain uprobe at every RET found by disassembling it: never a
+uretprobe, because Go moves goroutine stacks and a hijacked return address would crash
+the program.
 
-Only the register ABI on amd64 is probed, from Go 1.18 (whose build info says the
-version); other executables are reported and left alone (their connections are still
+Only the register ABI on amd64 is probed (Go 1.17 and later); other Go executables are
+logged with their version and the reason, and left alone (their connections are still
 reported, without plaintext). See docs/tls.md.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import capstone  # type: ignore[import-untyped]
 
 from flowtap.tls.elf import ElfImage, ElfReadError, Function
+from flowtap.tls.goruntime import KIND_INTERFACE, GoRuntime, GoRuntimeError
 from flowtap.tls.placement import ProbeSite
+
+log = logging.getLogger("flowtap.tls")
 
 READ_FUNCTION = "crypto/tls.(*Conn).Read"
 WRITE_FUNCTION = "crypto/tls.(*Conn).Write"
@@ -45,25 +53,31 @@ _RETURN_PROGRAMS = {
 # What the entry probe reads: receiver, slice pointer and length, and the goroutine.
 _ENTRY_REGISTERS = frozenset({"rax", "eax", "rbx", "ebx", "rcx", "ecx", "r14"})
 MIN_VERSION = (1, 17)  # the register ABI on amd64
-SIGNATURE = WRITE_FUNCTION.encode()
 
 _BUILDINFO_MAGIC = b"\xff Go buildinf:"
+# Every Go executable has it: each one is looked at, so that one that is not probed is
+# logged with its version and the reason.
+SIGNATURE = _BUILDINFO_MAGIC
 _VERSION = re.compile(r"go(\d+)\.(\d+)")
+_PCLNTAB_GO116 = 0xFFFFFFFA  # Go 1.16-1.17: absolute entries, no textStart
 _PCLNTAB_GO118 = (0xFFFFFFF0, 0xFFFFFFF1)  # Go 1.18-1.19, Go 1.20 and later
 _MAX_FUNCTION_BYTES = 64 << 10
+_MAX_VERSION_BYTES = 128
 
 
 class UnsupportedGoError(Exception):
     """A Go executable this sensor cannot probe; the message says why."""
 
 
-# The itab of *net.TCPConn as a net.Conn: its symbol before and since Go 1.20.
+# The itab of *net.TCPConn as a net.Conn: its symbol before and since Go 1.20 (Go 1.27's
+# linker writes no itab symbols; the runtime's itab list finds it in every release).
 _TCPCONN_ITABS = ("go.itab.*net.TCPConn,net.Conn", "go:itab.*net.TCPConn,net.Conn")
-# Field offsets from a *tls.Conn to its socket's fd, unchanged from Go 1.17 to 1.23 (read
-# off the sources: tls.Conn.conn is its first field, net.conn.fd the first of TCPConn,
-# netFD.pfd the first of netFD, and poll.FD.Sysfd follows its 16-byte fdMutex).
+# Field offsets from a *tls.Conn to its socket's fd, for when the type descriptors cannot
+# be read: (tls.Conn.conn, net.TCPConn.conn.fd, netFD.pfd.Sysfd). Read off the sources and
+# checked against DWARF of real builds (tests/unit/test_tls_go_versions.py):
+# unchanged from Go 1.17 to 1.27. A later release takes the newest row.
 _WALK_OFFSETS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (1, minor): (0, 0, 16) for minor in range(17, 24)
+    (1, minor): (0, 0, 16) for minor in range(17, 28)
 }
 
 
@@ -81,16 +95,16 @@ class GoConnWalk:
 class GoPlacement:
     version: str
     functions: tuple[tuple[str, int, tuple[int, ...]], ...]  # name, entry offset, RET offsets
-    source: str  # where the functions were found: "symbols" or "pclntab"
+    source: str  # where the functions were found: "pclntab" or "symbols"
     walk: GoConnWalk | None = None  # None: the socket is only seen through syscalls
-    walk_note: str = ""
+    walk_note: str = ""  # where the walk's itab and offsets came from, or why there is none
 
     kind = "go"
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} (+{len(rets)} RET)" for name, _, rets in self.functions)
-        walk = "tls.Conn walked to its fd" if self.walk else f"no tls.Conn walk: {self.walk_note}"
-        return f"{self.version}, {parts}, from {self.source}; {walk}"
+        walk = "tls.Conn walked to its fd" if self.walk else "no tls.Conn walk"
+        return f"{self.version}, {parts}, from {self.source}; {walk}: {self.walk_note}"
 
     def sites(self) -> list[ProbeSite]:
         return [
@@ -138,41 +152,107 @@ def build_version(blob: bytes) -> str:
 
 
 def go_version(image: ElfImage) -> str | None:
-    """The executable's Go version; None when it is not a Go executable."""
+    """The executable's Go version; None when it is not a Go executable. The build info is
+    the .go.buildinfo section, or found by its magic when section headers say nothing."""
     blob = image.section(".go.buildinfo")
-    if blob is None:
-        return None
+    if blob is None or not blob.startswith(_BUILDINFO_MAGIC):
+        # The linker aligns it to 16 bytes; the same bytes elsewhere are a string constant
+        # (in Go's own debug/buildinfo, say).
+        found = [at for at in image.find(_BUILDINFO_MAGIC, limit=8) if at % 16 == 0]
+        if not found:
+            return None
+        blob = image.read_file(found[0], 64 + _MAX_VERSION_BYTES)
+    if len(blob) >= 32 and not blob[15] & 0x2:
+        return pointed_version(blob, image.read)
     return build_version(blob)
 
 
-def _pclntab_functions(image: ElfImage, wanted: set[str]) -> dict[str, Function]:
-    """The wanted functions from .gopclntab (Go 1.18 and later)."""
-    tab = image.section(".gopclntab")
+def pointed_version(blob: bytes, read: Callable[[int, int], bytes]) -> str:
+    """Go 1.17 and before: the build info points at runtime.buildVersion, a Go string
+    (read(address, length) reads the executable's memory image)."""
+    if blob[14] != 8 or blob[15] & 0x1:
+        raise UnsupportedGoError("build info of a 32-bit or big-endian executable")
+    pointer, length = struct.unpack("<2Q", read(struct.unpack_from("<Q", blob, 16)[0], 16))
+    if length > _MAX_VERSION_BYTES:
+        raise ElfReadError("Go version string too long")
+    version = read(pointer, length)
+    if not version.isascii():
+        raise ElfReadError("Go version string is not text")
+    return version.decode()
+
+
+def _pclntab_functions(
+    image: ElfImage, wanted: set[str], text_start: int | None
+) -> dict[str, Function]:
+    """The wanted functions from .gopclntab (the Go 1.16 format and Go 1.18's). Since Go
+    1.26 the header's textStart is 0: entries count from the module's text then."""
+    # Position-independent builds before Go 1.27 put it among the relocated data.
+    tab = image.section(".gopclntab") or image.section(".data.rel.ro.gopclntab")
     if tab is None or len(tab) < 8 + 8 * 8:
-        raise UnsupportedGoError("stripped, and no .gopclntab to find functions in")
+        raise UnsupportedGoError("no .gopclntab to find functions in")
     magic = struct.unpack_from("<I", tab, 0)[0]
-    if magic not in _PCLNTAB_GO118 or tab[7] != 8:
-        raise UnsupportedGoError(f"stripped, and .gopclntab format {magic:#x} is not read")
-    nfunc, _nfiles, text_start, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from(
+    if tab[7] != 8 or (magic not in _PCLNTAB_GO118 and magic != _PCLNTAB_GO116):
+        raise UnsupportedGoError(f".gopclntab format {magic:#x} is not read")
+    if magic == _PCLNTAB_GO116:
+        nfunc, _nfiles, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from("<7Q", tab, 8)
+        return _function_table(
+            tab,
+            wanted,
+            nfunc=nfunc,
+            funcname_off=funcname_off,
+            pcln_off=pcln_off,
+            text_start=0,
+            wide=True,
+        )
+    nfunc, _nfiles, header_text, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from(
         "<8Q", tab, 8
     )
-    found: dict[str, Function] = {}
-    table = pcln_off
-    if table + (nfunc + 1) * 8 > len(tab):
+    start = header_text or text_start
+    if start is None:
+        raise UnsupportedGoError("where .gopclntab counts from is unknown")
+    return _function_table(
+        tab,
+        wanted,
+        nfunc=nfunc,
+        funcname_off=funcname_off,
+        pcln_off=pcln_off,
+        text_start=start,
+        wide=False,
+    )
+
+
+def _function_table(
+    tab: bytes,
+    wanted: set[str],
+    *,
+    nfunc: int,
+    funcname_off: int,
+    pcln_off: int,
+    text_start: int,
+    wide: bool,
+) -> dict[str, Function]:
+    """Walks the function table: (entry, func offset) pairs, 8-byte absolute addresses in
+    the Go 1.16 format (wide), 4-byte offsets from text_start since Go 1.18; each _func
+    starts with its entry, then its name's offset in funcnametab."""
+    pair, entry_size = ("<QQ", 8) if wide else ("<II", 4)
+    step = 2 * entry_size
+    if pcln_off + (nfunc + 1) * step > len(tab):
         raise ElfReadError(".gopclntab function table is cut short")
+    found: dict[str, Function] = {}
     for index in range(nfunc):
-        entry_off, func_off = struct.unpack_from("<II", tab, table + index * 8)
-        name_off = struct.unpack_from("<i", tab, pcln_off + func_off + 4)[0]
-        start = funcname_off + name_off
+        entry, func_off = struct.unpack_from(pair, tab, pcln_off + index * step)
+        name_at = pcln_off + func_off + entry_size
+        if name_at + 4 > len(tab):
+            raise ElfReadError(".gopclntab function entry is cut short")
+        start = funcname_off + struct.unpack_from("<i", tab, name_at)[0]
         end = tab.find(b"\0", start, start + 256)
-        if end < 0:
+        if end < 0 or tab[start:end].decode("utf-8", "replace") not in wanted:
             continue
-        name = tab[start:end].decode("utf-8", "replace")
-        if name in wanted:
-            next_off = struct.unpack_from("<I", tab, table + (index + 1) * 8)[0]
-            found[name] = Function(name, text_start + entry_off, next_off - entry_off)
-            if len(found) == len(wanted):
-                break
+        name = tab[start:end].decode()
+        following = struct.unpack_from(pair, tab, pcln_off + (index + 1) * step)[0]
+        found[name] = Function(name, text_start + entry, following - entry)
+        if len(found) == len(wanted):
+            break
     return found
 
 
@@ -205,25 +285,31 @@ def _entry(function: Function, insns: list[capstone.CsInsn]) -> int:
 
 
 def plan_go(image: ElfImage) -> GoPlacement | None:
-    """Probes for a Go executable; None when it is not Go. UnsupportedGoError says why a
-    Go executable cannot be probed."""
+    """Probes for a Go executable; None when it is not Go, or has no crypto/tls (logged).
+    UnsupportedGoError says, with the version, why a Go executable cannot be probed."""
     version = go_version(image)
     if version is None:
         return None
+    try:
+        return _plan_version(image, version)
+    except (ElfReadError, UnsupportedGoError) as exc:
+        text = str(exc)
+        text = text if text.startswith(version) else f"{version}: {text}"
+        raise UnsupportedGoError(text) from exc
+
+
+def _plan_version(image: ElfImage, version: str) -> GoPlacement | None:
     parsed = parse_version(version)
     if parsed is None or parsed < MIN_VERSION:
         raise UnsupportedGoError(f"{version}: not supported (stack ABI), connection-level only")
     if image.machine != "EM_X86_64":
         raise UnsupportedGoError(f"{version} on {image.machine}: only amd64 is probed")
-    wanted = set(_ENTRY_PROGRAMS)
-    functions = image.functions(wanted)
-    source = "symbols"
+    runtime, runtime_note = _runtime(image, parsed)
+    functions, source = _find_functions(image, runtime)
     if READ_FUNCTION not in functions or WRITE_FUNCTION not in functions:
-        functions = _pclntab_functions(image, wanted)
-        source = "pclntab"
-    if READ_FUNCTION not in functions or WRITE_FUNCTION not in functions:
-        raise UnsupportedGoError(f"{version}: crypto/tls is not linked in")
-    walk, note = _conn_walk(image, parsed)
+        log.info("%s: %s: no crypto/tls linked in, nothing to probe", image.path, version)
+        return None
+    walk, note = _conn_walk(image, parsed, runtime, runtime_note)
     probed = []
     for name in (READ_FUNCTION, WRITE_FUNCTION, CLIENT_HANDSHAKE, SERVER_HANDSHAKE):
         if name not in functions:
@@ -235,15 +321,83 @@ def plan_go(image: ElfImage) -> GoPlacement | None:
     return GoPlacement(version, tuple(probed), source, walk, note)
 
 
-def _conn_walk(image: ElfImage, version: tuple[int, int]) -> tuple[GoConnWalk | None, str]:
-    """How the kernel may walk a *tls.Conn to its fd here, or why it may not."""
-    offsets = _WALK_OFFSETS.get(version)
-    if offsets is None:
-        return None, f"no field offsets known for go{version[0]}.{version[1]}"
+def _find_functions(image: ElfImage, runtime: GoRuntime | None) -> tuple[dict[str, Function], str]:
+    """The probed functions and where they were found. The runtime's own table first: every
+    Go executable has it, and it is read ~5x faster than pyelftools walks a symbol table of
+    10,000 entries; the symbol table when the table is in a format not read here."""
+    wanted = set(_ENTRY_PROGRAMS)
+    text = runtime.module.text if runtime else _section_start(image, ".text")
+    try:
+        return _pclntab_functions(image, wanted, text), "pclntab"
+    except (UnsupportedGoError, ElfReadError) as exc:
+        functions = image.functions(wanted)
+        if READ_FUNCTION in functions and WRITE_FUNCTION in functions:
+            return functions, "symbols"
+        raise exc from None
+
+
+def _section_start(image: ElfImage, name: str) -> int | None:
+    span = image.section_span(name)
+    return None if span is None else span[0]
+
+
+def _runtime(image: ElfImage, version: tuple[int, int]) -> tuple[GoRuntime | None, str]:
+    """The runtime's own tables, or why they cannot be read (the addresses in a
+    position-independent executable's data are only final once it is loaded)."""
     if image.position_independent:
         return None, "position-independent executable"
-    itabs = image.functions(set(_TCPCONN_ITABS), kinds=("STT_OBJECT",))
-    if not itabs:
-        return None, "no symbol for the *net.TCPConn itab (stripped)"
-    itab = next(iter(itabs.values())).address
-    return GoConnWalk(itab, *offsets), ""
+    try:
+        return GoRuntime(image, version), ""
+    except (GoRuntimeError, ElfReadError) as exc:
+        return None, f"runtime tables not read ({exc})"
+
+
+def table_offsets(version: tuple[int, int]) -> tuple[int, int, int]:
+    """The walk's offsets from the table: this release's row, else the newest one."""
+    return _WALK_OFFSETS.get(version) or _WALK_OFFSETS[max(_WALK_OFFSETS)]
+
+
+def _conn_walk(
+    image: ElfImage, version: tuple[int, int], runtime: GoRuntime | None, runtime_note: str
+) -> tuple[GoConnWalk | None, str]:
+    """How the kernel may walk a *tls.Conn to its fd here, or why it may not. The itab's
+    address is never guessed: from the runtime's itab list, else the symbol table."""
+    if image.position_independent:
+        return None, "position-independent executable"
+    itab = None
+    if runtime is not None:
+        try:
+            itab = runtime.itab("*net.TCPConn", "net.Conn")
+        except GoRuntimeError as exc:
+            runtime, runtime_note = None, f"runtime tables not read ({exc})"
+    if itab is None:
+        symbols = image.functions(set(_TCPCONN_ITABS), kinds=("STT_OBJECT",))
+        if not symbols:
+            reason = runtime_note or "the linker made no *net.TCPConn itab"
+            return None, f"no *net.TCPConn itab found: {reason}"
+        itab = next(iter(symbols.values())).address
+    try:
+        if runtime is None:
+            raise GoRuntimeError(runtime_note)
+        offsets = derived_offsets(runtime, itab)
+        note = "itab and offsets from the type descriptors"
+    except (GoRuntimeError, ElfReadError) as exc:
+        offsets = table_offsets(version)
+        note = f"offsets from the table ({exc})"
+    return GoConnWalk(itab, *offsets), note
+
+
+def derived_offsets(runtime: GoRuntime, tcpconn_itab: int) -> tuple[int, int, int]:
+    """(tls.Conn.conn, TCPConn -> netFD pointer, netFD -> Sysfd) from the descriptors."""
+    tcpconn = runtime.elem(runtime.itab_type(tcpconn_itab))
+    conn, conn_type = runtime.field(tcpconn, "conn")
+    fd, fd_type = runtime.field(conn_type, "fd")
+    pfd, pfd_type = runtime.field(runtime.elem(fd_type), "pfd")
+    sysfd, _ = runtime.field(pfd_type, "Sysfd")
+    tls_itab = runtime.itab("*tls.Conn", "net.Conn")
+    if tls_itab is None:
+        raise GoRuntimeError("no *tls.Conn itab")
+    tls_conn, tls_conn_type = runtime.field(runtime.elem(runtime.itab_type(tls_itab)), "conn")
+    if runtime.kind(tls_conn_type) != KIND_INTERFACE:
+        raise GoRuntimeError("tls.Conn.conn is not an interface")
+    return tls_conn, conn + fd, pfd + sysfd

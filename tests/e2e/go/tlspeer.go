@@ -8,6 +8,8 @@
 //	                                   each), checking each body; stops early once the
 //	                                   file STOP exists
 //
+//	tlspeer getpost CA BASE GO         waits for the file GO, then GETs BASE/items/9 and
+//	                                   POSTs "hello go" to BASE/v1/echo, on one connection
 //	tlspeer bench CA URL SECONDS PROTO GETs URL on one connection for SECONDS (bench/)
 //
 // Each prints JSON status lines on stdout, like tests/e2e/peer.py.
@@ -86,14 +88,19 @@ func newTransport(ca, proto string) *http.Transport {
 	return transport
 }
 
-func client(ca, url string, count int, proto, goFile, stopFile string) {
-	transport := newTransport(ca, proto)
+// waitFor returns once the file exists (the test's trigger; the process exits at 120 s).
+func waitFor(path string) {
 	for {
-		if _, err := os.Stat(goFile); err == nil {
-			break
+		if _, err := os.Stat(path); err == nil {
+			return
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+func client(ca, url string, count int, proto, goFile, stopFile string) {
+	transport := newTransport(ca, proto)
+	waitFor(goFile)
 	c := &http.Client{Transport: transport, Timeout: 20 * time.Second}
 	want := body(0)
 	if i := strings.LastIndex(url, "/"); i >= 0 {
@@ -120,6 +127,28 @@ func client(ca, url string, count int, proto, goFile, stopFile string) {
 	say("done", map[string]any{"requests": done, "proto": proto})
 }
 
+// getpost: one GET and one POST on one keep-alive connection, each answer reported.
+func getpost(ca, base, goFile string) {
+	c := &http.Client{Transport: newTransport(ca, "h1"), Timeout: 20 * time.Second}
+	waitFor(goFile)
+	for _, post := range []bool{false, true} {
+		var resp *http.Response
+		var err error
+		if post {
+			resp, err = c.Post(base+"/v1/echo", "text/plain", strings.NewReader("hello go"))
+		} else {
+			resp, err = c.Get(base + "/items/9")
+		}
+		if err != nil {
+			panic(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		say("response", map[string]any{"status": resp.StatusCode, "body": got})
+	}
+	say("done", nil)
+}
+
 // bench: GETs URL on one keep-alive connection for SECONDS, then prints the rate.
 func bench(ca, url string, seconds int, proto string) {
 	c := &http.Client{Transport: newTransport(ca, proto)}
@@ -144,6 +173,8 @@ func main() {
 	switch os.Args[1] {
 	case "server":
 		serve(os.Args[2], os.Args[3])
+	case "getpost":
+		getpost(os.Args[2], os.Args[3], os.Args[4])
 	case "bench":
 		secs, _ := strconv.Atoi(os.Args[4])
 		bench(os.Args[2], os.Args[3], secs, os.Args[5])

