@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flowtap.config import SensorConfig
-from flowtap.egress.controller import EgressController, EgressError
 from flowtap.egress.strategy import fill_running
 from flowtap.events import (
     ConnClose,
@@ -45,6 +45,9 @@ from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
+
+if TYPE_CHECKING:
+    from flowtap.egress.controller import EgressController
 
 log = logging.getLogger("flowtap")
 
@@ -120,19 +123,24 @@ class Sensor:
     def start(self) -> None:
         require_root()
         require_btf()
-        self.plan = self._plan()
+        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+        try:
+            self.plan = self._plan([program.name for program in obj.programs()])
+        except BaseException:
+            obj.close()
+            raise
         if not self.plan.tls:
             self.tls_unavailable = "; ".join(
                 f"{c.name}: {c.detail}" for c in self.plan.capabilities if c.name == hooks.OPENSSL
             )
         try:
-            obj, btf = self._load(with_tls=self.plan.tls)
+            obj, btf = self._load(obj, with_tls=self.plan.tls)
         except BpfError as exc:
             if not self.plan.tls:
                 raise
             # A kernel may still refuse what the TLS probes need, past what was probed:
             # connections and plaintext HTTP do not need them.
-            obj, btf = self._load(with_tls=False)
+            obj, btf = self._load(BpfObject.open(bpf_object_path("conn.bpf.o")), with_tls=False)
             self.tls_unavailable = str(exc)
             log.warning(
                 "TLS plaintext is off: the kernel refused the TLS probes (%s); connections "
@@ -171,14 +179,10 @@ class Sensor:
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{os.getpid()}\n")
 
-    def _plan(self) -> hooks.HookPlan:
+    def _plan(self, programs: list[str]) -> hooks.HookPlan:
         """Probes the kernel and picks, per capability, the best hook it has."""
         features = KernelFeatures.probe(self.config.avoid_kernel_features)
-        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
-        try:
-            plan = hooks.plan(features, [program.name for program in obj.programs()])
-        finally:
-            obj.close()
+        plan = hooks.plan(features, programs)
         for capability in plan.capabilities:
             if capability.available:
                 log.info("%s: %s (%s)", capability.name, capability.hook, capability.detail)
@@ -193,10 +197,10 @@ class Sensor:
             )
         return plan
 
-    def _load(self, *, with_tls: bool) -> tuple[BpfObject, Btf]:
-        """Opens, configures and loads the object: the programs and maps of the plan."""
+    def _load(self, obj: BpfObject, *, with_tls: bool) -> tuple[BpfObject, Btf]:
+        """Configures and loads the opened object: the programs and maps of the plan.
+        Closes it on failure."""
         assert self.plan is not None
-        obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
         try:
             btf = Btf(obj)
             self._write_config(obj, btf)
@@ -324,6 +328,9 @@ class Sensor:
         self.tls.scan_all(pids)
 
     def _start_egress(self, obj: BpfObject) -> None:
+        # Imported here: the proxy's TLS stack takes seconds to import on slow machines.
+        from flowtap.egress.controller import EgressController, EgressError  # noqa: PLC0415
+
         traced = obj.map("traced_pids")
         accept_exe = exe_matcher(self.config.exe_patterns)
 

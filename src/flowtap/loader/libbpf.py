@@ -116,6 +116,8 @@ class _Messages:
         self._buf: ctypes.Array[ctypes.c_char] | None = None
 
     def handle(self, level: int, fmt: bytes | None, args: int | None) -> int:
+        if level == _LIBBPF_DEBUG:
+            return 0  # thousands per load; failures and the verifier's log are warnings
         with self.lock:
             if self._buf is None:
                 self._buf = ctypes.create_string_buffer(_MESSAGE_BYTES)
