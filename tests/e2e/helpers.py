@@ -41,11 +41,11 @@ BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
 
 # Guests under software emulation (tests/kernels) run everything several times slower.
-TIME_SCALE = float(os.environ.get("FLOWTAP_TEST_TIME_SCALE", "1"))
-READY_TIMEOUT_S = 20.0 * TIME_SCALE
-STOP_TIMEOUT_S = 20.0 * TIME_SCALE
-RECORD_TIMEOUT_S = 10.0 * TIME_SCALE
-PEER_TIMEOUT_S = 20.0 * TIME_SCALE
+TIMEOUT_SCALE = float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))
+READY_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
+STOP_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
+RECORD_TIMEOUT_S = 10.0 * TIMEOUT_SCALE
+PEER_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
 
 
 def flowtap_command() -> str:
