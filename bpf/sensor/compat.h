@@ -3,10 +3,11 @@
  * One object for every kernel from 5.10 on. What this kernel offers is probed by
  * userspace before load (src/flowtap/loader/features.py) and written into cfg.features:
  * cfg is read-only data the verifier knows, so it never visits a branch that uses what
- * the running kernel lacks (a helper, a map type, an atomic instruction), and such code
- * loads everywhere. Program variants cover what a branch cannot hide (bpf_loop and
- * bpf_for_each_map_elem callbacks: a kernel without them refuses their references
- * anywhere in a program): userspace loads the variant its kernel takes.
+ * the running kernel lacks (a helper, a map type), and such code loads everywhere.
+ * Program builds cover what a branch cannot hide: a kernel refuses, anywhere in a
+ * program, a callback reference without bpf_loop (5.17) or bpf_for_each_map_elem (5.13)
+ * and an atomic fetch or compare-and-swap before 5.12. Userspace loads the build its
+ * kernel takes (src/flowtap/loader/hooks.py).
  */
 #ifndef FLOWTAP_SENSOR_COMPAT_H
 #define FLOWTAP_SENSOR_COMPAT_H
@@ -15,9 +16,8 @@
 
 /*
  * How a hook sees its socket and what it may use (constants folded at compile time).
- * A program comes in a full build (bpf_loop, atomics; for 5.17 on) and a bounded one
- * (suffix _bounded) that has neither: before 5.12 the kernel refuses an atomic fetch or
- * compare-and-swap anywhere in a program, even where the verifier would never go.
+ * A program comes in a full build (bpf_loop, atomics, bpf_for_each_map_elem: 5.17 on)
+ * and a bounded one (suffix _bounded) with none of them.
  */
 #define FT_HOOK_BTF 1 /* sk is a BTF pointer (tp_btf, fentry): helpers may take it */
 #define FT_HOOK_LOOP 2 /* bpf_loop may be used (5.17): else bounded loops, fewer steps */
