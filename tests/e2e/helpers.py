@@ -393,6 +393,8 @@ class Sensor:
             *scope,
             *extra,
         ]
+        if "--state-dir" not in extra:  # never the host's /var/lib/flowtap in tests
+            self.argv += ["--state-dir", str(workdir / "state")]
         with self.log.open("wb") as log:
             self.popen = subprocess.Popen(
                 self.argv,
