@@ -55,6 +55,9 @@ _RESCAN_INTERVAL_S = 2.0
 # over the budget are tried again at their next connection.
 _PROCESS_ATTACH_PER_S = 20
 _SIGNATURES = (b"SSL_write\0", b"SSL_read\0", golang.SIGNATURE)
+# Bigger files are not searched (node is 100 MB): reading gigabytes would keep the
+# discovery worker from every other file for seconds.
+_MAX_FILE_BYTES = 2 << 30
 
 
 class LinkReaper:
@@ -406,6 +409,10 @@ def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPl
     nothing to probe. Raises OSError only when the file cannot be read (its process is
     gone): a damaged or hostile file on the host never stops the sensor."""
     try:
+        size = access.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            log.info("%s: not examined: %d bytes, more than any TLS program", shown_as, size)
+            return None
         if not contains_any(access, _SIGNATURES):
             return None
         with ElfImage(access) as image:

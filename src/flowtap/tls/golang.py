@@ -51,6 +51,9 @@ _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 _VERSION = re.compile(r"go(\d+)\.(\d+)")
 _PCLNTAB_GO118 = (0xFFFFFFF0, 0xFFFFFFF1)  # Go 1.18-1.19, Go 1.20 and later
 _MAX_FUNCTION_BYTES = 64 << 10
+# Large Go programs have about 100,000 functions; a table claiming far more is hostile
+# and would keep the discovery worker busy for seconds.
+_MAX_FUNCTIONS = 1 << 20
 
 
 class UnsupportedGoError(Exception):
@@ -158,7 +161,7 @@ def _pclntab_functions(image: ElfImage, wanted: set[str]) -> dict[str, Function]
     )
     found: dict[str, Function] = {}
     table = pcln_off
-    if table + (nfunc + 1) * 8 > len(tab):
+    if nfunc > _MAX_FUNCTIONS or table + (nfunc + 1) * 8 > len(tab):
         raise ElfReadError(".gopclntab function table is cut short")
     for index in range(nfunc):
         entry_off, func_off = struct.unpack_from("<II", tab, table + index * 8)
