@@ -213,7 +213,7 @@ def test_root_libraries_from_ld_cache_and_directories(
             text = str(proc) + text[len("/proc") :]
         return real_open(text, flags, *args)
 
-    monkeypatch.setattr(roots.os, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     with roots.tls_libraries(77) as found:
         contents = sorted(os.pread(fd, 64, 0) for _path, fd in found)
         paths = sorted(path for path, _fd in found)
@@ -240,7 +240,7 @@ def test_worker_runs_urgent_jobs_first_and_survives_failures() -> None:
     worker.submit(lambda: gate.wait(5))  # holds the worker while the others queue
     worker.start()
     for name in ("a", "b"):
-        worker.submit(lambda name=name: done.append(name))
+        worker.submit(lambda name=name: done.append(name))  # type: ignore[misc]
     worker.submit(lambda: 1 // 0)
     worker.submit(lambda: done.append("urgent"), urgent=True)
     gate.set()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("flowtap.discovery")
 
-Job = Callable[[], None]
+Job = Callable[[], object]
 # Jobs from the consumer (rescans at connections) beyond this are dropped and counted:
 # the next connection of that process asks again.
 _MAX_BACKLOG = 10_000
