@@ -318,3 +318,23 @@ def test_gate_off_probes_the_next_run(
     # is counted as tls_unattributed; only the second run's capture is asserted.
     sensor.stop()
     assert gate_stats(sensor)["unavailable"] == "--exec-gate off"
+
+
+def test_restart_remembers_classes(e2e: Lab, gate_fs: Path, tmp_path: Path) -> None:
+    """The classes persist under --state-dir: a restarted sensor restores the ignore
+    marks of files known to need nothing, and neither holds nor reads them again."""
+    state = tmp_path / "state"
+    program = fresh_copy(TRUE, gate_fs, "true-known")
+    first = gate_sensor(e2e, gate_fs, "--state-dir", str(state))
+    timed_run(e2e, [str(program)])
+    first.finish()
+    assert gate_stats(first)["held"] == 1
+    saved = state / "exec-classes.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert str(program) in saved.read_text()
+
+    second = gate_sensor(e2e, gate_fs, "--state-dir", str(state))
+    timed_run(e2e, [str(program)])
+    second.finish()
+    gate = gate_stats(second)
+    assert gate["marks_restored"] >= 1 and gate["held"] == 0, gate

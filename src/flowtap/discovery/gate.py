@@ -40,7 +40,12 @@ _PSEUDO_FILESYSTEMS = frozenset(
         *("binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "selinuxfs", "devtmpfs"),
     }
 )
+# Network and FUSE filesystems are not marked by default: reading a held file there waits
+# on a server (or on a FUSE daemon that may itself be held), and the worker would wait
+# with it. --exec-gate-path marks them when asked.
+_REMOTE_FILESYSTEMS = ("fuse", "nfs", "cifs", "smb3", "9p", "ceph", "glusterfs", "afs")
 _MAX_ANCESTRY = 32
+_RESTORE_BUDGET_S = 2.0
 _MAX_RESTORED_MARKS = 100_000
 _MAX_HOLD_SAMPLES = 10_000
 
@@ -88,7 +93,8 @@ def filesystems(paths: tuple[Path, ...]) -> list[str]:
     found: dict[int, str] = {}
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
-        if len(fields) < 4 or fields[2] in _PSEUDO_FILESYSTEMS:
+        kind = fields[2] if len(fields) >= 4 else ""
+        if not kind or kind in _PSEUDO_FILESYSTEMS or kind.startswith(_REMOTE_FILESYSTEMS):
             continue
         if "noexec" in fields[3].split(","):
             continue
@@ -179,9 +185,13 @@ class ExecGate:
         """Files the cache knows to need nothing get their ignore marks back, so that a
         restarted (or stopped) sensor never holds them."""
         assert self._fanotify is not None
+        deadline = time.monotonic() + _RESTORE_BUDGET_S
         for identity, entry in self._cache.items()[:_MAX_RESTORED_MARKS]:
             if entry.verdict != "nothing":
                 continue
+            if time.monotonic() > deadline:
+                log.info("exec gate: ignore marks restored for %d files", self.stats.marks_restored)
+                return
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
