@@ -240,7 +240,12 @@ class ExecGate:
             self._allow(fan, event.fd)
             return
         if not self._in_scope(event.pid):
+            # Not held, but learnt in the background: once known to need nothing, the
+            # file's ignore mark keeps its execs away from this process for everybody.
             self.stats.passed_out_of_scope += 1
+            with contextlib.suppress(OSError):
+                work_fd = os.dup(event.fd)
+                self._worker.submit(lambda: self._learn(work_fd))
             self._allow(fan, event.fd)
             return
         access = f"/proc/self/fd/{event.fd}"
@@ -343,6 +348,20 @@ class ExecGate:
             self._done.put(event_fd)
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"\0")
+
+    def _learn(self, fd: int) -> None:
+        """An out-of-scope exec's file: classified (never probed: nobody traced runs it
+        yet), and ignore-marked if it needs nothing."""
+        try:
+            access = f"/proc/self/fd/{fd}"
+            if self._tls.probe_file(access, os.readlink(access), attach=False) is None:
+                fan = self._fanotify
+                if fan is not None:
+                    fan.ignore(fd)
+        except OSError:
+            pass  # gone, or the gate stopped meanwhile
+        finally:
+            os.close(fd)
 
     def _probe_root(self, pid: int) -> None:
         with tls_libraries(pid) as libraries:

@@ -269,12 +269,12 @@ class TlsProbes:
         for attached_key in [k for k in self._attached if k[1] == key]:
             self._reaper.put(self._attached.pop(attached_key).links)
 
-    def probe_file(self, access: str, shown_as: str) -> TlsPlan | None:
+    def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> TlsPlan | None:
         """One file, open as `access` (/proc/self/fd/N: the exec gate's file, a private
-        root's libssl): classified once per identity and, in file mode, probed for every
-        process. Its placement, None when there is nothing to probe."""
+        root's libssl): classified once per identity and, in file mode and if asked,
+        probed for every process. Its placement, None when there is nothing to probe."""
         mapped = MappedFile(file_key(Path(access)), shown_as, Path(access))
-        if self.mode == "file":
+        if self.mode == "file" and attach:
             self._probe(ALL_PROCESSES, mapped)
         else:
             self._classify(mapped)
