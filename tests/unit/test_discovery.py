@@ -9,6 +9,7 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from elftools.elf.sections import SymbolTableSection
 
 from flowtap.discovery import roots
 from flowtap.discovery.cache import CACHE_NAME, ClassCache, Entry, Identity
-from flowtap.discovery.gate import filesystems, own_descendant
+from flowtap.discovery.fanotify import FAN_OPEN_EXEC_PERM, PermissionEvent
+from flowtap.discovery.gate import ExecGate, filesystems, own_descendant
 from flowtap.discovery.worker import DiscoveryWorker
 from flowtap.tls.attach import inspect_file
 from flowtap.tls.elf import ElfImage, find_windowed
@@ -334,3 +336,131 @@ def test_symbol_search_matches_pyelftools() -> None:
             if s.name in names and s["st_shndx"] != "SHN_UNDEF"
         }
     assert fast == slow and len(fast) == len(names)
+
+
+# --- the answering thread, with a fake fanotify ------------------------------------------
+
+
+class _FakeFanotify:
+    """Events come from a list; the descriptor polled is a pipe's read end."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        self.events: list[PermissionEvent] = []
+        self.allowed: list[tuple[float, str]] = []
+        self.ignored: list[str] = []
+
+    def push(self, event: PermissionEvent) -> None:
+        self.events.append(event)
+        os.write(self._w, b"x")
+
+    def read(self) -> list[PermissionEvent]:
+        os.read(self.fd, 4096)
+        events, self.events = self.events, []
+        return events
+
+    def allow(self, fd: int) -> None:
+        self.allowed.append((time.monotonic(), os.readlink(f"/proc/self/fd/{fd}")))
+
+    def ignore(self, fd: int) -> None:
+        self.ignored.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._w)
+
+
+class _FakeTls:
+    mode = "file"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.seen: list[str] = []
+
+    def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> None:
+        time.sleep(self.delay_s)
+        self.seen.append(shown_as)
+
+    def probed_for_all(self, access: str) -> bool:
+        return False
+
+
+def _gate(
+    tls: _FakeTls, hold_s: float, in_scope: Callable[[int], bool] = lambda _pid: True
+) -> tuple[ExecGate, _FakeFanotify, DiscoveryWorker]:
+    worker = DiscoveryWorker()
+    worker.start()
+    gate = ExecGate(
+        tls,  # type: ignore[arg-type]
+        worker,
+        ClassCache(None),
+        hold_s=hold_s,
+        in_scope=in_scope,
+    )
+    fan = _FakeFanotify()
+    gate._fanotify = fan  # type: ignore[assignment]
+    thread = threading.Thread(target=gate._answer, daemon=True)
+    gate._thread = thread
+    thread.start()
+    return gate, fan, worker
+
+
+def _exec_of(path: str, pid: int) -> PermissionEvent:
+    return PermissionEvent(os.open(path, os.O_RDONLY), pid, FAN_OPEN_EXEC_PERM)
+
+
+def _wait(predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_gate_holds_until_classified(tmp_path: Path) -> None:
+    program = tmp_path / "program"
+    shutil.copy("/bin/true", program)
+    tls = _FakeTls(delay_s=0.1)
+    gate, fan, worker = _gate(tls, hold_s=5.0)
+    try:
+        pushed = time.monotonic()
+        fan.push(_exec_of(str(program), 2**22 + 1))
+        _wait(lambda: bool(fan.allowed))
+        (when, path), *_ = fan.allowed
+        assert path == str(program) and tls.seen == [str(program)]
+        assert 0.1 <= when - pushed < 2.0  # after the classification, not before
+        assert fan.ignored == [str(program)]  # nothing more to do: never held again
+        assert gate.stats.held == 1 and gate.stats.expired == 0
+    finally:
+        gate.stop()
+        worker.stop()
+
+
+def test_gate_allows_at_the_deadline(tmp_path: Path) -> None:
+    program = tmp_path / "program"
+    shutil.copy("/bin/true", program)
+    gate, fan, worker = _gate(_FakeTls(delay_s=1.0), hold_s=0.1)
+    try:
+        pushed = time.monotonic()
+        fan.push(_exec_of(str(program), 2**22 + 1))
+        _wait(lambda: bool(fan.allowed))
+        assert fan.allowed and fan.allowed[0][0] - pushed < 0.5
+        _wait(lambda: gate.stats.finished_late == 1)  # the worker's late end, counted
+        assert gate.stats.expired == 1 and gate.stats.finished_late == 1
+    finally:
+        gate.stop()
+        worker.stop()
+
+
+def test_gate_answers_when_a_check_fails(tmp_path: Path) -> None:
+    def broken(_pid: int) -> bool:
+        raise RuntimeError("map lookup failed")
+
+    gate, fan, worker = _gate(_FakeTls(), hold_s=5.0, in_scope=broken)
+    try:
+        fan.push(_exec_of("/bin/true", 2**22 + 1))
+        fan.push(_exec_of("/bin/true", os.getpid()))  # the sensor's own: at once
+        _wait(lambda: len(fan.allowed) == 2)
+        assert len(fan.allowed) == 2 and gate.stats.passed_own == 1
+        assert gate._thread is not None and gate._thread.is_alive()
+    finally:
+        gate.stop()
+        worker.stop()

@@ -221,13 +221,29 @@ class ExecGate:
                 timeout = max(0.0, (first - now) * 1000)
             for fd, _mask in poller.poll(timeout):
                 if fd == fan.fd:
-                    for event in fan.read():
-                        self._on_event(fan, event)
+                    for event in self._read(fan):
+                        self._on_event_safely(fan, event)
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
             self._finish_done(fan)
             self._expire(fan, time.monotonic())
+
+    def _read(self, fan: Fanotify) -> list[PermissionEvent]:
+        try:
+            return fan.read()
+        except OSError as exc:
+            self._say(logging.WARNING, "exec gate: unreadable events: %s", exc)
+            return []
+
+    def _on_event_safely(self, fan: Fanotify, event: PermissionEvent) -> None:
+        """Whatever goes wrong, the exec is answered (now, or at its deadline if held)."""
+        try:
+            self._on_event(fan, event)
+        except Exception as exc:  # this thread must outlive any one event
+            self._say(logging.WARNING, "exec gate: pid %d allowed unexamined: %r", event.pid, exc)
+            if event.fd >= 0 and event.fd not in self._held:
+                self._allow(fan, event.fd)
 
     def _on_event(self, fan: Fanotify, event: PermissionEvent) -> None:
         if event.fd < 0:
@@ -245,7 +261,8 @@ class ExecGate:
             self.stats.passed_out_of_scope += 1
             with contextlib.suppress(OSError):
                 work_fd = os.dup(event.fd)
-                self._worker.submit(lambda: self._learn(work_fd))
+                if not self._worker.submit(lambda: self._learn(work_fd)):
+                    os.close(work_fd)
             self._allow(fan, event.fd)
             return
         access = f"/proc/self/fd/{event.fd}"
@@ -382,6 +399,5 @@ class ExecGate:
             self._held.clear()
             self._fanotify.close()
             self._fanotify = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        # The wake pipe stays open until the process exits: a job still running on the
+        # worker writes to it, and a closed descriptor's number may be reused by a file.

@@ -34,16 +34,18 @@ class DiscoveryWorker:
         self._thread = threading.Thread(target=self._run, name="flowtap-discovery", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job, *, urgent: bool = False) -> None:
-        """Queues a job: urgent ones (a held exec waits on them) go first."""
+    def submit(self, job: Job, *, urgent: bool = False) -> bool:
+        """Queues a job: urgent ones (a held exec waits on them) go first. False when a
+        normal job was dropped (backlog full)."""
         if urgent:
             self._urgent.append(job)
         elif len(self._normal) >= _MAX_BACKLOG:
             self.dropped += 1
-            return
+            return False
         else:
             self._normal.append(job)
         self._doorbell.put(True)
+        return True
 
     def _run(self) -> None:
         while self._doorbell.get():
