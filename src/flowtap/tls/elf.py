@@ -209,7 +209,9 @@ class ElfImage:
         wanted_types = {_SYMBOL_TYPES[kind] for kind in kinds if kind in _SYMBOL_TYPES}
         entry_size = _SYM64.size
         for name in sorted(names):
-            for offset in _string_offsets(strings, name.encode()):
+            # Only a static executable's .symtab may carry versioned names ("name@@V").
+            versioned = table.type == _SHT_SYMTAB
+            for offset in _string_offsets(strings, name.encode(), versioned=versioned):
                 key = struct.pack("<I", offset)
                 position = entries.find(key)
                 hits = 0
@@ -265,11 +267,11 @@ class ElfImage:
         raise ElfReadError(f"{self.path}: address {address:#x} is in no loadable segment")
 
 
-def _string_offsets(strings: bytes, name: bytes) -> list[int]:
+def _string_offsets(strings: bytes, name: bytes, *, versioned: bool = True) -> list[int]:
     """Offsets in a string table where `name` is a whole string or its tail ("name\\0"),
     or a versioned "name@...": what an st_name may point at (bounded)."""
     found: list[int] = []
-    for end in (b"\0", b"@"):
+    for end in (b"\0", b"@") if versioned else (b"\0",):
         needle = name + end
         position = strings.find(needle)
         while position != -1 and len(found) < _MAX_NAME_HITS:
