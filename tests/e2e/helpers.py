@@ -496,9 +496,9 @@ class Sensor:
         self.stats = stats
         return stats
 
-    def finish(self) -> list[Record]:
+    def finish(self, timeout: float = STOP_TIMEOUT_S) -> list[Record]:
         """stop(), then every record: well formed, schema-valid, and nothing dropped."""
-        stats = self.stop()
+        stats = self.stop(timeout)
         records = self.records()
         assert_well_formed(records)
         errors = schema_errors(self.http_records())

@@ -51,6 +51,15 @@ def gate_fs(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=10)
 
 
+# The deadline for the capture tests. The default (300 ms) holds about 95-150 ms at p50
+# here (docs/program-start.md); but this machine is shared by five engineers on two
+# cores, and at a load average of 14 a Go client's 33 uprobe attaches took over 300 ms.
+# What happens past a deadline is test_hold_ends_at_the_deadline's subject.
+CAPTURE_HOLD = ["--exec-hold-ms", "2000"]
+# A fresh Go copy brings 33 uprobe links, and each takes ~100 ms to destroy at stop.
+SLOW_STOP_S = 60.0
+
+
 def gate_sensor(e2e: Lab, gate_fs: Path, *extra: str) -> Sensor:
     sensor = e2e.sensor(extra=["--exec-gate-path", str(gate_fs), "--capture-level", "full", *extra])
     sensor.wait_log("exec gate on")
@@ -106,7 +115,7 @@ def test_go_client_first_request(
     build: str,
 ) -> None:
     _server, port = start_server(e2e, pki)
-    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress")
+    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress", *CAPTURE_HOLD)
     url = f"https://127.0.0.1:{port}/items/33"
     clients: list[Peer] = []
     for run in range(RUNS):
@@ -121,7 +130,7 @@ def test_go_client_first_request(
         client.finish()
         clients.append(client)
         records_of(sensor, client.pid, 2)
-    connections = sensor.finish()
+    connections = sensor.finish(SLOW_STOP_S)
     for client in clients:
         records = [r for r in sensor.http_records() if r["process"]["pid"] == client.pid]
         opened, _closed = only_pair(connections, pid=client.pid, remote_port=port)
@@ -151,7 +160,7 @@ def test_node_https_get_first_request(e2e: Lab, pki: dict[str, Path], gate_fs: P
     if not Path(NODE).exists():
         pytest.skip("node is not installed")
     _server, port = start_server(e2e, pki)
-    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress")
+    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress", *CAPTURE_HOLD)
     url = f"https://127.0.0.1:{port}/items/9"
     for run in range(RUNS):
         binary = fresh_copy(NODE, gate_fs, f"node-{run}")
@@ -171,7 +180,7 @@ def test_node_https_get_first_request(e2e: Lab, pki: dict[str, Path], gate_fs: P
         assert record["response"]["status"] == 200
         assert body(record["response"]) == bytes(range(9))
         binary.unlink()  # the tmpfs holds a few copies of a 99 MB file at most
-    sensor.finish()
+    sensor.finish(SLOW_STOP_S)
     gate = gate_stats(sensor)
     assert gate["held"] >= RUNS and gate["expired"] == 0, gate
 
@@ -197,7 +206,7 @@ def private_root(directory: Path, ca: Path) -> Path:
 
 def test_curl_in_private_root_first_request(e2e: Lab, pki: dict[str, Path], gate_fs: Path) -> None:
     _server, port = start_server(e2e, pki)
-    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress")
+    sensor = gate_sensor(e2e, gate_fs, "--direction", "egress", *CAPTURE_HOLD)
     for run in range(RUNS):
         root = private_root(gate_fs / f"root-{run}", pki["ca"])
         path = f"/items/{run + 3}"
