@@ -43,6 +43,7 @@ from bench.common import (
 GO_SOURCE = REPO / "tests" / "e2e" / "go" / "tlspeer.go"
 NODE = Path("/usr/bin/node")
 _HELD = re.compile(r"exec held ([0-9.]+) ms: (\S+)")
+_SPLIT = re.compile(r"exec gate: (\S+) read in ([0-9.]+) ms, probed in ([0-9.]+) ms")
 
 
 @contextlib.contextmanager
@@ -126,9 +127,14 @@ def main() -> int:
                     node_copy.unlink()
             time.sleep(0.5)  # the last log lines
             stats = sensor.stop()
-            held = _HELD.findall(sensor.log_path.read_text(errors="replace"))
-            result["hold_go"] = summary([float(ms) for ms, path in held if "/go-" in path])
-            result["hold_node"] = summary([float(ms) for ms, path in held if "/node-" in path])
+            text = sensor.log_path.read_text(errors="replace")
+            held = _HELD.findall(text)
+            split = _SPLIT.findall(text)
+            for kind in ("go", "node"):
+                mine = f"/{kind}-"
+                result[f"hold_{kind}"] = summary([float(ms) for ms, path in held if mine in path])
+                result[f"read_{kind}"] = summary([float(r) for p, r, _a in split if mine in p])
+                result[f"probe_{kind}"] = summary([float(a) for p, _r, a in split if mine in p])
             result["gate"] = stats.get("exec_gate")
 
             true = fs / "true"

@@ -354,7 +354,16 @@ class ExecGate:
             if new_root:
                 self._probe_root(pid)
             access = f"/proc/self/fd/{fd}"
+            started = time.monotonic()
+            self._tls.last_inspect_ms = 0.0
             plan = self._tls.probe_file(access, path)
+            if plan is not None:
+                log.debug(
+                    "exec gate: %s read in %.1f ms, probed in %.1f ms",
+                    path,
+                    self._tls.last_inspect_ms,
+                    (time.monotonic() - started) * 1000 - self._tls.last_inspect_ms,
+                )
             done = plan is None or self._tls.probed_for_all(access) or self._tls.mode != "file"
             fan = self._fanotify
             if done and fan is not None:

@@ -140,6 +140,7 @@ class TlsProbes:
         self._budget_left = _PROCESS_ATTACH_PER_S
         self._reaper = LinkReaper()
         self._btf: Btf | None = None  # read when a Go executable first needs it
+        self.last_inspect_ms = 0.0  # how long the last file read took (for the gate's log)
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -245,12 +246,14 @@ class TlsProbes:
             self.stats.cache_hits += 1
             plan: TlsPlan | None = None
         else:
+            started = time.monotonic()
             try:
                 plan = inspect_file(Path(access), mapped.path, internal=self._internal)
             except OSError as exc:
                 log.debug("%s: not examined: %s", mapped.path, exc)
                 return False
             self.stats.files_examined += 1
+            self.last_inspect_ms = (time.monotonic() - started) * 1000
             if self._cache is not None:
                 verdict = (
                     Entry("probe", mapped.path, plan.kind)
