@@ -395,6 +395,10 @@ class Sensor:
         ]
         if "--state-dir" not in extra:  # never the host's /var/lib/flowtap in tests
             self.argv += ["--state-dir", str(workdir / "state")]
+        if "--exec-gate-path" not in extra:
+            # The exec gate marks the root filesystem only (where the tests' programs
+            # are), not every filesystem of this shared machine.
+            self.argv += ["--exec-gate-path", "/"]
         with self.log.open("wb") as log:
             self.popen = subprocess.Popen(
                 self.argv,
