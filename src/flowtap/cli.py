@@ -108,6 +108,32 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "point (docs/tls.md); exported: always at SSL_read/SSL_write and their _ex variants",
     )
     payload.add_argument(
+        "--exec-gate",
+        choices=("on", "off"),
+        default="on",
+        help="hold each exec of a never-seen file until it is classified and its TLS "
+        "probes are attached (fanotify; on where the kernel supports it: docs/program-start.md)",
+    )
+    payload.add_argument(
+        "--exec-hold-ms",
+        type=_positive_int,
+        default=300,
+        metavar="MS",
+        help="the longest an exec is held; past it the exec goes on and probes are "
+        "attached in the background (default 300)",
+    )
+    payload.add_argument(
+        "--exec-gate-path",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="hold execs from the filesystems of these paths only (repeatable; default: "
+        "every mounted filesystem that can hold programs)",
+    )
+    # Test-only (tests/e2e/test_exec_gate.py): makes every classification this slow.
+    payload.add_argument("--exec-gate-test-delay-ms", type=int, default=0, help=argparse.SUPPRESS)
+    payload.add_argument(
         "--no-redaction",
         action="store_true",
         help="show credentials (Authorization, Cookie, API keys) instead of [REDACTED]",
@@ -144,7 +170,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=Path("/var/lib/flowtap"),
-        help="where the proxy keeps its CA (created at first start, key mode 0600)",
+        help="where the proxy keeps its CA and the exec gate its file classes (created at "
+        "first start, files mode 0600)",
     )
     egress.add_argument(
         "--proxy-header-timeout",
@@ -220,6 +247,10 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         avoid_kernel_features=tuple(
             name.strip() for name in args.avoid_kernel_features.split(",") if name.strip()
         ),
+        exec_gate=args.exec_gate == "on",
+        exec_hold_ms=args.exec_hold_ms,
+        exec_gate_paths=tuple(args.exec_gate_path),
+        exec_gate_test_delay_ms=args.exec_gate_test_delay_ms,
     )
 
 

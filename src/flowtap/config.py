@@ -61,6 +61,10 @@ class SensorConfig:
     proxy_header_timeout_s: float = 10.0  # a request head must arrive within this
     # Kernel features not to use even where present: runs (and tests) the fallbacks.
     avoid_kernel_features: tuple[str, ...] = ()
+    exec_gate: bool = True  # hold execs of never-seen files until probed (fanotify)
+    exec_hold_ms: int = 300  # the longest an exec is held
+    exec_gate_paths: tuple[Path, ...] = ()  # mark these paths' filesystems only
+    exec_gate_test_delay_ms: int = 0  # test-only: classification made slow on purpose
 
     def validate(self) -> None:
         for pid in self.pids:
@@ -97,6 +101,11 @@ class SensorConfig:
                 f"--avoid-kernel-features {','.join(unknown)}: not a kernel feature; "
                 f"use any of {', '.join(FEATURES)}"
             )
+        if not 1 <= self.exec_hold_ms <= 60_000:
+            raise ConfigError(f"--exec-hold-ms {self.exec_hold_ms}: use 1 to 60000")
+        for path in self.exec_gate_paths:
+            if not path.exists():
+                raise ConfigError(f"--exec-gate-path {path}: no such file or directory")
         if self.tls_attach == "process" and not self.pids:
             raise ConfigError(
                 "--tls-attach process probes the --pid processes only: give --pid, "

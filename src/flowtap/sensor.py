@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flowtap.config import SensorConfig
+from flowtap.discovery.cache import ClassCache
+from flowtap.discovery.fanotify import FanotifyError
+from flowtap.discovery.gate import ExecGate
+from flowtap.discovery.worker import DiscoveryWorker
 from flowtap.egress.strategy import fill_running
 from flowtap.events import (
     ConnClose,
@@ -34,7 +38,7 @@ from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
-from flowtap.loader.system import bpf_object_path, require_btf, require_root
+from flowtap.loader.system import bpf_object_path, cgroup2_mount, require_btf, require_root
 from flowtap.proxy.events import ConnectionEvent
 from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
@@ -58,6 +62,9 @@ _EGRESS_BATCH = 10_000
 # The proxy's counters of what it lost, in the drop report (a failed upstream or client
 # handshake is not lost: its connection record says so, and a 502 is a transaction).
 _EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination")
+# The exec classes are written this often when they changed (and at stop).
+_CACHE_SAVE_S = 5.0
+_RESCAN_ASK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -117,6 +124,12 @@ class Sensor:
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self.plan: hooks.HookPlan | None = None  # what this kernel gets, per capability
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
+        self.worker = DiscoveryWorker()  # every scan and attach after start runs here
+        self.cache = ClassCache(config.egress_state_dir)
+        self.gate: ExecGate | None = None
+        self.gate_unavailable: str | None = None
+        self._gate_stats: dict[str, object] | None = None
+        self._rescan_asked: dict[int, float] = {}
 
     # --- start-up -------------------------------------------------------------------
 
@@ -173,6 +186,8 @@ class Sensor:
         self._add_existing_listeners(obj, btf)
         if self.config.capture_level != "none" and self.tls_unavailable is None:
             self._attach_tls(obj)
+            self.worker.start()
+            self._start_gate(obj)
         if self.config.egress:
             self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
@@ -310,11 +325,18 @@ class Sensor:
 
     def _attach_tls(self, obj: BpfObject) -> None:
         """TLS probes on the host's libssl and on what running traced processes map."""
+        try:
+            known = self.cache.load()
+        except OSError as exc:
+            known = 0
+            log.warning("exec classes not read from %s: %s", self.cache.path, exc)
+        log.info("exec classes: %d files known from %s", known, self.cache.path)
         self.tls = TlsProbes(
             obj,
             self.config.tls_attach_mode,
             internal=self.config.tls_placement == "auto",
             program_name=self.plan.program if self.plan else str,
+            cache=self.cache,
         )
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)
@@ -326,6 +348,63 @@ class Sensor:
             and (self.config.cgroup is None or in_cgroup(pid, self.config.cgroup))
         ]
         self.tls.scan_all(pids)
+
+    def _start_gate(self, obj: BpfObject) -> None:
+        """The exec gate (fanotify), or why not: then exec events are the fallback."""
+        cfg = self.config
+        if self.tls is None:
+            return
+        if not cfg.exec_gate:
+            self.gate_unavailable = "--exec-gate off"
+            return
+        gate = ExecGate(
+            self.tls,
+            self.worker,
+            self.cache,
+            hold_s=cfg.exec_hold_ms / 1000,
+            in_scope=self._scope_check(obj),
+            paths=cfg.exec_gate_paths,
+            test_delay_s=cfg.exec_gate_test_delay_ms / 1000,
+        )
+        try:
+            gate.start()
+        except (FanotifyError, OSError) as exc:
+            self.gate_unavailable = str(exc)
+            log.warning(
+                "exec gate off (%s): programs are probed from their exec events, so a "
+                "program's first TLS calls can be missed; its next runs are covered",
+                exc,
+            )
+            return
+        self.gate = gate
+        log.info(
+            "exec gate on: execs held up to %d ms on %s", cfg.exec_hold_ms, ", ".join(gate.marked)
+        )
+
+    def _scope_check(self, obj: BpfObject) -> Callable[[int], bool]:
+        """Whether a process is traced (--pid, --cgroup), for the gate's answering thread:
+        a map lookup or one /proc read, nothing that an exec hold can block."""
+        traced = obj.map("traced_pids")
+        cgroup: str | None = None
+        root = cgroup2_mount()
+        if self.config.cgroup is not None and root is not None:
+            relative = self.config.cgroup.resolve().relative_to(root)
+            cgroup = "/" + "/".join(relative.parts)  # "/" for the root itself
+
+        def in_scope(pid: int) -> bool:
+            if self.config.pids and traced.lookup(struct.pack("<I", pid)) is None:
+                return False
+            if cgroup is not None:
+                try:
+                    text = open(f"/proc/{pid}/cgroup").read()  # noqa: SIM115 (one read)
+                except OSError:
+                    return False
+                line = next((x for x in text.splitlines() if x.startswith("0::")), "0::")
+                path = line[3:]
+                return cgroup in ("/", path) or path.startswith(cgroup + "/")
+            return True
+
+        return in_scope
 
     def _start_egress(self, obj: BpfObject) -> None:
         # Imported here: the proxy's TLS stack takes seconds to import on slow machines.
@@ -389,11 +468,16 @@ class Sensor:
         if self._ring is None:
             raise RuntimeError("start() the sensor before run()")
         next_stats = time.monotonic() + self.config.stats_interval_s
+        next_save = time.monotonic() + _CACHE_SAVE_S
         self._stopping = stop
         while not stop.is_set():
             if self._ring.consume() == 0:
                 self._ring.poll(_POLL_MS)
             self._drain_egress()
+            if time.monotonic() >= next_save:
+                if self.cache.dirty:
+                    self.worker.submit(self._save_cache)
+                next_save = time.monotonic() + _CACHE_SAVE_S
             if time.monotonic() >= next_stats:
                 self.report_drops(final=False)
                 next_stats = time.monotonic() + self.config.stats_interval_s
@@ -420,28 +504,58 @@ class Sensor:
         a backlog of them must not hold up SIGINT."""
         return None if self._stopping.is_set() else self.tls
 
+    def _save_cache(self) -> None:
+        """On the worker (the only thread that changes the cache)."""
+        try:
+            self.cache.save()
+        except OSError as exc:
+            log.warning("exec classes not saved to %s: %s", self.cache.path, exc)
+
     def _dispatch(self, event: Event) -> None:
+        # TLS work goes to the discovery worker: scans and attaches never stall this loop.
+        if isinstance(event, Data):
+            self.payloads.on_data(event)
+            return
         tls = self._tls()
+        pid = event.task.pid
         match event:
             case ConnOpen():
                 self.tracker.on_open(event)
-                if tls is not None:
-                    tls.on_connection(event.task.pid)
+                if tls is not None and self._rescan_due(pid):
+                    self.worker.submit(lambda: tls.on_connection(pid))
             case ConnClose():
                 self.tracker.on_close(event)
             case Exec():
                 self.registry.on_exec(event)
                 if tls is not None:
-                    tls.on_exec(event.task.pid)
+                    self.worker.submit(lambda: self._on_exec(tls, event))
             case Exit():
                 self.registry.on_exit(event)
+                self._rescan_asked.pop(pid, None)
                 if tls is not None:
-                    tls.forget_process(event.task.pid)
+                    self.worker.submit(lambda: tls.forget_process(pid))
             case Fork():
                 if tls is not None:
-                    tls.on_fork(event.task.pid)
-            case Data():
-                self.payloads.on_data(event)
+                    self.worker.submit(lambda: tls.on_fork(pid))
+
+    def _rescan_due(self, pid: int) -> bool:
+        """At most one connection-time rescan request per process a second: the worker
+        applies its own interval, this only keeps a connection storm off its queue."""
+        now = time.monotonic()
+        last = self._rescan_asked.get(pid)
+        if last is not None and now - last < _RESCAN_ASK_S:
+            return False
+        self._rescan_asked[pid] = now
+        return True
+
+    def _on_exec(self, tls: TlsProbes, event: Exec) -> None:
+        """On the worker. Without the gate, the file the exec event names is classified
+        even when its process has exited (its next run is then covered)."""
+        if self._stopping.is_set():
+            return
+        if self.gate is None and event.filename:
+            tls.on_exec_file(event.task.pid, event.ppid, event.filename)
+        tls.on_exec(event.task.pid)
 
     def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:
         self.payloads.on_close(conn_id, timestamp_ns)
@@ -527,10 +641,20 @@ class Sensor:
             stats["tls"] = {
                 "mode": self.tls.mode,
                 "files_examined": self.tls.stats.files_examined,
+                "cache_hits": self.tls.stats.cache_hits,
                 "attach_failures": self.tls.stats.attach_failures,
                 "attach_deferred": self.tls.stats.attach_deferred,
                 "attached": self.tls.stats.attached,
             }
+        if self.tls is not None:
+            gate: dict[str, object] = {"on": self._gate_stats is not None}
+            if self._gate_stats is not None:
+                gate.update(self._gate_stats)
+            if self.gate_unavailable is not None:
+                gate["unavailable"] = self.gate_unavailable
+            gate["worker_dropped"] = self.worker.dropped
+            gate["worker_failed"] = self.worker.failed
+            stats["exec_gate"] = gate
         with open_private(str(self.config.stats_file), append=False) as stream:
             stream.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
@@ -545,7 +669,19 @@ class Sensor:
             self._egress_counters = self.egress.counters()
             self.egress = None
 
+    def _stop_discovery(self) -> None:
+        """The gate first (closing its descriptor releases every held exec), then the
+        worker (bounded), then the classes are written."""
+        if self.gate is not None:
+            self.gate.stop()
+            self._gate_stats = self.gate.stats.report()
+            self.gate = None
+        if not self.worker.stop():
+            log.warning("the discovery worker did not finish its job in time")
+        self._save_cache()
+
     def _detach(self) -> None:
+        self._stop_discovery()
         self._stop_egress()
         if self.tls is not None:
             self.tls.detach()

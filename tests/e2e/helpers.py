@@ -400,6 +400,12 @@ class Sensor:
             *scope,
             *extra,
         ]
+        if "--state-dir" not in extra:  # never the host's /var/lib/flowtap in tests
+            self.argv += ["--state-dir", str(workdir / "state")]
+        if "--exec-gate-path" not in extra:
+            # The exec gate marks the root filesystem only (where the tests' programs
+            # are), not every filesystem of this shared machine.
+            self.argv += ["--exec-gate-path", "/"]
         with self.log.open("wb") as log:
             self.popen = subprocess.Popen(
                 self.argv,
@@ -501,9 +507,9 @@ class Sensor:
         self.stats = stats
         return stats
 
-    def finish(self) -> list[Record]:
+    def finish(self, timeout: float = STOP_TIMEOUT_S) -> list[Record]:
         """stop(), then every record: well formed, schema-valid, and nothing dropped."""
-        stats = self.stop()
+        stats = self.stop(timeout)
         records = self.records()
         assert_well_formed(records)
         errors = schema_errors(self.http_records())

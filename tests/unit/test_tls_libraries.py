@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flowtap.discovery.cache import ClassCache
 from flowtap.tls import attach
 from flowtap.tls.attach import inspect_file
 from flowtap.tls.libraries import MappedFile, executable_mappings, parse_maps_line
@@ -167,3 +168,42 @@ def test_process_mode_budget_defers_and_links_are_reaped(
     # The probes were told to stop, all at once, before the first link went.
     stopped = fake.log.index("update tls_stopped 00000000=01000000")
     assert stopped < fake.log.index(destroyed[-1])
+
+
+@pytest.mark.skipif(not LIBSSL.exists(), reason="needs Debian's libssl.so.3")
+def test_files_are_read_once_per_identity(tmp_path: Path) -> None:
+    """The exec classes say which files need nothing (not read again, even by a new
+    TlsProbes after a restart); a file rewritten in place is read again and its old
+    probes go."""
+    library = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, library)
+    plain = tmp_path / "plain"
+    shutil.copy("/bin/true", plain)
+    cache = ClassCache(tmp_path / "state")
+    fake = _FakeObject()
+    probes = attach.TlsProbes(fake, "file", cache=cache)  # type: ignore[arg-type]
+
+    assert probes.probe_file(str(plain), "plain") is None
+    assert probes.probe_file(str(library), "libssl") is not None
+    assert probes.probed_for_all(str(library))
+    assert probes.stats.files_examined == 2
+    probes.probe_file(str(plain), "plain")
+    probes.probe_file(str(library), "libssl")
+    assert probes.stats.files_examined == 2  # known: not read again
+    cache.save()
+
+    restarted = ClassCache(tmp_path / "state")
+    assert restarted.load() == 2
+    after = attach.TlsProbes(_FakeObject(), "file", cache=restarted)  # type: ignore[arg-type]
+    assert after.probe_file(str(plain), "plain") is None
+    assert (after.stats.files_examined, after.stats.cache_hits) == (0, 1)
+
+    attaches = sum(line.startswith("attach") for line in fake.log)
+    with library.open("r+b") as stream:  # rewritten in place: same inode
+        stream.seek(0, 2)
+        stream.write(b"\0")
+    probes.probe_file(str(library), "libssl")
+    assert probes.stats.files_examined == 3
+    probes.detach(timeout_s=5)
+    assert sum(line.startswith("attach") for line in fake.log) == 2 * attaches
+    assert sum(line.startswith("destroy") for line in fake.log) == 2 * attaches

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from flowtap.discovery.cache import ClassCache, Entry, Identity
+from flowtap.discovery.roots import open_in_root
 from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfObject
@@ -55,6 +57,9 @@ _RESCAN_INTERVAL_S = 2.0
 # over the budget are tried again at their next connection.
 _PROCESS_ATTACH_PER_S = 20
 _SIGNATURES = (b"SSL_write\0", b"SSL_read\0", golang.SIGNATURE)
+# Bigger files are not searched (node is 100 MB): reading gigabytes would keep the
+# discovery worker from every other file for seconds.
+_MAX_FILE_BYTES = 2 << 30
 
 
 class LinkReaper:
@@ -105,6 +110,7 @@ class AttachedFile:
 @dataclass(slots=True)
 class TlsStats:
     files_examined: int = 0
+    cache_hits: int = 0  # files the persistent cache knew to need nothing
     attach_failures: int = 0
     attach_deferred: int = 0  # process mode: over the per-second budget, retried later
     attached: list[dict[str, object]] = field(default_factory=list)
@@ -120,13 +126,18 @@ class TlsProbes:
         *,
         internal: bool = True,
         program_name: Callable[[str], str] = str,
+        cache: ClassCache | None = None,
     ) -> None:
         self._obj = obj
         # The build of each program this kernel loaded (ssl_return or ssl_return_bounded).
         self._program_name = program_name
         self.mode: AttachMode = mode
         self._internal = internal
+        self._cache = cache
         self._placements: dict[FileKey, TlsPlan | None] = {}
+        # The identity each placement was read from: a file rewritten in place keeps its
+        # inode, and is read again.
+        self._identities: dict[FileKey, Identity] = {}
         self._attached: dict[tuple[int, FileKey], AttachedFile] = {}
         self._scanned_at: dict[int, float] = {}
         self._connected: set[int] = set()  # processes whose first connection was seen
@@ -134,6 +145,7 @@ class TlsProbes:
         self._budget_left = _PROCESS_ATTACH_PER_S
         self._reaper = LinkReaper()
         self._btf: Btf | None = None  # read when a Go executable first needs it
+        self.last_inspect_ms = 0.0  # how long the last file read took (for the gate's log)
         self.stats = TlsStats()
 
     def attach_system_libraries(self) -> None:
@@ -205,20 +217,10 @@ class TlsProbes:
     def _probe(self, pid: int, mapped: MappedFile, *, budgeted: bool = True) -> bool:
         """Attaches to the file for pid if it has OpenSSL; False when the per-process
         budget says not now."""
+        if not self._classify(mapped):
+            return True
         if (pid, mapped.key) in self._attached:
             return True
-        if mapped.key not in self._placements:
-            access = _reachable(mapped)
-            try:
-                if access is None:
-                    raise FileNotFoundError(mapped.path)
-                plan = inspect_file(Path(access), mapped.path, internal=self._internal)
-            except OSError as exc:
-                # Gone with its process: the next process that maps it tries again.
-                log.debug("%s: not examined: %s", mapped.path, exc)
-                return True
-            self.stats.files_examined += 1
-            self._placements[mapped.key] = plan
         placement = self._placements[mapped.key]
         if placement is None:
             return True
@@ -227,13 +229,101 @@ class TlsProbes:
         self._attach(pid, mapped, placement)
         return True
 
+    def _classify(self, mapped: MappedFile) -> bool:
+        """Reads the file's placement once per identity (the persistent cache first);
+        False when the file cannot be reached now."""
+        access = _reachable(mapped)
+        try:
+            if access is None:
+                raise FileNotFoundError(mapped.path)
+            identity = Identity.of(os.stat(access))
+        except OSError as exc:
+            # Gone with its process: the next process that maps it tries again.
+            log.debug("%s: not examined: %s", mapped.path, exc)
+            return mapped.key in self._placements
+        known = self._identities.get(mapped.key)
+        if known == identity and mapped.key in self._placements:
+            return True
+        if known is not None:
+            self._forget_file(mapped.key)
+        entry = self._cache.lookup(identity) if self._cache is not None else None
+        if entry is not None and entry.verdict == "nothing":
+            self.stats.cache_hits += 1
+            plan: TlsPlan | None = None
+        else:
+            started = time.monotonic()
+            try:
+                plan = inspect_file(Path(access), mapped.path, internal=self._internal)
+            except OSError as exc:
+                log.debug("%s: not examined: %s", mapped.path, exc)
+                return False
+            self.stats.files_examined += 1
+            self.last_inspect_ms = (time.monotonic() - started) * 1000
+            if self._cache is not None:
+                verdict = (
+                    Entry("probe", mapped.path, plan.kind)
+                    if plan
+                    else Entry("nothing", mapped.path)
+                )
+                self._cache.record(identity, verdict)
+        self._placements[mapped.key] = plan
+        self._identities[mapped.key] = identity
+        return True
+
+    def _forget_file(self, key: FileKey) -> None:
+        """A file changed in place: its old probes go (their offsets were for other code)."""
+        self._placements.pop(key, None)
+        self._identities.pop(key, None)
+        for attached_key in [k for k in self._attached if k[1] == key]:
+            self._reaper.put(self._attached.pop(attached_key).links)
+
+    def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> TlsPlan | None:
+        """One file, open as `access` (/proc/self/fd/N: the exec gate's file, a private
+        root's libssl): classified once per identity and, in file mode and if asked,
+        probed for every process. Its placement, None when there is nothing to probe."""
+        mapped = MappedFile(file_key(Path(access)), shown_as, Path(access))
+        if self.mode == "file" and attach:
+            self._probe(ALL_PROCESSES, mapped)
+        else:
+            self._classify(mapped)
+        return self._placements.get(mapped.key)
+
+    def probed_for_all(self, access: str) -> bool:
+        """Whether the file open as access is probed for every process already."""
+        return (ALL_PROCESSES, file_key(Path(access))) in self._attached
+
+    def on_exec_file(self, pid: int, parent: int, filename: str) -> None:
+        """Without the exec gate: the file named in the exec event, reached in the
+        process's root, else (it has exited) in its parent's, else in ours, so that at
+        least the next run of that file is probed."""
+        roots = [f"/proc/{pid}/root", f"/proc/{parent}/root", "/"]
+        if not filename.startswith("/"):
+            roots = [f"/proc/{pid}/cwd"]
+        for root in roots:
+            try:
+                root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fd = open_in_root(root_fd, filename)
+            except OSError:
+                continue
+            finally:
+                os.close(root_fd)
+            try:
+                self.probe_file(f"/proc/self/fd/{fd}", filename)
+            finally:
+                os.close(fd)
+            return
+
     def _attach(self, pid: int, mapped: MappedFile, placement: TlsPlan) -> None:
         attached = AttachedFile(mapped.path, placement)
         target = _reachable(mapped)
         if target is None:
             # The process is gone, and the file is not at its path here: the next process
             # that maps it brings a way to reach it.
-            del self._placements[mapped.key]
+            self._placements.pop(mapped.key, None)
+            self._identities.pop(mapped.key, None)
             log.debug("%s: gone before it could be probed", mapped.path)
             return
         try:
@@ -331,6 +421,10 @@ def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPl
     nothing to probe. Raises OSError only when the file cannot be read (its process is
     gone): a damaged or hostile file on the host never stops the sensor."""
     try:
+        size = access.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            log.info("%s: not examined: %d bytes, more than any TLS program", shown_as, size)
+            return None
         if not contains_any(access, _SIGNATURES):
             return None
         with ElfImage(access) as image:

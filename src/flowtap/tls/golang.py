@@ -63,6 +63,9 @@ _PCLNTAB_GO116 = 0xFFFFFFFA  # Go 1.16-1.17: absolute entries, no textStart
 _PCLNTAB_GO118 = (0xFFFFFFF0, 0xFFFFFFF1)  # Go 1.18-1.19, Go 1.20 and later
 _MAX_FUNCTION_BYTES = 64 << 10
 _MAX_VERSION_BYTES = 128
+# Large Go programs have about 100,000 functions; a table claiming far more is hostile
+# and would keep the discovery worker busy for seconds.
+_MAX_FUNCTIONS = 1 << 20
 
 
 class UnsupportedGoError(Exception):
@@ -236,7 +239,7 @@ def _function_table(
     starts with its entry, then its name's offset in funcnametab."""
     pair, entry_size = ("<QQ", 8) if wide else ("<II", 4)
     step = 2 * entry_size
-    if pcln_off + (nfunc + 1) * step > len(tab):
+    if nfunc > _MAX_FUNCTIONS or pcln_off + (nfunc + 1) * step > len(tab):
         raise ElfReadError(".gopclntab function table is cut short")
     found: dict[str, Function] = {}
     for index in range(nfunc):

@@ -11,18 +11,32 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flowtap.tls.elf import mapped
+from flowtap.tls.elf import find_windowed, mapped
 
-_VERSION = re.compile(
-    rb"node\.js/v(\d{1,3}\.\d{1,3}\.\d{1,3})\0"
-    rb"|nodejs\.org/download/release/v(\d{1,3}\.\d{1,3}\.\d{1,3})/"
+_VERSIONS = (
+    (
+        b"nodejs.org/download/release/v",
+        re.compile(rb"nodejs\.org/download/release/v(\d{1,3}\.\d{1,3}\.\d{1,3})/"),
+    ),
+    (b"node.js/v", re.compile(rb"node\.js/v(\d{1,3}\.\d{1,3}\.\d{1,3})\0")),
 )
+_MAX_HITS = 64
 
 
 def node_version(path: Path) -> str | None:
-    """The version ("v20.20.2") when the file is a node executable that says so."""
+    """The version ("v20.20.2") when the file is a node executable that says so. Each
+    form is found by a plain byte search first (a regular expression over node's 99 MB
+    took 50 ms), then checked where it was found."""
     with mapped(path) as view:
-        found = None if view is None else _VERSION.search(view)
-        # Read the match while the mapping is open: groups are slices of it.
-        version: bytes | None = None if found is None else found.group(1) or found.group(2)
-    return None if version is None else "v" + version.decode()
+        if view is None:
+            return None
+        for prefix, pattern in _VERSIONS:
+            at = find_windowed(view, prefix)
+            for _ in range(_MAX_HITS):
+                if at == -1:
+                    break
+                found = pattern.match(view, at, at + 64)
+                if found is not None:
+                    return "v" + found.group(1).decode()
+                at = find_windowed(view, prefix, at + 1)
+    return None
