@@ -242,9 +242,16 @@ class TlsProbes:
             log.debug("%s: not examined: %s", mapped.path, exc)
             return mapped.key in self._placements
         known = self._identities.get(mapped.key)
-        if known == identity and mapped.key in self._placements:
+        # The key pins the file; its size and mtime tell a rewrite in place. Not its
+        # device and inode: an overlay file stat()ed by path and through a process's
+        # map_files shows the overlay's, then the layer's (tls/identity.py).
+        unchanged = known is not None and (known.size, known.mtime_ns) == (
+            identity.size,
+            identity.mtime_ns,
+        )
+        if unchanged and mapped.key in self._placements:
             return True
-        if known is not None:
+        if known is not None and not unchanged:
             self._forget_file(mapped.key)
         entry = self._cache.lookup(identity) if self._cache is not None else None
         if entry is not None and entry.verdict == "nothing":
