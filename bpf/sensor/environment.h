@@ -13,9 +13,10 @@
 
 #define FT_ENV_PIECE 64 /* bytes of a long entry skipped per step (63 and the NUL) */
 #define FT_ENV_MAX_STEPS 2048 /* with bpf_loop: FT_ENV_MAX_BYTES of entries */
-/* Without bpf_loop each step of a bounded loop is verified again: fewer (an entry of up
- * to 16 bytes takes one step, a longer one one more per 63 bytes). */
-#define FT_ENV_BOUNDED_STEPS 256
+/* Without bpf_loop each step of a bounded loop is verified again: fewer, still enough for
+ * a long entry across the whole FT_ENV_MAX_BYTES (an entry of up to 16 bytes takes one
+ * step, a longer one one more per 63 bytes). */
+#define FT_ENV_BOUNDED_STEPS 560
 
 /* "QPOINT_STRATEGY=" as two little-endian words: no constant array in .rodata, which
  * clang 14 places where the kernel's BTF check refuses it. */

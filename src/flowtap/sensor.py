@@ -215,19 +215,15 @@ class Sensor:
     def _load(self, obj: BpfObject, *, with_tls: bool) -> tuple[BpfObject, Btf]:
         """Configures and loads the opened object: the programs and maps of the plan.
         Closes it on failure."""
-        assert self.plan is not None
+        plan = self.plan
+        assert plan is not None
         try:
             btf = Btf(obj)
             self._write_config(obj, btf)
             obj.map("events").set_max_entries(self.config.ring_buffer_bytes)
             obj.map("conns").set_max_entries(self.config.max_connections)
-            for program in obj.programs():
-                wanted = program.name in self.plan.programs or (
-                    with_tls and program.name in self.plan.tls_programs
-                )
-                program.set_autoload(wanted)
-            for name in self.plan.maps_off:
-                obj.map(name).set_autocreate(False)
+            tls = plan.tls_programs if with_tls else frozenset()
+            plan.select(obj, lambda name: name in plan.programs or name in tls)
             obj.load()
         except BaseException:
             obj.close()
@@ -251,7 +247,7 @@ class Sensor:
                 "notify_forks": int(
                     cfg.capture_level != "none" and cfg.tls_attach_mode == "process"
                 ),
-                "features": self._feature_bits(btf),
+                "features": self.plan.feature_bits(btf) if self.plan else 0,
                 "thread_size": self.plan.thread_size if self.plan else 0,
             }
         )
@@ -259,13 +255,6 @@ class Sensor:
         if size != len(image):
             raise RuntimeError(f"cfg is {size} bytes in .rodata, layout says {len(image)}")
         obj.map(".rodata").write_initial_value(offset, image)
-
-    def _feature_bits(self, btf: Btf) -> int:
-        """cfg.features: the plan's flags as enum ft_feature bits."""
-        if self.plan is None:
-            return 0
-        values = btf.enum_values("ft_feature")
-        return sum(values[name] for name, on in self.plan.flags.items() if on)
 
     def _fill_filters(self, obj: BpfObject) -> None:
         traced = obj.map("traced_pids")

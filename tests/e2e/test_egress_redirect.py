@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from flowtap.egress.redirect import EgressRedirect
+from flowtap.loader import hooks
+from flowtap.loader.btf import Btf
+from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfObject
 
 from .helpers import BPF_OBJECT, PYTHON, Cgroup, cgroup_programs, child_env
@@ -91,14 +95,27 @@ def upstream() -> Iterator[TestHost]:
 
 @pytest.fixture
 def strategies_source() -> Iterator[BpfObject]:
-    """The socket layer's object with only its process hooks attached: it reads
-    QPOINT_STRATEGY at exec and owns the table the egress object shares."""
+    """The socket layer's object with only its process hooks attached (the build this
+    kernel takes): it reads QPOINT_STRATEGY at exec and owns the table the egress object
+    shares."""
     obj = BpfObject.open(BPF_OBJECT)
     links: list[BpfLink] = []
     try:
+        avoid = os.environ.get("FLOWTAP_AVOID_KERNEL_FEATURES", "")
+        features = KernelFeatures.probe([name for name in avoid.split(",") if name])
+        plan = hooks.plan(features, [program.name for program in obj.programs()])
+        process_hooks = [
+            p for p in plan.programs if p.startswith(("on_exec", "on_fork", "on_exit"))
+        ]
+        plan.select(obj, process_hooks.__contains__)
+        btf = Btf(obj)
+        config = btf.struct_layout("ft_config").pack(
+            {"features": plan.feature_bits(btf), "thread_size": plan.thread_size}
+        )
+        obj.map(".rodata").write_initial_value(btf.variable_offset(".rodata", "cfg")[0], config)
         obj.map("events").set_max_entries(1 << 16)
         obj.load()
-        links = [obj.program(name).attach() for name in ("on_exec", "on_fork", "on_exit")]
+        links = [obj.program(name).attach() for name in process_hooks]
         yield obj
     finally:
         for link in links:

@@ -7,11 +7,13 @@ The programs it names are those of bpf/sensor/*.bpf.c.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowtap.loader.btf import Btf
 from flowtap.loader.features import CORE_TRACEPOINTS, KernelFeatures
+from flowtap.loader.libbpf import BpfObject
 
 CONNECTIONS = "connections"
 BYTE_COUNTS = "byte counts"
@@ -50,6 +52,19 @@ class HookPlan:
     thread_size: int
     variants: dict[str, str] = field(default_factory=dict)
     avoided: frozenset[str] = frozenset()
+
+    def select(self, obj: BpfObject, load: Callable[[str], bool]) -> None:
+        """Before load: the programs `load` keeps (among the plan's), and only the maps
+        this kernel can create and the plan uses."""
+        for program in obj.programs():
+            program.set_autoload(load(program.name))
+        for name in self.maps_off:
+            obj.map(name).set_autocreate(False)
+
+    def feature_bits(self, btf: Btf) -> int:
+        """cfg.features: the flags as enum ft_feature bits (bpf/flowtap.h)."""
+        values = btf.enum_values("ft_feature")
+        return sum(values[name] for name, on in self.flags.items() if on)
 
     def capability(self, name: str) -> Capability:
         return next(c for c in self.capabilities if c.name == name)
