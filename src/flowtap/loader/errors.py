@@ -69,8 +69,9 @@ def explain(action: str, err: int, *, subject: str = "", libbpf_log: list[str]) 
         fix = "run flowtap as root (it needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
     elif err == errno.EPERM and any(s in subject for s in ("fentry", "fexit", "lsm")):
         fix = (
-            "this kernel refuses fentry/fexit/lsm programs (lockdown or policy); "
-            "flowtap uses tracepoints instead: check `flowtap check`"
+            "this kernel refuses fentry/fexit programs here (lockdown or policy): run with "
+            "--avoid-kernel-features fentry to take the next hook; `flowtap check` shows "
+            "what each capability gets"
         )
     elif err == errno.EPERM:
         fix = "the kernel refused it although we are root: see `flowtap check` (lockdown, LSM)"
