@@ -427,6 +427,7 @@ def test_an_unreachable_upstream_is_answered_with_502(egress: Egress) -> None:
     assert egress.received() == []
 
 
+@pytest.mark.kernels
 def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
     """connect6: an IPv6 destination reaches the proxy's ::1 listener, SO_ORIGINAL_DST is
     answered at the IPv6 level, and the record names the IPv6 original destination."""
@@ -448,6 +449,7 @@ def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
     assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 1)
 
 
+@pytest.mark.kernels
 def test_the_upstream_receives_the_request_byte_for_byte(egress: Egress) -> None:
     """Odd header case and order, repeated headers, a chunked body: what the client wrote
     over TLS is exactly what the upstream read."""

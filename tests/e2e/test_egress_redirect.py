@@ -138,6 +138,7 @@ def _accepted(proxy: subprocess.Popen[str]) -> tuple[tuple[str, int], object]:
     return (line["peer"][0], line["peer"][1]), line["original"]
 
 
+@pytest.mark.kernels
 def test_forward_processes_reach_the_proxy_with_their_original_destination(
     cgroup: Cgroup, upstream: TestHost, strategies_source: BpfObject
 ) -> None:
