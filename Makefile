@@ -10,8 +10,12 @@ ARCH := $(shell uname -m | sed 's/x86_64/x86/;s/aarch64/arm64/')
 CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
+# make test-kernels: which kernels (5.10 6.1 6.12 host), guests at once, seconds per guest.
+KERNELS ?= 5.10 6.1 6.12
+KERNEL_JOBS ?= 1
+KERNEL_TIMEOUT ?= 900
 
-.PHONY: all setup deps venv bpf test-bpf run test lint clean
+.PHONY: all setup deps venv bpf test-bpf run test test-kernels lint clean
 
 all: setup
 
@@ -60,6 +64,11 @@ lint: setup
 
 test: setup test-bpf lint
 	$(VENV)/bin/pytest -ra tests
+
+# The e2e tests marked `kernels`, and `flowtap check`, in stock Debian kernels under qemu
+# (tests/kernels/README.md).
+test-kernels: setup
+	$(PY) tests/kernels/matrix.py --jobs $(KERNEL_JOBS) --timeout $(KERNEL_TIMEOUT) $(KERNELS)
 
 clean:
 	rm -rf $(BUILD) $(BPF_OUT)/*.bpf.o
