@@ -40,10 +40,13 @@ CURL = "/usr/bin/curl"
 BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
 
-READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 20.0
-RECORD_TIMEOUT_S = 10.0
-PEER_TIMEOUT_S = 20.0
+# On a slower machine (a guest of the kernel matrix, under qemu's emulation: tests/kernels)
+# $FLOWTAP_TEST_TIMEOUT_SCALE multiplies every bound.
+TIMEOUT_SCALE = float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))
+READY_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
+STOP_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
+RECORD_TIMEOUT_S = 10.0 * TIMEOUT_SCALE
+PEER_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
 
 
 def flowtap_command() -> str:

@@ -23,6 +23,7 @@ from .helpers import (
     CURL,
     PYTHON,
     RECORD_TIMEOUT_S,
+    TIMEOUT_SCALE,
     Cgroup,
     Lab,
     Peer,
@@ -40,7 +41,7 @@ NAME = "api.flowtap.test"
 HTTP_PORT = 8080
 HTTPS_PORT = 8443
 NODE = "/usr/bin/node"
-HEADER_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 2.0 * TIMEOUT_SCALE
 UPSTREAM = Path(__file__).resolve().with_name("egress_upstream.py")
 JAVA = "/usr/bin/java"
 JAVA_CLIENT = Path(__file__).resolve().with_name("java") / "EgressClient.java"

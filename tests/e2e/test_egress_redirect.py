@@ -16,14 +16,14 @@ import pytest
 from flowtap.egress.redirect import EgressRedirect
 from flowtap.loader.libbpf import BpfLink, BpfObject
 
-from .helpers import BPF_OBJECT, PYTHON, Cgroup, cgroup_programs, child_env
+from .helpers import BPF_OBJECT, PYTHON, TIMEOUT_SCALE, Cgroup, cgroup_programs, child_env
 from .netns import TestHost, make_test_host
 
 pytestmark = pytest.mark.e2e
 
 UPSTREAM_PORT = 8080
 SO_ORIGINAL_DST = 80
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0 * TIMEOUT_SCALE
 
 # Connects (from a forked child when asked), prints its local port and what it received.
 CLIENT = """

@@ -74,6 +74,8 @@ class Outcome:
 def read_junit(path: Path, outcome: Outcome) -> None:
     """Counts and the first line of each failure, error and skip reason."""
     for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test running when pytest was interrupted
+            continue
         name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
         verdicts = [child for child in case if child.tag in ("failure", "error", "skipped")]
         if not verdicts:
@@ -142,6 +144,9 @@ def collect(share: Path, outcome: Outcome) -> None:
         outcome.check_rc = int((share / "check.rc").read_text())
     with contextlib.suppress(OSError):
         outcome.check = (share / "check.txt").read_text(errors="replace")
+    with contextlib.suppress(OSError, ValueError):
+        if int((share / "pytest.rc").read_text()) == 124:
+            outcome.problems.append("pytest interrupted at the guest's time budget")
     junit = share / "junit.xml"
     try:
         read_junit(junit, outcome)
@@ -181,7 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("labels", nargs="+", metavar="LABEL")
     parser.add_argument("--jobs", type=int, default=1, help="guests at once")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per guest")
+    parser.add_argument("--timeout", type=int, default=720, help="seconds per guest")
     parser.add_argument("--memory", type=int, default=3072, help="MiB per guest")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "kernels")
     args = parser.parse_args()

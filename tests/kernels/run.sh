@@ -14,7 +14,7 @@
 # current directory); its stdout+stderr are printed, and run.sh exits with its exit code,
 # or 124 (timed out, default 600 s) or 125 (the guest did not finish it: console shown).
 # -o DIR: a host directory the command sees writable as /kmatrix (also $KMATRIX_OUT) and
-# that is kept, for results; default: a temporary one.
+# that is kept, for results; default: a temporary one. $KMATRIX_TIMEOUT is the -t bound.
 # Env: KMATRIX_ACCEL=kvm|tcg (default kvm only where kvm_intel/kvm_amd is loaded: the
 # PVM-based /dev/kvm of these machines cannot boot stock kernels), KMATRIX_CPUS (2),
 # KMATRIX_APPEND (extra kernel arguments, e.g. lockdown=integrity).
@@ -39,7 +39,7 @@ FLAVOR=amd64
 
 if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && KEEP=$(cd "$KEEP" && pwd); fi
 if [ "$LABEL" = host ]; then
-  export KMATRIX_OUT=${KEEP:-$(mktemp -d /tmp/kmatrix-out.XXXXXX)}
+  export KMATRIX_OUT=${KEEP:-$(mktemp -d /tmp/kmatrix-out.XXXXXX)} KMATRIX_TIMEOUT=$TIMEOUT
   cd "$DIR" && exec timeout "$TIMEOUT" /bin/sh -c "$*"
 fi
 
@@ -135,7 +135,8 @@ else
   OUT=$(mktemp -d /tmp/kmatrix-out.XXXXXX)
   trap 'rm -rf "$OUT"' EXIT
 fi
-{ printf 'export KMATRIX_OUT=/kmatrix\ncd %q || exit 125\n' "$DIR"; printf '%s\n' "$*"; } >"$OUT/cmd.sh"
+{ printf 'export KMATRIX_OUT=/kmatrix KMATRIX_TIMEOUT=%d\ncd %q || exit 125\n' "$TIMEOUT" "$DIR"
+  printf '%s\n' "$*"; } >"$OUT/cmd.sh"
 
 boot() {
   rm -f "$OUT/output" "$OUT/rc" "$OUT/boot_s"
