@@ -91,12 +91,15 @@ def read_junit(path: Path, outcome: Outcome) -> None:
 
 
 def summary(message: str, text: str) -> str:
-    """The first line of a failure, and flowtap's own last error line when it has one
-    (the sensor's stderr follows "flowtap exited 1 before it was ready")."""
+    """The first line of a failure, and flowtap's own last error line and the last line
+    of what it says the kernel said, when it has them (the sensor's stderr follows
+    "flowtap exited 1 before it was ready")."""
     first = next((line.strip() for line in (message or text).splitlines() if line.strip()), "")
     errors = [line.removeprefix("E").strip() for line in text.splitlines() if line[:1] == "E"]
     own = [line for line in errors if line.startswith("flowtap: ") and "libbpf:" not in line]
-    return " / ".join(line[:REASON_CHARS] for line in [first or "(no message)", *own[-1:]])
+    said = [line for line in errors if line.startswith("kernel said:")]
+    lines = [first or "(no message)", *own[-1:], *said[-1:]]
+    return " / ".join(line[:REASON_CHARS] for line in lines)
 
 
 def run_kernel(label: str, args: argparse.Namespace) -> Outcome:
