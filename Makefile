@@ -16,8 +16,12 @@ ARCH := $(shell uname -m | sed 's/x86_64/x86/;s/aarch64/arm64/')
 CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
+# make test-kernels: which kernels (5.10 6.1 6.12 host), guests at once, seconds per guest.
+KERNELS ?= 5.10 6.1 6.12
+KERNEL_JOBS ?= 1
+KERNEL_TIMEOUT ?= 720
 
-.PHONY: all setup deps venv bpf test-bpf runtimes run test test-fallbacks lint clean
+.PHONY: all setup deps venv bpf test-bpf runtimes run test test-fallbacks test-kernels lint clean
 
 all: setup
 
@@ -99,6 +103,11 @@ test: setup test-bpf runtimes lint
 KERNEL_FALLBACKS := loop,atomics,for-each,task-storage,task-btf,task-pt-regs,socket-cookie
 test-fallbacks: setup test-bpf
 	FLOWTAP_AVOID_KERNEL_FEATURES=$(KERNEL_FALLBACKS) $(VENV)/bin/pytest -ra -m kernels tests/e2e
+
+# The e2e tests marked `kernels`, and `flowtap check`, in stock Debian kernels under qemu
+# (tests/kernels/README.md).
+test-kernels: setup
+	$(PY) tests/kernels/matrix.py --jobs $(KERNEL_JOBS) --timeout $(KERNEL_TIMEOUT) $(KERNELS)
 
 clean:
 	rm -rf $(BUILD) $(BPF_OUT)/*.bpf.o

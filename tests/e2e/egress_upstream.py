@@ -23,8 +23,8 @@ import h2.events
 
 HTTP_PORT = 8080
 HTTPS_PORT = 8443
-# Scaled like the tests\' own bounds in the kernel matrix\'s slow guests (helpers.py).
-LIFETIME_S = int(60 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1")))
+# Longer on a slower machine (a kernel-matrix guest: tests/kernels, helpers.TIMEOUT_SCALE).
+LIFETIME_S = round(60 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1")))
 
 
 def say(event: str, **fields: object) -> None:

@@ -40,7 +40,8 @@ CURL = "/usr/bin/curl"
 BPFTOOL = "/usr/sbin/bpftool"
 PYTHON = sys.executable
 
-# Guests under software emulation (tests/kernels) run everything several times slower.
+# On a slower machine (a guest of the kernel matrix, under qemu's emulation: tests/kernels)
+# $FLOWTAP_TEST_TIMEOUT_SCALE multiplies every bound.
 TIMEOUT_SCALE = float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))
 READY_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
 STOP_TIMEOUT_S = 20.0 * TIMEOUT_SCALE

@@ -23,6 +23,7 @@ from .helpers import (
     CURL,
     PYTHON,
     RECORD_TIMEOUT_S,
+    TIMEOUT_SCALE,
     Cgroup,
     Lab,
     Peer,
@@ -40,7 +41,7 @@ NAME = "api.flowtap.test"
 HTTP_PORT = 8080
 HTTPS_PORT = 8443
 NODE = "/usr/bin/node"
-HEADER_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 2.0 * TIMEOUT_SCALE
 UPSTREAM = Path(__file__).resolve().with_name("egress_upstream.py")
 JAVA = "/usr/bin/java"
 JAVA_CLIENT = Path(__file__).resolve().with_name("java") / "EgressClient.java"
@@ -427,6 +428,7 @@ def test_an_unreachable_upstream_is_answered_with_502(egress: Egress) -> None:
     assert egress.received() == []
 
 
+@pytest.mark.kernels
 def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
     """connect6: an IPv6 destination reaches the proxy's ::1 listener, SO_ORIGINAL_DST is
     answered at the IPv6 level, and the record names the IPv6 original destination."""
@@ -448,6 +450,7 @@ def test_ipv6_destinations_are_redirected_too(egress: Egress) -> None:
     assert (stats["kernel_redirected"], stats["kernel_answered"]) == (1, 1)
 
 
+@pytest.mark.kernels
 def test_the_upstream_receives_the_request_byte_for_byte(egress: Egress) -> None:
     """Odd header case and order, repeated headers, a chunked body: what the client wrote
     over TLS is exactly what the upstream read."""

@@ -20,14 +20,14 @@ from flowtap.loader.btf import Btf
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfObject
 
-from .helpers import BPF_OBJECT, PYTHON, Cgroup, cgroup_programs, child_env
+from .helpers import BPF_OBJECT, PYTHON, TIMEOUT_SCALE, Cgroup, cgroup_programs, child_env
 from .netns import TestHost, make_test_host
 
 pytestmark = pytest.mark.e2e
 
 UPSTREAM_PORT = 8080
 SO_ORIGINAL_DST = 80
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0 * TIMEOUT_SCALE
 
 # Connects (from a forked child when asked), prints its local port and what it received.
 CLIENT = """
@@ -155,6 +155,7 @@ def _accepted(proxy: subprocess.Popen[str]) -> tuple[tuple[str, int], object]:
     return (line["peer"][0], line["peer"][1]), line["original"]
 
 
+@pytest.mark.kernels
 def test_forward_processes_reach_the_proxy_with_their_original_destination(
     cgroup: Cgroup, upstream: TestHost, strategies_source: BpfObject
 ) -> None:

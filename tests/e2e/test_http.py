@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e
 BODY = 4321
 
 
+@pytest.mark.kernels
 def test_curl_get_both_ends(e2e: Lab) -> None:
     server = e2e.server(mode="http", reply=BODY)
     sensor = e2e.sensor()

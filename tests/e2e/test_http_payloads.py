@@ -59,6 +59,7 @@ def start_server(e2e: Lab, tmp_path: Path) -> tuple[Peer, int]:
     return server, int(server.wait_message("listening")["port"])
 
 
+@pytest.mark.kernels
 def test_curl_post_both_ends(e2e: Lab, tmp_path: Path) -> None:
     server, port = start_server(e2e, tmp_path)
     sensor = e2e.sensor(extra=["--capture-level", "full"])

@@ -59,6 +59,7 @@ def connection_of(connections: list[Record], pid: int, **criteria: Any) -> int:
     return conn_id
 
 
+@pytest.mark.kernels
 def test_curl_https_post_both_ends(e2e: Lab, pki: dict[str, Path]) -> None:
     server, port = start_server(e2e, pki)
     sensor = e2e.sensor(extra=["--capture-level", "full"])
@@ -126,6 +127,7 @@ def test_curl_http2_over_tls(e2e: Lab, pki: dict[str, Path]) -> None:
     assert {r["connection_id"] for r in client} == {conn_id}
 
 
+@pytest.mark.kernels
 def test_python_client_started_before_the_sensor(e2e: Lab, pki: dict[str, Path]) -> None:
     """http.client uses SSL_write_ex/SSL_read_ex; keep-alive requests stay in order."""
     _server, port = start_server(e2e, pki)

@@ -73,6 +73,7 @@ def exchange(
     return server, client, sensor.finish()
 
 
+@pytest.mark.kernels
 def test_ipv6_loopback(e2e: Lab) -> None:
     server, client, records = exchange(e2e, host="::1", send=1000, reply=2000)
     check_exchange(records, server, client, sent=1000, received=2000, family="ipv6", ip="::1")
@@ -98,10 +99,10 @@ def test_ipv4_mapped_address_is_shown_as_ipv4(e2e: Lab) -> None:
     ("how", "send", "reply", "client_extra"),
     [
         ("sendall", 5 * MIB + 123, MIB + 7, ()),
-        ("sendmsg", 3 * MIB + 5, 70_001, ()),
+        pytest.param("sendmsg", 3 * MIB + 5, 70_001, (), marks=pytest.mark.kernels),
         # From a second thread: the record's tid is that thread's.
         ("writev", 2 * MIB + 77, 65_537, ("--in-thread",)),
-        ("sendfile", MIB + 3, 99, ()),
+        pytest.param("sendfile", MIB + 3, 99, (), marks=pytest.mark.kernels),
     ],
 )
 def test_large_transfers_every_send_path(
