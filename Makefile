@@ -18,7 +18,7 @@ BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
 # make test-kernels: which kernels (5.10 6.1 6.12 host), guests at once, seconds per guest.
 KERNELS ?= 5.10 6.1 6.12
-KERNEL_JOBS ?= 1
+KERNEL_JOBS ?= 2
 KERNEL_TIMEOUT ?= 720
 
 .PHONY: all setup deps venv bpf test-bpf runtimes run test test-fallbacks test-kernels lint clean

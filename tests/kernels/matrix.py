@@ -188,7 +188,7 @@ def report(outcomes: list[Outcome]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("labels", nargs="+", metavar="LABEL")
-    parser.add_argument("--jobs", type=int, default=1, help="guests at once")
+    parser.add_argument("--jobs", type=int, default=2, help="guests at once")
     parser.add_argument("--timeout", type=int, default=720, help="seconds per guest")
     parser.add_argument("--memory", type=int, default=3072, help="MiB per guest")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "kernels")
