@@ -25,6 +25,8 @@ from typing import IO, Any, TypeVar
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from flowtap.loader import kernel
+
 Record = dict[str, Any]
 Message = dict[str, Any]
 T = TypeVar("T")
@@ -150,10 +152,23 @@ class Cgroup:
             time.sleep(0.05)
 
 
-def cgroup_programs(cgroup: Path) -> str:
-    """What bpftool lists as attached to a cgroup (empty when nothing is)."""
-    shown = subprocess.run([BPFTOOL, "cgroup", "show", str(cgroup)], capture_output=True)
-    return shown.stdout.decode().strip()
+# The attach types of the egress controller's programs (bpf/egress.bpf.c).
+EGRESS_ATTACH_TYPES = {
+    "connect4": kernel.BPF_CGROUP_INET4_CONNECT,
+    "connect6": kernel.BPF_CGROUP_INET6_CONNECT,
+    "sockops": kernel.BPF_CGROUP_SOCK_OPS,
+    "getsockopt": kernel.BPF_CGROUP_GETSOCKOPT,
+}
+
+
+def cgroup_programs(cgroup: Path) -> dict[str, int]:
+    """How many programs of each egress attach type the kernel says hang on a cgroup
+    (asked with BPF_PROG_QUERY: bpftool 7.1 lists none on 5.10). Empty when none do."""
+    counts = {
+        name: kernel.attached_programs(str(cgroup), attach_type)
+        for name, attach_type in EGRESS_ATTACH_TYPES.items()
+    }
+    return {name: count for name, count in counts.items() if count}
 
 
 # --- processes -----------------------------------------------------------------------

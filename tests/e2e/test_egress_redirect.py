@@ -20,7 +20,15 @@ from flowtap.loader.btf import Btf
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfObject
 
-from .helpers import BPF_OBJECT, PYTHON, TIMEOUT_SCALE, Cgroup, cgroup_programs, child_env
+from .helpers import (
+    BPF_OBJECT,
+    EGRESS_ATTACH_TYPES,
+    PYTHON,
+    TIMEOUT_SCALE,
+    Cgroup,
+    cgroup_programs,
+    child_env,
+)
 from .netns import TestHost, make_test_host
 
 pytestmark = pytest.mark.e2e
@@ -172,7 +180,7 @@ def test_forward_processes_reach_the_proxy_with_their_original_destination(
         cgroup.path, int(proxy.stdout.readline()), strategies_source.map("strategies")
     )
     try:
-        assert "egress_connect4" in cgroup_programs(cgroup.path)
+        assert cgroup_programs(cgroup.path) == dict.fromkeys(EGRESS_ATTACH_TYPES, 1)
         proxy.stdin.write("go\n")
         proxy.stdin.flush()
         # Not redirected, asked anyway: the kernel's own answer (no conntrack entry).
@@ -207,4 +215,4 @@ def test_forward_processes_reach_the_proxy_with_their_original_destination(
         redirect.close()
         proxy.kill()
         proxy.wait()
-    assert "egress" not in cgroup_programs(cgroup.path)
+    assert cgroup_programs(cgroup.path) == {}

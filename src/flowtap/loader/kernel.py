@@ -29,6 +29,7 @@ _BTF_VLEN_EXTRA = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT UNION EN
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
+BPF_PROG_QUERY = 16
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_TRACING = 26
@@ -185,3 +186,17 @@ def probe_prog(
         line for line in text.splitlines() if line.strip() and not line.startswith("processed ")
     ]
     return Probe(err, lines[-1].strip() if lines else "", text)
+
+
+def attached_programs(cgroup: str, attach_type: int) -> int:
+    """How many programs are attached to a cgroup for one attach type (BPF_PROG_QUERY),
+    or -errno. Asked directly: bpftool 7.1 lists none on 5.10 kernels."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        attr = _attr([(0, "I", fd), (4, "I", attach_type)])
+        ret, err = _bpf(BPF_PROG_QUERY, attr)
+    finally:
+        os.close(fd)
+    if ret < 0:
+        return -err
+    return int(struct.unpack_from("=I", attr, 24)[0])
