@@ -22,6 +22,7 @@ from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.tls import plugins
 
 log = logging.getLogger("flowtap")
 
@@ -106,6 +107,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: OpenSSL probes where the library's code shows a cheaper equivalent "
         "point (docs/tls.md); exported: always at SSL_read/SSL_write and their _ex variants",
+    )
+    payload.add_argument(
+        "--tls-probes",
+        default=os.environ.get("QPOINT_TLS_PROBES", ",".join(plugins.NAMES)),
+        metavar="LIST",
+        help="TLS libraries to probe, comma-separated (as Qtap's flag): "
+        f"{', '.join(plugins.NAMES)} (default: all; also $QPOINT_TLS_PROBES)",
     )
     payload.add_argument(
         "--exec-gate",
@@ -237,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> SensorConfig:
         redact=not args.no_redaction,
         tls_attach=args.tls_attach,
         tls_placement=args.tls_placement,
+        tls_probes=tuple(name.strip() for name in args.tls_probes.split(",") if name.strip()),
         egress=args.egress,
         egress_cgroup=args.egress_cgroup,
         trust_store=args.trust_store,

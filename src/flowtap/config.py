@@ -11,6 +11,7 @@ from typing import Literal
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
+from flowtap.tls import plugins
 
 Direction = Literal["egress", "ingress", "all"]
 Output = Literal["console", "json"]
@@ -49,6 +50,7 @@ class SensorConfig:
     redact: bool = True
     tls_attach: TlsAttach = "file"
     tls_placement: Literal["auto", "exported"] = "auto"
+    tls_probes: tuple[str, ...] = plugins.NAMES  # the TLS library plug-ins used
     stats_interval_s: float = 30.0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
@@ -100,6 +102,13 @@ class SensorConfig:
             raise ConfigError(
                 f"--avoid-kernel-features {','.join(unknown)}: not a kernel feature; "
                 f"use any of {', '.join(FEATURES)}"
+            )
+        unknown = sorted(set(self.tls_probes) - set(plugins.NAMES))
+        if unknown or not self.tls_probes:
+            given = ",".join(unknown) if unknown else "(empty)"
+            raise ConfigError(
+                f"--tls-probes {given}: not a TLS library; use a comma-separated list of "
+                f"{', '.join(plugins.NAMES)} (default: all)"
             )
         if not 1 <= self.exec_hold_ms <= 60_000:
             raise ConfigError(f"--exec-hold-ms {self.exec_hold_ms}: use 1 to 60000")

@@ -12,13 +12,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flowtap.loader.btf import Btf, Fields, StructLayout
+from flowtap.tls import plugins
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 
 Direction = Literal["egress", "ingress"]
 Flow = Literal["tx", "rx"]
-Source = Literal["socket", "openssl", "gotls"]
+# Where data bytes were seen: "socket", or the capture source of a TLS plug-in
+# ("openssl", "gotls": tls/plugins).
+Source = str
+SOCKET_SOURCE: Source = "socket"
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -87,7 +91,7 @@ class Data:
     flow: Flow
     position: int
     data: bytes
-    source: Source = "socket"
+    source: Source = SOCKET_SOURCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +165,8 @@ class EventDecoder:
         }
         self._flow: dict[int, Flow] = {flows["FT_FLOW_TX"]: "tx", flows["FT_FLOW_RX"]: "rx"}
         sources = btf.enum_values("ft_source")
-        self._source: dict[int, Source] = {
-            sources["FT_SOURCE_SOCKET"]: "socket",
-            sources["FT_SOURCE_OPENSSL"]: "openssl",
-            sources["FT_SOURCE_GOTLS"]: "gotls",
+        self._source: dict[int, Source] = {sources["FT_SOURCE_SOCKET"]: SOCKET_SOURCE} | {
+            sources[enum]: source for enum, source in plugins.sources().items()
         }
         self._layouts: dict[int, StructLayout] = {
             kinds["FT_EVENT_CONN_OPEN"]: btf.struct_layout("ft_conn_open_event"),

@@ -44,6 +44,7 @@ from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
 from flowtap.sinks.base import Sink, open_private
+from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.listeners import existing_listeners
@@ -326,6 +327,7 @@ class Sensor:
             internal=self.config.tls_placement == "auto",
             program_name=self.plan.program if self.plan else str,
             cache=self.cache,
+            libraries=plugins.select(self.config.tls_probes),
         )
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)

@@ -294,3 +294,36 @@ def test_per_process_probes_follow_a_fork(e2e: Lab, pki: dict[str, Path]) -> Non
     probed = {entry["pid"] for entry in sensor.stats["tls"]["attached"]}
     assert probed == {parent.pid, child}, sensor.stats["tls"]
     assert server.pid not in probed
+
+
+@pytest.mark.parametrize("probes", ["gotls", None], ids=["gotls-only", "default"])
+def test_tls_probes_switch_openssl_off(e2e: Lab, pki: dict[str, Path], probes: str | None) -> None:
+    """--tls-probes gotls: curl's HTTPS connection is reported, its plaintext is not (the
+    openssl plug-in is off); by default the same request gives openssl http records."""
+    server, port = start_server(e2e, pki)
+    extra = ["--capture-level", "full", *(["--tls-probes", probes] if probes else [])]
+    sensor = e2e.sensor(extra=extra)
+    argv = [CURL, "-sS", "--noproxy", "*", "--http1.1", "--cacert", str(pki["ca"])]
+    argv += ["-o", "/dev/null", f"https://127.0.0.1:{port}/items/5"]
+    curl = e2e.spawn(argv, cgroup=e2e.cgroup, stem="curl")
+    curl.finish()
+    sensor.wait_for_closed(pid=curl.pid, direction="egress", remote_port=port)
+    if probes is None:
+        sensor.wait_for(lambda _r: len(sensor.http_records()) >= 2, what="two http records")
+    connections = sensor.finish()
+    records = sensor.http_records()
+
+    conn_id = connection_of(connections, curl.pid, direction="egress", remote_port=port)
+    assert sensor.stats is not None
+    attached = sensor.stats["tls"]["attached"]
+    if probes == "gotls":
+        assert records == [], records
+        assert all(entry["placement"] == "go" for entry in attached), attached
+        return
+    (client,) = by_pid(records, curl.pid)
+    (served,) = by_pid(records, server.pid)
+    assert client["connection_id"] == conn_id
+    for record in (client, served):
+        assert record["capture_source"] == "openssl"
+        assert record["request"]["path"] == "/items/5"
+        assert record["response"]["status"] == 200

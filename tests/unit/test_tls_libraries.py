@@ -92,8 +92,10 @@ def test_debian_libssl_is_probed_at_its_internal_functions(tmp_path: Path) -> No
     copy = tmp_path / "libssl.so.3"
     shutil.copy(LIBSSL, copy)
 
-    placement = inspect_file(copy, "libssl")
+    found = inspect_file(copy, "libssl")
 
+    assert found is not None
+    placement = found.plan
     assert isinstance(placement, Placement)
     assert placement.kind == "internal"
     assert [p.entry_program for p in placement.probes] == [

@@ -1,5 +1,5 @@
-"""TLS probes (OpenSSL, Go crypto/tls): attached per file (device and inode), for every
-process or for one.
+"""TLS probes (the plug-ins of tls/plugins: OpenSSL, Go crypto/tls, node): attached per
+file (device and inode), for every process or for one.
 
 A file is examined the first time a traced process is seen running code from it: at
 start for the host's libssl and every process, at exec for the new executable, and when a
@@ -21,19 +21,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flowtap.discovery.cache import ClassCache, Entry, Identity
 from flowtap.discovery.roots import open_in_root
 from flowtap.loader.btf import Btf
 from flowtap.loader.errors import BpfError
 from flowtap.loader.libbpf import BpfLink, BpfObject
-from flowtap.tls import golang
+from flowtap.tls import plugins
 from flowtap.tls.elf import ElfImage, ElfReadError, contains_any
-from flowtap.tls.golang import GoConnWalk, GoPlacement, UnsupportedGoError, plan_go
-from flowtap.tls.identity import stat_key
 from flowtap.tls.libraries import (
     FileKey,
     MappedFile,
@@ -41,10 +39,7 @@ from flowtap.tls.libraries import (
     file_key,
     system_tls_libraries,
 )
-from flowtap.tls.node import node_version
-from flowtap.tls.placement import NotOpenSslError, Placement, plan
-
-TlsPlan = Placement | GoPlacement
+from flowtap.tls.plugins import Library, NotProbedError, TlsPlan
 
 log = logging.getLogger("flowtap.tls")
 
@@ -56,7 +51,6 @@ _RESCAN_INTERVAL_S = 2.0
 # every process that maps the file, so a fork storm must not stall the consumer; those
 # over the budget are tried again at their next connection.
 _PROCESS_ATTACH_PER_S = 20
-_SIGNATURES = (b"SSL_write\0", b"SSL_read\0", golang.SIGNATURE)
 # Bigger files are not searched (node is 100 MB): reading gigabytes would keep the
 # discovery worker from every other file for seconds.
 _MAX_FILE_BYTES = 2 << 30
@@ -103,7 +97,7 @@ class LinkReaper:
 @dataclass(slots=True)
 class AttachedFile:
     path: str
-    placement: TlsPlan
+    placement: TlsPlan[Any]
     links: list[BpfLink] = field(default_factory=list)
 
 
@@ -127,14 +121,16 @@ class TlsProbes:
         internal: bool = True,
         program_name: Callable[[str], str] = str,
         cache: ClassCache | None = None,
+        libraries: tuple[Library, ...] = plugins.LIBRARIES,
     ) -> None:
         self._obj = obj
+        self._libraries = libraries  # the plug-ins not switched off (--tls-probes)
         # The build of each program this kernel loaded (ssl_return or ssl_return_bounded).
         self._program_name = program_name
         self.mode: AttachMode = mode
         self._internal = internal
         self._cache = cache
-        self._placements: dict[FileKey, TlsPlan | None] = {}
+        self._placements: dict[FileKey, TlsPlan[Any] | None] = {}
         # The identity each placement was read from: a file rewritten in place keeps its
         # inode, and is read again.
         self._identities: dict[FileKey, Identity] = {}
@@ -256,17 +252,22 @@ class TlsProbes:
         entry = self._cache.lookup(identity) if self._cache is not None else None
         if entry is not None and entry.verdict == "nothing":
             self.stats.cache_hits += 1
-            plan: TlsPlan | None = None
+            plan: TlsPlan[Any] | None = None
         else:
             started = time.monotonic()
             try:
-                plan = inspect_file(Path(access), mapped.path, internal=self._internal)
+                plan = inspect_file(
+                    Path(access), mapped.path, internal=self._internal, libraries=self._libraries
+                )
             except OSError as exc:
                 log.debug("%s: not examined: %s", mapped.path, exc)
                 return False
             self.stats.files_examined += 1
             self.last_inspect_ms = (time.monotonic() - started) * 1000
-            if self._cache is not None:
+            # "nothing" is only true of every plug-in: with some switched off, a later run
+            # with them on must read the file again.
+            complete = self._libraries == plugins.LIBRARIES
+            if self._cache is not None and (plan is not None or complete):
                 verdict = (
                     Entry("probe", mapped.path, plan.kind)
                     if plan
@@ -284,7 +285,7 @@ class TlsProbes:
         for attached_key in [k for k in self._attached if k[1] == key]:
             self._reaper.put(self._attached.pop(attached_key).links)
 
-    def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> TlsPlan | None:
+    def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> TlsPlan[Any] | None:
         """One file, open as `access` (/proc/self/fd/N: the exec gate's file, a private
         root's libssl): classified once per identity and, in file mode and if asked,
         probed for every process. Its placement, None when there is nothing to probe."""
@@ -323,7 +324,7 @@ class TlsProbes:
                 os.close(fd)
             return
 
-    def _attach(self, pid: int, mapped: MappedFile, placement: TlsPlan) -> None:
+    def _attach(self, pid: int, mapped: MappedFile, placement: TlsPlan[Any]) -> None:
         attached = AttachedFile(mapped.path, placement)
         target = _reachable(mapped)
         if target is None:
@@ -348,10 +349,7 @@ class TlsProbes:
             log.warning("TLS probes not attached to %s: %s", mapped.path, exc)
             return
         self._attached[(pid, mapped.key)] = attached
-        if isinstance(placement, GoPlacement):
-            self._set_flag("go_probed")
-            if placement.walk is not None:
-                self._add_go_executable(mapped, placement.walk, target)
+        placement.after_attach(self, path=mapped.path, key=mapped.key, target=target)
         scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
         if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
             self.stats.attached.append(
@@ -362,47 +360,35 @@ class TlsProbes:
                     "detail": placement.describe(),
                 }
             )
-        library = "go tls" if isinstance(placement, GoPlacement) else "openssl"
         log.info(
-            "%s probes attached to %s (%s): %s", library, mapped.path, scope, placement.describe()
+            "%s probes attached to %s (%s): %s",
+            placement.library.log_name,
+            mapped.path,
+            scope,
+            placement.describe(),
         )
 
-    def _set_flag(self, name: str) -> None:
+    # --- what plug-ins may touch after attaching (plugins.AttachContext) ---------------
+
+    def set_flag(self, name: str) -> None:
         """Sets the one-entry u32 array map `name` (tls_stopped, go_probed) to 1."""
         try:
             self._obj.map(name).update(b"\0\0\0\0", b"\1\0\0\0")
         except BpfError as exc:
             log.warning("could not set %s: %s", name, exc)
 
-    def _add_go_executable(self, mapped: MappedFile, walk: GoConnWalk, target: str) -> None:
-        """Lets the kernel walk this executable's tls.Conn to its socket (keyed as the
-        kernel sees the file: mm->exe_file's inode, which on overlayfs is the overlay's,
-        not the layer's that mapped.key names; stat() through the process gives it)."""
+    def update_map(self, name: str, key: bytes, value: bytes) -> None:
+        self._obj.map(name).update(key, value)
+
+    def btf(self) -> Btf:
+        """The object's BTF, read when a plug-in first needs it."""
         if self._btf is None:
             self._btf = Btf(self._obj)
-        try:
-            major, minor, inode = stat_key(os.stat(target))
-        except OSError:
-            major, minor, inode = mapped.key
-        key = self._btf.struct_layout("ft_go_executable_key").pack(
-            {"ino": inode, "dev": major << 20 | minor}
-        )
-        value = self._btf.struct_layout("ft_go_executable").pack(
-            {
-                "itab_tcpconn": walk.itab_tcpconn,
-                "conn_offset": walk.conn_offset,
-                "fd_offset": walk.fd_offset,
-                "sysfd_offset": walk.sysfd_offset,
-            }
-        )
-        try:
-            self._obj.map("go_executables").update(key, value)
-        except BpfError as exc:
-            log.warning("%s: tls.Conn walk not set up: %s", mapped.path, exc)
+        return self._btf
 
     def detach(self, timeout_s: float = 10.0) -> None:
         # First, every probe stops capturing at once; then the links go, one by one.
-        self._set_flag("tls_stopped")
+        self.set_flag("tls_stopped")
         for attached in self._attached.values():
             self._reaper.put(attached.links)
         self._attached.clear()
@@ -423,28 +409,35 @@ def _reachable(mapped: MappedFile) -> str | None:
     return mapped.path if same else None
 
 
-def inspect_file(access: Path, shown_as: str, *, internal: bool = True) -> TlsPlan | None:
-    """Where to probe this file (OpenSSL in it, or Go's crypto/tls); None when there is
-    nothing to probe. Raises OSError only when the file cannot be read (its process is
-    gone): a damaged or hostile file on the host never stops the sensor."""
+def inspect_file(
+    access: Path,
+    shown_as: str,
+    *,
+    internal: bool = True,
+    libraries: tuple[Library, ...] = plugins.LIBRARIES,
+) -> TlsPlan[Any] | None:
+    """Where to probe this file: the plan of the first plug-in that claims it, None when
+    there is nothing to probe. Raises OSError only when the file cannot be read (its
+    process is gone): a damaged or hostile file on the host never stops the sensor."""
     try:
         size = access.stat().st_size
         if size > _MAX_FILE_BYTES:
             log.info("%s: not examined: %d bytes, more than any TLS program", shown_as, size)
             return None
-        if not contains_any(access, _SIGNATURES):
+        if not contains_any(access, plugins.signatures(libraries)):
             return None
         with ElfImage(access) as image:
-            go = plan_go(image)
-            if go is not None:
-                return go
-            openssl = plan(image, internal=internal)
-        version = node_version(access)
-        return replace(openssl, runtime=f"node {version}") if version else openssl
-    except NotOpenSslError:
-        return None
-    except UnsupportedGoError as exc:
-        log.warning("%s: Go TLS not probed: %s", shown_as, exc)
+            for library in plugins.LIBRARIES:
+                if library not in libraries:
+                    if library.owns(image, access):
+                        log.debug("%s: %s, switched off (--tls-probes)", shown_as, library.name)
+                        return None
+                    continue
+                found = library.classify(image, access, internal=internal)
+                if found is not None:
+                    return TlsPlan(library, found)
+    except NotProbedError as exc:
+        log.warning("%s: %s", shown_as, exc)
     except ElfReadError as exc:
         log.debug("%s: not examined: %s", shown_as, exc)
     except OSError:

@@ -74,9 +74,18 @@ def find_windowed(view: mmap.mmap | bytes, needle: bytes, start: int = 0) -> int
 
 
 def contains_any(path: Path, needles: tuple[bytes, ...]) -> bool:
-    """A cheap test before parsing: does the file contain any of these byte strings?"""
+    """A cheap test before parsing: does the file contain any of these byte strings? All
+    are looked for a window at a time, so that the plug-ins' order does not decide how
+    much of a big file is read before one is found (node's SSL_write comes early)."""
     with mapped(path) as view:
-        return view is not None and any(find_windowed(view, needle) != -1 for needle in needles)
+        if view is None or not needles:
+            return False
+        longest = max(len(needle) for needle in needles)
+        for start in range(0, len(view), _SEARCH_WINDOW):
+            end = min(len(view), start + _SEARCH_WINDOW + longest)
+            if any(view.find(needle, start, end) != -1 for needle in needles):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)

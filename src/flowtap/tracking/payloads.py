@@ -14,23 +14,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowtap.events import Conn, Data, Flow, Source
+from flowtap.events import SOCKET_SOURCE, Conn, Data, Flow, Source
 from flowtap.protocols.http1 import Http1Parser
 from flowtap.protocols.http2 import Http2Parser
 from flowtap.protocols.messages import Side, Transaction
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+from flowtap.tls import plugins
 
 log = logging.getLogger("flowtap.payloads")
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _MAX_STREAMS = 4096
 
-# The capture_source of records, by where the bytes were seen.
-_CAPTURE_SOURCES: dict[Source, str] = {
-    "socket": "plaintext",
-    "openssl": "openssl",
-    "gotls": "gotls",
+# The capture_source of records, by where the bytes were seen: a TLS plug-in's records
+# carry its own name for its source.
+_CAPTURE_SOURCES: dict[Source, str] = {SOCKET_SOURCE: "plaintext"} | {
+    source: source for source in plugins.sources().values()
 }
 
 # Which end of the HTTP exchange each direction of the traced socket is.
@@ -140,7 +140,7 @@ class PayloadTracker:
             connection_id=conn_id,
             process=opened["process"],
             direction=conn.direction,
-            tls=source != "socket",
+            tls=source != SOCKET_SOURCE,
             capture_source=_CAPTURE_SOURCES[source],
         )
         stream = _Stream(ctx=ctx, direction=conn.direction)
