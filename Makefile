@@ -17,7 +17,7 @@ CLANG ?= clang
 BPFTOOL ?= $(shell command -v bpftool || echo /usr/sbin/bpftool)
 FLOWTAP_ARGS ?=
 # make test-kernels: which kernels (5.10 6.1 6.12 host), guests at once, seconds per guest.
-KERNELS ?= 5.10 6.1 6.12
+KERNELS ?= 5.10 6.1 6.1~fentry 6.12
 KERNEL_JOBS ?= 2
 KERNEL_TIMEOUT ?= 720
 

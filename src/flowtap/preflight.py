@@ -226,7 +226,9 @@ def run_checks(avoid: tuple[str, ...] = ()) -> list[Check]:
         check_feature(features, "fentry", "fentry", "byte counts before 6.3"),
         check_feature(features, "kprobes", "kprobes", "byte counts without fentry"),
         check_feature(features, "uprobes", "uprobes", "TLS plaintext"),
-        check_feature(features, "loop", "bpf_loop", "payloads of 40 pieces per call"),
+        check_feature(
+            features, "loop", "bpf_loop", "the full build, with atomics and bpf_for_each_map_elem"
+        ),
         check_feature(features, "task-storage", "task storage", "TLS call state"),
         check_feature(features, "atomics", "atomics", "exact positions under races"),
         check_tracefs(mounts),

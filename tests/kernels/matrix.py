@@ -3,7 +3,9 @@ guest.sh there (`flowtap check`, then `pytest -m kernels`), and prints a table o
 back through the writable share. Exits 1 when any kernel failed.
 
 usage: matrix.py [--jobs N] [--timeout S] [--memory MiB] [--out DIR] LABEL...
-LABEL: 5.10, 6.1, 6.12 (a Debian kernel in a qemu guest) or host (this machine, no guest).
+LABEL: 5.10, 6.1, 6.12 (a Debian kernel in a qemu guest) or host (this machine, no guest),
+optionally with ~FEATURE[,FEATURE] to run the sensor without those kernel features
+(--avoid-kernel-features): 6.1~fentry takes the kprobe fallback on a kernel that has both.
 A kernel passes when `flowtap check` exits 0 and every selected test passed: a test that
 failed, errored or was skipped fails its kernel (a skip in the matrix proves nothing).
 """
@@ -109,8 +111,11 @@ def run_kernel(label: str, args: argparse.Namespace) -> Outcome:
     share = workdir / "share"
     share.mkdir(parents=True)
     log = workdir / "log"
+    kernel, _, avoid = label.partition("~")
     argv = [str(RUN), "-t", str(args.timeout), "-m", str(args.memory), "-o", str(share)]
-    argv += ["-C", str(ROOT), label, "--", f"FLOWTAP_TEST_GO_PEERS={args.go_peers}"]
+    argv += ["-C", str(ROOT), kernel, "--", f"FLOWTAP_TEST_GO_PEERS={args.go_peers}"]
+    if avoid:
+        argv.append(f"FLOWTAP_AVOID_KERNEL_FEATURES={avoid}")
     argv += ["bash", str(GUEST)]
     say(f"kernels: {label}: started ({log})")
     start = time.monotonic()
