@@ -179,6 +179,7 @@ def test_refused_program_type_is_explained(probe_object: tuple[BpfObject, Btf]) 
         # This kernel (lockdown) refuses fentry: the message must say what to use instead.
         assert "refused_fentry (fentry/tcp_connect)" in failure.message
         assert failure.fix is not None
-        assert "refuses fentry/fexit/lsm programs" in failure.fix
+        assert "refuses fentry/fexit programs" in failure.fix
+        assert "--avoid-kernel-features fentry" in failure.fix
     else:
         pytest.skip("this kernel accepts fentry programs")
