@@ -8,6 +8,7 @@ cgroups the test made are removed even when it fails.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -550,6 +551,22 @@ class Sensor:
                     if line.startswith("prog_id:"):
                         ids.add(int(line.split()[1]))
         return ids
+
+
+def body(message: dict[str, Any]) -> bytes | None:
+    """The decoded body of an http record's request or response (None when absent)."""
+    text = message.get("body")
+    return None if text is None else base64.b64decode(text)
+
+
+def http_of(sensor: Sensor, pid: int, count: int) -> list[Record]:
+    """The first `count` http records of pid, once there are that many (bounded wait)."""
+
+    def enough(_records: list[Record]) -> list[Record] | None:
+        mine = [r for r in sensor.http_records() if r["process"]["pid"] == pid]
+        return mine if len(mine) >= count else None
+
+    return sensor.wait_for(enough, what=f"{count} http records of pid {pid}")[:count]
 
 
 # --- the lab: everything one test starts, stopped at its end -----------------------------

@@ -8,14 +8,13 @@ Capture is scoped with --pid to the processes each test starts; traffic is loopb
 
 from __future__ import annotations
 
-import base64
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .helpers import CURL, Lab, Peer, Record, Sensor, only_pair, start_server
+from .helpers import CURL, Lab, Peer, Record, Sensor, body, http_of, only_pair, start_server
 
 NODE = shutil.which("node") or "/usr/bin/node"
 pytestmark = [
@@ -38,21 +37,6 @@ def traced(e2e: Lab, *peers: Peer) -> Sensor:
     sensor = e2e.sensor(*scope, extra=FULL)
     sensor.wait_log("probes attached to /usr/bin/node")
     return sensor
-
-
-def body(message: dict[str, Any]) -> bytes | None:
-    text = message.get("body")
-    return None if text is None else base64.b64decode(text)
-
-
-def http_of(sensor: Sensor, pid: int, count: int) -> list[Record]:
-    """The first `count` http records of pid, once there are that many."""
-
-    def enough(_records: list[Record]) -> list[Record] | None:
-        mine = [r for r in sensor.http_records() if r["process"]["pid"] == pid]
-        return mine if len(mine) >= count else None
-
-    return sensor.wait_for(enough, what=f"{count} http records of pid {pid}")[:count]
 
 
 def connection_id(connections: list[Record], **criteria: Any) -> int:

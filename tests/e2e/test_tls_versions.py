@@ -11,14 +11,12 @@ loopback only; capture is scoped to the test's cgroup.
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
-from typing import Any
 
 import pytest
 from runtimes import build_go_peer, node_executable
 
-from .helpers import Lab, Peer, Record, Sensor, only_pair, start_server
+from .helpers import Lab, Peer, Record, body, http_of, only_pair, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -26,21 +24,6 @@ GO_RELEASES = ["1.21", "1.23", "1.25", "1.27"]
 NODE_RELEASES = ["18", "20", "22", "24"]
 NODE_PEER = Path(__file__).resolve().with_name("node_peer.js")
 FULL = ["--capture-level", "full"]
-
-
-def body(message: dict[str, Any]) -> bytes | None:
-    text = message.get("body")
-    return None if text is None else base64.b64decode(text)
-
-
-def records_of(sensor: Sensor, pid: int, count: int) -> list[Record]:
-    """The first `count` http records of pid, once there are that many (bounded wait)."""
-
-    def enough(_records: list[Record]) -> list[Record] | None:
-        mine = [r for r in sensor.http_records() if r["process"]["pid"] == pid]
-        return mine if len(mine) >= count else None
-
-    return sensor.wait_for(enough, what=f"{count} http records of pid {pid}")[:count]
 
 
 def connection_of(connections: list[Record], client: Peer, port: int) -> int:
@@ -69,7 +52,7 @@ def test_go_get_and_post(e2e: Lab, pki: dict[str, Path], minor: str, flavor: str
     client.wait_message("done")
     answers = client.messages("response")
     client.finish()
-    get, post = records_of(sensor, client.pid, 2)
+    get, post = http_of(sensor, client.pid, 2)
     conn_id = connection_of(sensor.finish(), client, port)
 
     assert [(a["status"], body(a)) for a in answers] == [
@@ -109,7 +92,7 @@ def test_node_post_and_get(e2e: Lab, pki: dict[str, Path], major: str) -> None:
     posted = client.wait_message("response")
     client.wait_message("done")
     client.finish()
-    post, get = records_of(sensor, client.pid, 2)
+    post, get = http_of(sensor, client.pid, 2)
     connections = sensor.finish()
 
     assert posted["status"] == 201 and posted["body"] == "echo:hello node"
