@@ -317,6 +317,8 @@ def test_gate_off_probes_the_next_run(
     go.touch()
     argv = [str(binary), "client", str(pki["ca"]), url, "1", "h1", str(go)]
     e2e.spawn(argv, cgroup=e2e.cgroup, stem="go-first").finish()
+    # The point of the test: the fallback classifies the file after its first run, and
+    # the next run, once that is done, is captured whole.
     sensor.wait_log(f"go tls probes attached to {binary}")
     second = e2e.spawn(argv, cgroup=e2e.cgroup, stem="go-second")
     second.finish()
