@@ -196,21 +196,15 @@ def _pclntab_functions(
     magic = struct.unpack_from("<I", tab, 0)[0]
     if tab[7] != 8 or (magic not in _PCLNTAB_GO118 and magic != _PCLNTAB_GO116):
         raise UnsupportedGoError(f".gopclntab format {magic:#x} is not read")
-    if magic == _PCLNTAB_GO116:
+    wide = magic == _PCLNTAB_GO116
+    if wide:  # Go 1.16-1.17: absolute entries, no textStart field
         nfunc, _nfiles, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from("<7Q", tab, 8)
-        return _function_table(
-            tab,
-            wanted,
-            nfunc=nfunc,
-            funcname_off=funcname_off,
-            pcln_off=pcln_off,
-            text_start=0,
-            wide=True,
+        start: int | None = 0
+    else:
+        nfunc, _nfiles, header, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from(
+            "<8Q", tab, 8
         )
-    nfunc, _nfiles, header_text, funcname_off, _cu, _file, _pc, pcln_off = struct.unpack_from(
-        "<8Q", tab, 8
-    )
-    start = header_text or text_start
+        start = header or text_start
     if start is None:
         raise UnsupportedGoError("where .gopclntab counts from is unknown")
     return _function_table(
@@ -220,7 +214,7 @@ def _pclntab_functions(
         funcname_off=funcname_off,
         pcln_off=pcln_off,
         text_start=start,
-        wide=False,
+        wide=wide,
     )
 
 
