@@ -227,6 +227,9 @@ def run_checks(avoid: tuple[str, ...] = ()) -> list[Check]:
         check_feature(features, "kprobes", "kprobes", "byte counts without fentry"),
         check_feature(features, "uprobes", "uprobes", "TLS plaintext"),
         check_feature(
+            features, "uprobe-multi", "uprobe_multi", "fast detach of probes on replaced files"
+        ),
+        check_feature(
             features, "loop", "bpf_loop", "the full build, with atomics and bpf_for_each_map_elem"
         ),
         check_feature(features, "task-storage", "task storage", "TLS call state"),

@@ -64,6 +64,8 @@ _EGRESS_BATCH = 10_000
 # handshake is not lost: its connection record says so, and a 502 is a transaction).
 _EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination")
 # The exec classes are written this often when they changed (and at stop).
+# How often the exec classes are saved and the probes of deleted files that no process
+# runs any more are removed (tls/attach.py).
 _CACHE_SAVE_S = 5.0
 _RESCAN_ASK_S = 1.0
 
@@ -328,6 +330,7 @@ class Sensor:
             program_name=self.plan.program if self.plan else str,
             cache=self.cache,
             libraries=plugins.select(self.config.tls_probes),
+            uprobe_multi=self.plan.uprobe_multi if self.plan else False,
         )
         self.tls.attach_system_libraries()
         traced = self._traced_pid_set(obj)
@@ -466,6 +469,8 @@ class Sensor:
                 self._ring.poll(_POLL_MS)
             self._drain_egress()
             if time.monotonic() >= next_save:
+                if (tls := self._tls()) is not None:
+                    self.worker.submit(tls.release_deleted)
                 if self.cache.dirty:
                     self.worker.submit(self._save_cache)
                 next_save = time.monotonic() + _CACHE_SAVE_S
@@ -635,6 +640,7 @@ class Sensor:
                 "cache_hits": self.tls.stats.cache_hits,
                 "attach_failures": self.tls.stats.attach_failures,
                 "attach_deferred": self.tls.stats.attach_deferred,
+                "files_released": self.tls.stats.files_released,
                 "attached": self.tls.stats.attached,
             }
         if self.tls is not None:

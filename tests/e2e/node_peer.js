@@ -8,6 +8,7 @@
 // sequential URL GO      ROUNDS POSTs of "new<i>", each on a new connection (agent: false)
 // bench URL SECONDS GO   GET URL on one keep-alive connection for SECONDS; prints
 //                        "result" with the rate (bench/slowdown.py, node-tls)
+// get URL GO             https.get (the global agent): GET URL
 // fetch URL GO           fetch (undici): POST "hello fetch" to URL
 // h2 URL GO              http2.connect: GET /items/7, then POST "hello h2" to URL's path
 // two URL1 URL2 GO       two keep-alive connections, one per server, requests on both at
@@ -76,6 +77,21 @@ const modes = {
     const elapsed = Number(process.hrtime.bigint() - start) / 1e9;
     say('result', { rate: requests / elapsed, requests });
     agent.destroy();
+  },
+  async get(url) {
+    const got = await new Promise((resolve, reject) => {
+      https.get(url, (res) => {
+        const chunks = [];
+        const localPort = res.socket.localPort;
+        res.on('data', (c) => chunks.push(c));
+        res.on('end', () => resolve({
+          status: res.statusCode,
+          body: Buffer.concat(chunks).toString('latin1'),
+          local_port: localPort,
+        }));
+      }).on('error', reject);
+    });
+    say('response', got);
   },
   async fetch(url) {
     const res = await fetch(url, { method: 'POST', body: 'hello fetch' });

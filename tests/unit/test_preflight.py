@@ -170,7 +170,9 @@ def _all_programs() -> list[str]:
 
 def test_plan_for_debian_12_kernel() -> None:
     """6.1: no socket tracepoints (6.3): fexit on the inet functions, bpf_loop builds."""
-    plan = hooks.plan(_features(sock_tracepoints="6.3"), _all_programs())
+    plan = hooks.plan(_features(sock_tracepoints="6.3", uprobe_multi="Linux 6.6"), _all_programs())
+    assert not plan.uprobe_multi
+    assert "one perf event per probed address" in plan.capability(hooks.GO).detail
     assert plan.capability(hooks.BYTE_COUNTS).hook == (
         "fexit/inet_sendmsg, inet6_sendmsg, inet_recvmsg, inet6_recvmsg"
     )
@@ -201,6 +203,21 @@ def test_plan_for_debian_11_kernel() -> None:
     assert "ssl_calls" in plan.maps_off and "claims" not in plan.maps_off
     assert not any(plan.flags.values())
     assert "bounded build" in plan.capability(hooks.CONNECTIONS).detail
+
+
+def test_plan_with_uprobe_multi_links_tls_programs_once_per_file() -> None:
+    """6.6 on: the TLS programs load for uprobe_multi links; the others do not."""
+    plan = hooks.plan(_features(), _all_programs())
+    assert plan.uprobe_multi
+    assert "one uprobe_multi link per program and file" in plan.capability(hooks.OPENSSL).detail
+    obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+    try:
+        plan.select(obj, lambda name: name in plan.programs or name in plan.tls_programs)
+        types = {p.name: p.expected_attach_type for p in obj.programs() if p.autoload}
+    finally:
+        obj.close()
+    assert {types[name] for name in plan.tls_programs} == {kernel.BPF_TRACE_UPROBE_MULTI}
+    assert kernel.BPF_TRACE_UPROBE_MULTI not in {types[name] for name in plan.programs}
 
 
 def test_plan_with_kprobes_only() -> None:

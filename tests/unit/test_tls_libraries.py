@@ -12,7 +12,12 @@ import pytest
 from flowtap.discovery.cache import ClassCache
 from flowtap.tls import attach
 from flowtap.tls.attach import inspect_file
-from flowtap.tls.libraries import MappedFile, executable_mappings, parse_maps_line
+from flowtap.tls.libraries import (
+    MappedFile,
+    executable_mappings,
+    map_files_name,
+    parse_maps_line,
+)
 from flowtap.tls.placement import Placement
 
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
@@ -65,6 +70,12 @@ def test_executable_mappings_once_per_file(tmp_path: Path) -> None:
     ]
     assert found[0].access == proc / "42" / "map_files" / "55d0c0a2a000-55d0c0a8b000"
     assert found[1].access == proc / "42" / "root" / "usr/lib/x86_64-linux-gnu/libssl.so.3"
+
+
+def test_map_files_names_drop_the_padding() -> None:
+    """maps pads addresses to 8 digits; map_files names do not (a non-PIE Go binary)."""
+    assert map_files_name("00400000-006ed000") == "400000-6ed000"
+    assert map_files_name("55d0c0a2a000-55d0c0a8b000") == "55d0c0a2a000-55d0c0a8b000"
 
 
 def test_process_gone(tmp_path: Path) -> None:

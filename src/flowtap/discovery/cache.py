@@ -70,6 +70,11 @@ class ClassCache:
             self._entries[identity] = entry
             self.dirty = True
 
+    def forget(self, identity: Identity) -> None:
+        """A deleted file: its identity never comes back, and must not fill the cache."""
+        if self._entries.pop(identity, None) is not None:
+            self.dirty = True
+
     def items(self) -> list[tuple[Identity, Entry]]:
         return list(self._entries.items())
 

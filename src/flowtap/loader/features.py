@@ -57,6 +57,7 @@ FEATURES = (
     "fentry",
     "kprobes",
     "uprobes",
+    "uprobe-multi",
     "atomics",
     *HELPERS,
 )
@@ -161,10 +162,14 @@ class KernelFeatures:
         if not os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
             missing["uprobes"] = "not compiled in (CONFIG_UPROBE_EVENTS unset)"
         if not root:
-            for name in ("fentry", "atomics", *HELPERS):
+            for name in ("fentry", "uprobe-multi", "atomics", *HELPERS):
                 missing[name] = "cannot probe: not root"
         else:
             missing.update(_probe_programs(ids))
+            if "uprobes" in missing:
+                missing["uprobe-multi"] = missing["uprobes"]
+            elif (multi := kernel.probe_uprobe_multi()).err:
+                missing["uprobe-multi"] = multi.describe()
         return cls(
             release,
             tracepoints,

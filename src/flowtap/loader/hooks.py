@@ -13,6 +13,7 @@ from typing import Any
 
 from flowtap.loader.btf import Btf
 from flowtap.loader.features import CORE_TRACEPOINTS, KernelFeatures
+from flowtap.loader.kernel import BPF_TRACE_UPROBE_MULTI
 from flowtap.loader.libbpf import BpfObject
 
 CONNECTIONS = "connections"
@@ -52,12 +53,16 @@ class HookPlan:
     thread_size: int
     variants: dict[str, str] = field(default_factory=dict)
     avoided: frozenset[str] = frozenset()
+    # TLS programs load as uprobe_multi programs, linked once per program and file.
+    uprobe_multi: bool = False
 
     def select(self, obj: BpfObject, load: Callable[[str], bool]) -> None:
         """Before load: the programs `load` keeps (among the plan's), and only the maps
         this kernel can create and the plan uses."""
         for program in obj.programs():
             program.set_autoload(load(program.name))
+            if self.uprobe_multi and program.name in self.tls_programs:
+                program.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
         for name in self.maps_off:
             obj.map(name).set_autocreate(False)
 
@@ -196,11 +201,25 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
         ]
     else:
         tls_programs = [*_OPENSSL_PROGRAMS, *_GO_PROGRAMS, *(p + suffix for p in _LOOPING)]
-        caps.append(Capability(OPENSSL, "uprobe+uretprobe on SSL_read/SSL_write", storage))
-        caps.append(
-            Capability(GO, "uprobes at (*tls.Conn).Read/Write entry and each RET", "no uretprobes")
+        links = (
+            "one uprobe_multi link per program and file"
+            if features.has("uprobe-multi")
+            else "one perf event per probed address "
+            f"(uprobe_multi: {features.why_not('uprobe-multi')})"
         )
-        caps.append(Capability(NODE, "uprobe+uretprobe on node's SSL_read/SSL_write", storage))
+        caps.append(
+            Capability(OPENSSL, "uprobe+uretprobe on SSL_read/SSL_write", f"{storage}; {links}")
+        )
+        caps.append(
+            Capability(
+                GO,
+                "uprobes at (*tls.Conn).Read/Write entry and each RET",
+                f"no uretprobes; {links}",
+            )
+        )
+        caps.append(
+            Capability(NODE, "uprobe+uretprobe on node's SSL_read/SSL_write", f"{storage}; {links}")
+        )
     caps.append(
         Capability(EGRESS, "cgroup/connect4, connect6, sockops, cgroup/getsockopt", "--egress")
         if features.egress is None
@@ -231,4 +250,5 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
         features.thread_size,
         {base: base + suffix for base in _LOOPING},
         features.avoided,
+        uprobe_multi=bool(tls_programs) and features.has("uprobe-multi"),
     )

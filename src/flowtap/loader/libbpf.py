@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flowtap.loader import kernel
 from flowtap.loader.errors import BpfError, explain
 
 log = logging.getLogger("flowtap.libbpf")
@@ -61,6 +62,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_program__section_name": (_c_char_p, [_c_void_p]),
         "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
         "bpf_program__autoload": (ctypes.c_bool, [_c_void_p]),
+        "bpf_program__set_expected_attach_type": (_c_int, [_c_void_p, _c_int]),
+        "bpf_program__fd": (_c_int, [_c_void_p]),
+        "bpf_program__expected_attach_type": (_c_int, [_c_void_p]),
         "bpf_program__attach": (_c_void_p, [_c_void_p]),
         "bpf_program__attach_uprobe": (
             _c_void_p,
@@ -176,20 +180,29 @@ def possible_cpus() -> int:
 
 
 class BpfLink:
-    """An attachment; destroying it (or the process exiting) detaches the program."""
+    """An attachment; destroying it (or the process exiting) detaches the program. Made
+    by libbpf (a bpf_link pointer) or by the bpf(2) syscall directly (a link fd)."""
 
-    def __init__(self, ptr: int, description: str) -> None:
-        self._ptr: int | None = ptr
+    def __init__(self, ptr: int, description: str, *, fd: int | None = None) -> None:
+        self._ptr: int | None = ptr or None
+        self._fd = fd
         self.description = description
+
+    @classmethod
+    def of_fd(cls, fd: int, description: str) -> BpfLink:
+        return cls(0, description, fd=fd)
 
     def destroy(self) -> None:
         if self._ptr:
             lib().bpf_link__destroy(self._ptr)
             self._ptr = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def attached(self) -> bool:
-        return self._ptr is not None
+        return self._ptr is not None or self._fd is not None
 
 
 class BpfProgram:
@@ -222,6 +235,31 @@ class BpfProgram:
             subject,
         )
         return BpfLink(ptr, subject)
+
+    def set_expected_attach_type(self, attach_type: int) -> None:
+        """Before load (uprobe_multi programs: kernel.BPF_TRACE_UPROBE_MULTI)."""
+        _check_ret(
+            lib().bpf_program__set_expected_attach_type(self._ptr, attach_type),
+            "set expected attach type",
+            self.name,
+        )
+
+    @property
+    def expected_attach_type(self) -> int:
+        return int(lib().bpf_program__expected_attach_type(self._ptr))
+
+    def attach_uprobe_multi(
+        self, binary: str, offsets: list[int], *, pid: int = -1, retprobe: bool = False
+    ) -> BpfLink:
+        """One link for every offset of binary (a program loaded for uprobe_multi)."""
+        kind = "uretprobe" if retprobe else "uprobe"
+        subject = f"{self.name} ({kind}_multi) at {len(offsets)} offsets of {binary}"
+        fd, err = kernel.uprobe_multi_link(
+            lib().bpf_program__fd(self._ptr), binary, offsets, retprobe=retprobe, pid=pid
+        )
+        if fd < 0:
+            raise _fail("attach uprobe_multi", err, subject)
+        return BpfLink.of_fd(fd, subject)
 
     def attach_cgroup(self, cgroup_fd: int) -> BpfLink:
         ptr = _check_ptr(

@@ -15,12 +15,13 @@ Two ways to attach, measured in the README:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +38,11 @@ from flowtap.tls.libraries import (
     MappedFile,
     executable_mappings,
     file_key,
+    mapped_deleted_files,
     system_tls_libraries,
 )
 from flowtap.tls.plugins import Library, NotProbedError, TlsPlan
+from flowtap.tls.plugins.base import Undo
 
 log = logging.getLogger("flowtap.tls")
 
@@ -99,6 +102,19 @@ class AttachedFile:
     path: str
     placement: TlsPlan[Any]
     links: list[BpfLink] = field(default_factory=list)
+    # File mode: an O_PATH descriptor of the file, to tell when it is deleted.
+    handle: int | None = None
+    undo: Undo | None = None  # the plug-in's per-file kernel state, removed with the links
+
+    def release(self, reaper: LinkReaper) -> None:
+        if self.undo is not None:
+            self.undo()
+            self.undo = None
+        reaper.put(self.links)
+        self.links = []
+        if self.handle is not None:
+            os.close(self.handle)
+            self.handle = None
 
 
 @dataclass(slots=True)
@@ -107,6 +123,7 @@ class TlsStats:
     cache_hits: int = 0  # files the persistent cache knew to need nothing
     attach_failures: int = 0
     attach_deferred: int = 0  # process mode: over the per-second budget, retried later
+    files_released: int = 0  # probed files deleted and no longer run: their probes removed
     attached: list[dict[str, object]] = field(default_factory=list)
 
 
@@ -122,8 +139,11 @@ class TlsProbes:
         program_name: Callable[[str], str] = str,
         cache: ClassCache | None = None,
         libraries: tuple[Library, ...] = plugins.LIBRARIES,
+        uprobe_multi: bool = False,
     ) -> None:
         self._obj = obj
+        # One link per program and file (Linux 6.6), not one perf event per address.
+        self._uprobe_multi = uprobe_multi
         self._libraries = libraries  # the plug-ins not switched off (--tls-probes)
         # The build of each program this kernel loaded (ssl_return or ssl_return_bounded).
         self._program_name = program_name
@@ -208,7 +228,7 @@ class TlsProbes:
         if self.mode != "process":
             return
         for key in [key for key in self._attached if key[0] == pid]:
-            self._reaper.put(self._attached.pop(key).links)
+            self._attached.pop(key).release(self._reaper)
 
     def _probe(self, pid: int, mapped: MappedFile, *, budgeted: bool = True) -> bool:
         """Attaches to the file for pid if it has OpenSSL; False when the per-process
@@ -283,7 +303,36 @@ class TlsProbes:
         self._placements.pop(key, None)
         self._identities.pop(key, None)
         for attached_key in [k for k in self._attached if k[1] == key]:
-            self._reaper.put(self._attached.pop(attached_key).links)
+            self._attached.pop(attached_key).release(self._reaper)
+
+    def release_deleted(self) -> int:
+        """File mode, on the worker: removes the probes of files that were deleted (a
+        deploy replaced them, a build tree was cleaned) and that no process runs any more.
+        Their links would pin each old file's disk space and uprobes until the sensor
+        stops; a host that deploys daily must not pile them up. Returns how many."""
+        deleted: dict[tuple[int, int], FileKey] = {}
+        for (pid, key), attached in self._attached.items():
+            if pid != ALL_PROCESSES or attached.handle is None:
+                continue
+            try:
+                st = os.fstat(attached.handle)
+            except OSError:
+                continue
+            if st.st_nlink == 0:
+                deleted[(st.st_dev, st.st_ino)] = key
+        if not deleted:
+            return 0
+        for still_mapped in mapped_deleted_files():
+            deleted.pop(still_mapped, None)
+        for key in deleted.values():
+            identity = self._identities.get(key)
+            self._forget_file(key)
+            if identity is not None and self._cache is not None:
+                self._cache.forget(identity)
+        self.stats.files_released += len(deleted)
+        if deleted:
+            log.debug("probes removed from %d deleted files", len(deleted))
+        return len(deleted)
 
     def probe_file(self, access: str, shown_as: str, *, attach: bool = True) -> TlsPlan[Any] | None:
         """One file, open as `access` (/proc/self/fd/N: the exec gate's file, a private
@@ -335,11 +384,8 @@ class TlsProbes:
             log.debug("%s: gone before it could be probed", mapped.path)
             return
         try:
-            for site in placement.sites():
-                program = self._obj.program(self._program_name(site.program))
-                attached.links.append(
-                    program.attach_uprobe(target, site.offset, pid=pid, retprobe=site.retprobe)
-                )
+            for link in self._link(target, placement, pid):
+                attached.links.append(link)
         except BpfError as exc:
             self.stats.attach_failures += 1
             for link in attached.links:
@@ -348,8 +394,14 @@ class TlsProbes:
             self._placements[mapped.key] = None
             log.warning("TLS probes not attached to %s: %s", mapped.path, exc)
             return
+        if pid == ALL_PROCESSES:
+            # Gone meanwhile (no handle): its probes stay until the sensor stops.
+            with contextlib.suppress(OSError):
+                attached.handle = os.open(target, os.O_PATH | os.O_CLOEXEC)
         self._attached[(pid, mapped.key)] = attached
-        placement.after_attach(self, path=mapped.path, key=mapped.key, target=target)
+        attached.undo = placement.after_attach(
+            self, path=mapped.path, key=mapped.key, target=target
+        )
         scope = "every process" if pid == ALL_PROCESSES else f"pid {pid}"
         if pid == ALL_PROCESSES or len(self.stats.attached) < 1000:
             self.stats.attached.append(
@@ -368,6 +420,21 @@ class TlsProbes:
             placement.describe(),
         )
 
+    def _link(self, target: str, placement: TlsPlan[Any], pid: int) -> Iterator[BpfLink]:
+        """The links of a placement: one per program (uprobe_multi), else one per site.
+        Each link is yielded as made, so that a failure leaves the made ones to destroy."""
+        if not self._uprobe_multi:
+            for site in placement.sites():
+                program = self._obj.program(self._program_name(site.program))
+                yield program.attach_uprobe(target, site.offset, pid=pid, retprobe=site.retprobe)
+            return
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for site in placement.sites():
+            groups.setdefault((site.program, site.retprobe), []).append(site.offset)
+        for (name, retprobe), offsets in groups.items():
+            program = self._obj.program(self._program_name(name))
+            yield program.attach_uprobe_multi(target, offsets, pid=pid, retprobe=retprobe)
+
     # --- what plug-ins may touch after attaching (plugins.AttachContext) ---------------
 
     def set_flag(self, name: str) -> None:
@@ -380,6 +447,12 @@ class TlsProbes:
     def update_map(self, name: str, key: bytes, value: bytes) -> None:
         self._obj.map(name).update(key, value)
 
+    def delete_map(self, name: str, key: bytes) -> None:
+        try:
+            self._obj.map(name).delete(key)
+        except BpfError as exc:
+            log.warning("could not delete from %s: %s", name, exc)
+
     def btf(self) -> Btf:
         """The object's BTF, read when a plug-in first needs it."""
         if self._btf is None:
@@ -390,7 +463,7 @@ class TlsProbes:
         # First, every probe stops capturing at once; then the links go, one by one.
         self.set_flag("tls_stopped")
         for attached in self._attached.values():
-            self._reaper.put(attached.links)
+            attached.release(self._reaper)
         self._attached.clear()
         left = self._reaper.finish(timeout_s)
         if left:

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from flowtap.tls.identity import FileKey, path_key, read_overlays, real_key
 
-__all__ = ["FileKey", "MappedFile", "executable_mappings", "file_key", "system_tls_libraries"]
+__all__ = [
+    "FileKey",
+    "MappedFile",
+    "executable_mappings",
+    "file_key",
+    "mapped_deleted_files",
+    "system_tls_libraries",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,13 @@ def parse_maps_line(line: str) -> tuple[str, str, FileKey, str] | None:
     return span, perms, key, path.removesuffix(" (deleted)")
 
 
+def map_files_name(span: str) -> str:
+    """The /proc/PID/map_files entry of a maps address range: the same numbers, without
+    the leading zeros maps pads them with ("00400000-006ed000" is "400000-6ed000")."""
+    start, _, end = span.partition("-")
+    return f"{int(start, 16):x}-{int(end, 16):x}"
+
+
 def executable_mappings(pid: int, proc: Path = Path("/proc")) -> list[MappedFile]:
     """The files mapped executable in pid, each once; [] when it is gone."""
     try:
@@ -61,11 +75,36 @@ def executable_mappings(pid: int, proc: Path = Path("/proc")) -> list[MappedFile
         key = real_key(shown, path, theirs, own)
         if key in found:
             continue
-        access = proc / str(pid) / "map_files" / span
+        access = proc / str(pid) / "map_files" / map_files_name(span)
         if not os.path.exists(access):
             access = proc / str(pid) / "root" / path.lstrip("/")
         found[key] = MappedFile(key, path, access)
     return list(found.values())
+
+
+def mapped_deleted_files(proc: Path = Path("/proc")) -> set[tuple[int, int]]:
+    """(device, inode) of every deleted file some process still maps executable, as
+    stat() through /proc/PID/map_files sees it (the same view as a descriptor opened
+    through it, overlayfs included)."""
+    found: set[tuple[int, int]] = set()
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(proc / name / "maps") as maps:
+                lines = [line for line in maps if line.endswith(" (deleted)\n")]
+        except OSError:
+            continue
+        for line in lines:
+            span, perms, *_ = line.split(maxsplit=2)
+            if "x" not in perms:
+                continue
+            try:
+                st = os.stat(proc / name / "map_files" / map_files_name(span))
+            except (OSError, ValueError):
+                continue
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def file_key(path: Path, proc: Path = Path("/proc")) -> FileKey:

@@ -7,6 +7,7 @@ to do once the probes are attached. attach.py knows plug-ins only through these 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -46,10 +47,15 @@ class AttachContext(Protocol):
         """Raises BpfError."""
         ...
 
+    def delete_map(self, name: str, key: bytes) -> None:
+        """Deletes an entry if there is one (logged on failure)."""
+        ...
+
     def btf(self) -> Btf: ...
 
 
 P = TypeVar("P", bound=ProbePlan)
+Undo = Callable[[], None]
 
 
 class TlsLibrary(Protocol[P]):
@@ -72,7 +78,10 @@ class TlsLibrary(Protocol[P]):
 
     def after_attach(
         self, plan: P, ctx: AttachContext, *, path: str, key: FileKey, target: str
-    ) -> None: ...
+    ) -> Undo | None:
+        """Per-file state for its probes; returns what undoes it when they are removed
+        (the file was deleted), None when there is nothing to undo."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,5 +101,7 @@ class TlsPlan(Generic[P]):
     def sites(self) -> list[ProbeSite]:
         return self.plan.sites()
 
-    def after_attach(self, ctx: AttachContext, *, path: str, key: FileKey, target: str) -> None:
-        self.library.after_attach(self.plan, ctx, path=path, key=key, target=target)
+    def after_attach(
+        self, ctx: AttachContext, *, path: str, key: FileKey, target: str
+    ) -> Undo | None:
+        return self.library.after_attach(self.plan, ctx, path=path, key=key, target=target)

@@ -13,7 +13,7 @@ from flowtap.tls import golang
 from flowtap.tls.elf import ElfImage
 from flowtap.tls.golang import GoPlacement, UnsupportedGoError, go_version, plan_go
 from flowtap.tls.identity import FileKey, stat_key
-from flowtap.tls.plugins.base import AttachContext, NotProbedError
+from flowtap.tls.plugins.base import AttachContext, NotProbedError, Undo
 
 log = logging.getLogger("flowtap.tls")
 
@@ -41,15 +41,16 @@ class GoTls:
 
     def after_attach(
         self, plan: GoPlacement, ctx: AttachContext, *, path: str, key: FileKey, target: str
-    ) -> None:
+    ) -> Undo | None:
         ctx.set_flag("go_probed")
-        if plan.walk is not None:
-            _add_go_executable(ctx, plan.walk, path=path, key=key, target=target)
+        if plan.walk is None:
+            return None
+        return _add_go_executable(ctx, plan.walk, path=path, key=key, target=target)
 
 
 def _add_go_executable(
     ctx: AttachContext, walk: golang.GoConnWalk, *, path: str, key: FileKey, target: str
-) -> None:
+) -> Undo | None:
     """Lets the kernel walk this executable's tls.Conn to its socket (keyed as the
     kernel sees the file: mm->exe_file's inode, which on overlayfs is the overlay's,
     not the layer's that key names; stat() through the process gives it)."""
@@ -73,6 +74,9 @@ def _add_go_executable(
         ctx.update_map("go_executables", map_key, value)
     except BpfError as exc:
         log.warning("%s: tls.Conn walk not set up: %s", path, exc)
+        return None
+    # The table is small (1,024 executables): a deleted file's entry must go with it.
+    return lambda: ctx.delete_map("go_executables", map_key)
 
 
 GOTLS = GoTls()
