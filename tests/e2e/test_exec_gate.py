@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import CURL, Lab, Peer, Record, Sensor, find_pairs, only_pair, start_server
+from .helpers import CURL, EXEC_HOLD, Lab, Peer, Record, Sensor, find_pairs, only_pair, start_server
 from .test_go_tls import go_peers  # noqa: F401 (the fixture: tlspeer built twice)
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ def gate_fs(tmp_path: Path) -> Iterator[Path]:
 # here (docs/program-start.md); but this machine is shared by five engineers on two
 # cores, and at a load average of 14 a Go client's 33 uprobe attaches took over 300 ms.
 # What happens past a deadline is test_hold_ends_at_the_deadline's subject.
-CAPTURE_HOLD = ["--exec-hold-ms", "2000"]
+CAPTURE_HOLD = EXEC_HOLD
 # A fresh Go copy brings 33 uprobe links, and each takes ~100 ms to destroy at stop.
 SLOW_STOP_S = 60.0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import CURL, PYTHON, TLS_PEER, Lab, Record, Sensor, only_pair, start_server
+from .helpers import CURL, EXEC_HOLD, PYTHON, TLS_PEER, Lab, Record, Sensor, only_pair, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -74,8 +74,9 @@ def test_go_client(
     e2e: Lab, pki: dict[str, Path], go_peers: dict[str, Path], build: str, proto: str
 ) -> None:
     _server, port = start_server(e2e, pki)
-    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full"])
+    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full", *EXEC_HOLD])
     go = e2e.file("go")
+    go.touch()  # started after the sensor, talking at once: probed at its exec
     binary = go_peers[build]
     url = f"https://127.0.0.1:{port}/items/33"
     client = e2e.spawn(
@@ -83,9 +84,6 @@ def test_go_client(
         cgroup=e2e.cgroup,
         stem="go-client",
     )
-    # Found at its exec; its first request waits until the probes are in (docs/tls.md).
-    sensor.wait_log(f"go tls probes attached to {binary}")
-    go.touch()
     client.wait_message("done")
     client.finish()
     sensor.wait_for(lambda _r: len(sensor.http_records()) >= 3, what="three http records")

@@ -3,7 +3,8 @@ the plaintext is tied to the socket the same thread received on just before (rea
 sends on right after (writes); see docs/tls.md. Each test asserts exact transactions on
 the connection record of that node socket (its local port, as node reports it).
 
-Capture is scoped with --pid to the processes each test starts; traffic is loopback only.
+Every node starts after the sensor is ready and talks at once (the exec gate probes it
+first). Capture is scoped to the test's cgroup; traffic is loopback only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ from typing import Any
 
 import pytest
 
-from .helpers import CURL, Lab, Peer, Record, Sensor, body, http_of, only_pair, start_server
+from .helpers import (
+    CURL,
+    EXEC_HOLD,
+    Lab,
+    Peer,
+    Record,
+    Sensor,
+    body,
+    http_of,
+    only_pair,
+    start_server,
+)
 
 NODE = shutil.which("node") or "/usr/bin/node"
 pytestmark = [
@@ -31,12 +43,10 @@ def node(e2e: Lab, pki: dict[str, Path], *args: str) -> Peer:
     return e2e.spawn([NODE, str(NODE_PEER), *args], cgroup=e2e.cgroup, stem="node", env=env)
 
 
-def traced(e2e: Lab, *peers: Peer) -> Sensor:
-    """A sensor on these processes only; node is probed by the start-up scan."""
-    scope = [arg for peer in peers for arg in ("--pid", str(peer.pid))]
-    sensor = e2e.sensor(*scope, extra=FULL)
-    sensor.wait_log("probes attached to /usr/bin/node")
-    return sensor
+def sensor_first(e2e: Lab) -> Sensor:
+    """A sensor on the test cgroup, ready before node starts: node is probed as it execs
+    (the exec gate), and talks at once."""
+    return e2e.sensor(extra=FULL + EXEC_HOLD)
 
 
 def connection_id(connections: list[Record], **criteria: Any) -> int:
@@ -47,10 +57,10 @@ def connection_id(connections: list[Record], **criteria: Any) -> int:
 
 def test_https_request_post_and_get(e2e: Lab, pki: dict[str, Path]) -> None:
     server, port = start_server(e2e, pki)
+    sensor = sensor_first(e2e)
     go = e2e.file("go")
+    go.touch()  # node talks at once
     client = node(e2e, pki, "request", f"https://127.0.0.1:{port}/v1/echo?x=1", str(go))
-    sensor = traced(e2e, client, server)
-    go.touch()
     posted = client.wait_message("response")
     client.wait_message("done")
     client.finish()
@@ -81,11 +91,11 @@ def test_https_request_post_and_get(e2e: Lab, pki: dict[str, Path]) -> None:
 
 
 def test_fetch_undici(e2e: Lab, pki: dict[str, Path]) -> None:
-    server, port = start_server(e2e, pki)
+    _server, port = start_server(e2e, pki)
+    sensor = sensor_first(e2e)
     go = e2e.file("go")
+    go.touch()  # node talks at once
     client = node(e2e, pki, "fetch", f"https://127.0.0.1:{port}/v2/fetch", str(go))
-    sensor = traced(e2e, client, server)
-    go.touch()
     answer = client.wait_message("response")
     client.finish()
     (record,) = http_of(sensor, client.pid, 1)
@@ -104,9 +114,10 @@ def test_fetch_undici(e2e: Lab, pki: dict[str, Path]) -> None:
 
 
 def test_node_https_server_hit_by_curl(e2e: Lab, pki: dict[str, Path]) -> None:
+    """A node server started after the sensor: its first request is captured."""
+    sensor = sensor_first(e2e)
     server = node(e2e, pki, "server", str(pki["cert"]), str(pki["key"]))
     port = int(server.wait_message("listening")["port"])
-    sensor = traced(e2e, server)
     argv = [CURL, "-sS", "--noproxy", "*", "--http1.1", "--cacert", str(pki["ca"])]
     argv += ["--local-port", "42000-42999", "-d", "from curl", f"https://127.0.0.1:{port}/up"]
     curl = e2e.spawn(argv, cgroup=e2e.cgroup, stem="curl")
@@ -130,11 +141,11 @@ def test_node_https_server_hit_by_curl(e2e: Lab, pki: dict[str, Path]) -> None:
 
 
 def test_http2_connect(e2e: Lab, pki: dict[str, Path]) -> None:
-    server, port = start_server(e2e, pki)
+    _server, port = start_server(e2e, pki)
+    sensor = sensor_first(e2e)
     go = e2e.file("go")
+    go.touch()  # node talks at once
     client = node(e2e, pki, "h2", f"https://127.0.0.1:{port}/v3/h2", str(go))
-    sensor = traced(e2e, client, server)
-    go.touch()
     first = client.wait_message("response")
     client.wait_message("done")
     client.finish()
@@ -157,13 +168,13 @@ def test_http2_connect(e2e: Lab, pki: dict[str, Path]) -> None:
 def test_two_connections_are_not_crossed(e2e: Lab, pki: dict[str, Path]) -> None:
     """Requests on two connections at once, to two servers: each record's bodies belong
     to the connection it is on."""
-    server1, port1 = start_server(e2e, pki)
-    server2, port2 = start_server(e2e, pki)
+    _server1, port1 = start_server(e2e, pki)
+    _server2, port2 = start_server(e2e, pki)
+    sensor = sensor_first(e2e)
     go = e2e.file("go")
+    go.touch()  # node talks at once
     url1, url2 = f"https://127.0.0.1:{port1}/one", f"https://127.0.0.1:{port2}/two"
     client = node(e2e, pki, "two", url1, url2, str(go))
-    sensor = traced(e2e, client, server1, server2)
-    go.touch()
     client.wait_message("done")
     answers = client.messages("response")
     client.finish()
@@ -196,11 +207,11 @@ def test_a_new_connection_each_time(e2e: Lab, pki: dict[str, Path]) -> None:
     """Each request on a connection of its own: node frees an SSL and allocates the next at
     the same address, and the socket it last used is closed. Every record is on its own
     connection."""
-    server, port = start_server(e2e, pki)
+    _server, port = start_server(e2e, pki)
+    sensor = sensor_first(e2e)
     go = e2e.file("go")
+    go.touch()  # node talks at once
     client = node(e2e, pki, "sequential", f"https://127.0.0.1:{port}/seq", str(go))
-    sensor = traced(e2e, client, server)
-    go.touch()
     client.wait_message("done")
     answers = client.messages("response")
     client.finish()

@@ -24,6 +24,7 @@ import pytest
 from runtimes import build_go_peer, node_executable
 
 from .helpers import (
+    EXEC_HOLD,
     Lab,
     Peer,
     Record,
@@ -41,8 +42,7 @@ RUNS = int(os.environ.get("FLOWTAP_MATRIX_RUNS", "20"))
 GO_RELEASES = ["1.21", "1.23", "1.25", "1.27"]
 NODE_RELEASES = ["18", "20", "22", "24", "system"]
 NODE_PEER = Path(__file__).resolve().with_name("node_peer.js")
-# The exec hold's bound: generous, as in test_exec_gate.py (a loaded shared machine).
-SENSOR_FLAGS = ["--direction", "egress", "--capture-level", "full", "--exec-hold-ms", "2000"]
+SENSOR_FLAGS = ["--direction", "egress", "--capture-level", "full", *EXEC_HOLD]
 
 
 def fresh_copy(source: Path, directory: Path, run: int) -> Path:

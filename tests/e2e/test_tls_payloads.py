@@ -18,6 +18,7 @@ import pytest
 
 from .helpers import (
     CURL,
+    EXEC_HOLD,
     OPENSSL,
     PYTHON,
     TLS_PEER,
@@ -185,13 +186,11 @@ def test_openssl_s_client_hand_written_request(e2e: Lab, pki: dict[str, Path]) -
 
 def test_static_libssl_executable(e2e: Lab, pki: dict[str, Path], static_client: Path) -> None:
     _server, port = start_server(e2e, pki)
-    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full"])
+    sensor = e2e.sensor(extra=["--direction", "egress", "--capture-level", "full", *EXEC_HOLD])
     go = e2e.file("go")
+    go.touch()  # talks at once: OpenSSL is in the executable itself, probed at its exec
     argv = [str(static_client), str(port), str(pki["ca"]), "/items/33", str(go)]
     client = e2e.spawn(argv, cgroup=e2e.cgroup, stem="static-client")
-    # Found at its exec: OpenSSL is in the executable itself.
-    sensor.wait_log(f"openssl probes attached to {static_client}")
-    go.touch()
     done = client.wait_message("done")
     client.finish()
     sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")

