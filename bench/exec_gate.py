@@ -6,7 +6,9 @@
         sensor's "exec held N ms" log lines;
   exec: a loop of fork+exec of a copy of /bin/true (--execs times) without and with the
         sensor, interleaved pairs; with the sensor the file is known after its first
-        exec (ignore mark), which is the steady state. Ratio = rate with / rate without.
+        exec (ignore mark), which is the steady state. Ratios: rate with / rate without,
+        and CPU per exec (the loop's and its children's) without / with; and the
+        sensor's own CPU per exec.
 
 The sensor marks only a tmpfs this benchmark mounts (--exec-gate-path), and is scoped to
 a cgroup it makes, so nothing else on the host is held.
@@ -76,19 +78,32 @@ def run_in(cgroup: Path, argv: list[str]) -> None:
                    stderr=subprocess.DEVNULL, timeout=60, check=False)  # fmt: skip
 
 
-def exec_loop(cgroup: Path, program: Path, count: int) -> float:
-    """fork+exec+wait of program `count` times in a child in the cgroup; execs/s."""
+def exec_loop(cgroup: Path, program: Path, count: int) -> tuple[float, float]:
+    """fork+exec+wait of program `count` times in a child in the cgroup: (execs/s, CPU
+    per exec in µs). The CPU time (user and system, of the loop and its children) holds
+    what the kernel's hooks cost the exec'ing processes, and moves far less than the
+    rate with what else this shared machine runs."""
     code = (
-        "import os,sys,time\n"
+        "import os,resource,sys,time\n"
         "p=sys.argv[1]; n=int(sys.argv[2]); t=time.perf_counter()\n"
         "for _ in range(n):\n"
         "    os.waitpid(os.posix_spawn(p,[p],{}),0)\n"
-        "print(n/(time.perf_counter()-t))\n"
+        "rate=n/(time.perf_counter()-t)\n"
+        "cpu=sum(r.ru_utime+r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),"
+        "resource.getrusage(resource.RUSAGE_CHILDREN)))\n"
+        "print(rate, cpu/n*1e6)\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(program), str(count)],
                           preexec_fn=lambda: in_cgroup(cgroup), capture_output=True,
                           text=True, timeout=600, check=True)  # fmt: skip
-    return float(done.stdout.strip())
+    rate, cpu_us = done.stdout.split()
+    return float(rate), float(cpu_us)
+
+
+def sensor_cpu_s(pid: int) -> float:
+    """User and system time of a running process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(samples: list[float]) -> dict[str, float | int | None]:
@@ -141,19 +156,35 @@ def main() -> int:
             shutil.copy("/bin/true", true)
             without: list[float] = []
             with_sensor: list[float] = []
+            cpu_without: list[float] = []
+            cpu_with: list[float] = []
+            sensor_us: list[float] = []
             for pair in range(args.pairs):
-                without.append(exec_loop(cgroup, true, args.execs))
+                rate, cpu = exec_loop(cgroup, true, args.execs)
+                without.append(rate)
+                cpu_without.append(cpu)
                 directory = work / f"exec-{pair}"
                 directory.mkdir()
                 sensor = Sensor(directory, extra_args=gate)
                 sensor.wait_ready()
-                with_sensor.append(exec_loop(cgroup, true, args.execs))
+                before = sensor_cpu_s(sensor.pid)
+                rate, cpu = exec_loop(cgroup, true, args.execs)
+                sensor_us.append((sensor_cpu_s(sensor.pid) - before) / args.execs * 1e6)
+                with_sensor.append(rate)
+                cpu_with.append(cpu)
                 sensor.stop()
             result["exec_per_s_without"] = [round(x) for x in without]
             result["exec_per_s_with"] = [round(x) for x in with_sensor]
             result["exec_ratio"] = round(
                 statistics.median(with_sensor) / statistics.median(without), 3
             )
+            result["exec_cpu_us_without"] = [round(x) for x in cpu_without]
+            result["exec_cpu_us_with"] = [round(x) for x in cpu_with]
+            # CPU per exec without / with: the exec's own cost ratio, less noisy.
+            result["exec_cpu_ratio"] = round(
+                statistics.median(cpu_without) / statistics.median(cpu_with), 3
+            )
+            result["sensor_cpu_us_per_exec"] = [round(x) for x in sensor_us]
     except (BenchError, subprocess.CalledProcessError) as exc:
         print(f"bench.exec_gate: {exc}", file=sys.stderr)
         return 1

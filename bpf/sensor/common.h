@@ -91,4 +91,26 @@ static __always_inline void submit(void *event, __u64 size)
 	bpf_ringbuf_submit(event, wakeup_flags(size));
 }
 
+/*
+ * Set by userspace while its exec gate runs: programs are then probed before they run, and
+ * exec events wait for the consumer's next poll like other records. Without the gate the
+ * file an exec event names is probed from the event, so the event wakes the consumer at
+ * once; a forced wake-up costs the exec'ing process about 15 us in a VM (an irq_work
+ * self-IPI and a remote wake-up, measured as on_exec's run time with bpf_stats).
+ */
+FT_SHARED struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} exec_gated SEC(".maps");
+
+static __always_inline void submit_exec(void *event, __u64 size)
+{
+	__u32 zero = 0;
+	__u32 *gated = bpf_map_lookup_elem(&exec_gated, &zero);
+
+	bpf_ringbuf_submit(event, gated && *gated ? wakeup_flags(size) : BPF_RB_FORCE_WAKEUP);
+}
+
 #endif /* FLOWTAP_SENSOR_COMMON_H */

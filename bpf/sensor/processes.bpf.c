@@ -100,8 +100,7 @@ static __always_inline void exec_event(struct task_struct *task, struct linux_bi
 	if (bpf_probe_read_user(e->args, len, (void *)arg_start))
 		len = 0;
 	e->args_length = len;
-	/* Rare, and read best while the process still lives (its /proc entry): wake now. */
-	bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	submit_exec(e, sizeof(*e));
 }
 
 SEC("tp_btf/sched_process_exec")

@@ -371,6 +371,8 @@ class Sensor:
             )
             return
         self.gate = gate
+        # Exec events no longer need to wake the consumer at once (bpf/sensor/common.h).
+        self.tls.set_flag("exec_gated")
         log.info(
             "exec gate on: execs held up to %d ms on %s", cfg.exec_hold_ms, ", ".join(gate.marked)
         )
@@ -531,7 +533,9 @@ class Sensor:
                 if tls is not None:
                     self.worker.submit(lambda: tls.forget_process(pid))
             case Fork():
-                if tls is not None:
+                # Process mode: the child needs probes of its own. In file mode it maps
+                # what its parent did, probed for every process already.
+                if tls is not None and tls.mode == "process":
                     self.worker.submit(lambda: tls.on_fork(pid))
 
     def _rescan_due(self, pid: int) -> bool:
@@ -551,6 +555,10 @@ class Sensor:
             return
         if self.gate is None and event.filename:
             tls.on_exec_file(event.task.pid, event.ppid, event.filename)
+        elif self.gate is not None and tls.mode == "file" and self.gate.covers(event.task.pid):
+            # The gate classified (and probed) its file before it ran, and its libraries
+            # are not mapped yet: its first connection looks at them.
+            return
         tls.on_exec(event.task.pid)
 
     def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:

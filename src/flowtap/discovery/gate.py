@@ -149,6 +149,7 @@ class ExecGate:
         self._me = os.getpid()
         self.stats = GateStats()
         self.marked: list[str] = []
+        self._whole_filesystems: set[int] = set()  # st_dev of those marked as filesystems
 
     def start(self) -> None:
         """Marks the filesystems and starts answering; FanotifyError if unavailable."""
@@ -160,6 +161,7 @@ class ExecGate:
             for point in filesystems(self._paths):
                 try:
                     fan.watch_filesystem(point)
+                    self._whole_filesystems.add(os.stat(point).st_dev)
                 except FanotifyError as exc:
                     log.debug("exec gate: %s not marked as a filesystem: %s", point, exc)
                     try:
@@ -394,6 +396,15 @@ class ExecGate:
             for path, fd in libraries:
                 plan = self._tls.probe_file(f"/proc/self/fd/{fd}", f"{path} (root of pid {pid})")
                 log.debug("exec gate: new root of pid %d: %s: %s", pid, path, plan and plan.kind)
+
+    def covers(self, pid: int) -> bool:
+        """Whether pid's executable is on a filesystem this gate marks whole: its exec
+        was held (or its file is known) before it ran, so the exec event has nothing to
+        add. False when that cannot be told (the process is gone)."""
+        try:
+            return os.stat(f"/proc/{pid}/exe").st_dev in self._whole_filesystems
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Closes the fanotify descriptor: the kernel allows every exec still held."""

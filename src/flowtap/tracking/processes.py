@@ -144,6 +144,8 @@ class ProcessRegistry:
         return info
 
     def on_exit(self, event: Exit) -> None:
+        # Kept in exit order (re-inserted), so expiry stops at the first one still young.
+        self._exited.pop(event.task.pid, None)
         self._exited[event.task.pid] = time.monotonic()
         self._expire()
 
@@ -174,10 +176,12 @@ class ProcessRegistry:
 
     def _expire(self) -> None:
         deadline = time.monotonic() - _EXITED_GRACE_S
-        for pid, when in list(self._exited.items()):
-            if when < deadline:
-                del self._exited[pid]
-                self._known.pop(pid, None)
+        while self._exited:
+            pid, when = next(iter(self._exited.items()))
+            if when >= deadline:
+                break
+            del self._exited[pid]
+            self._known.pop(pid, None)
 
     def _read_proc(self, pid: int) -> ProcessInfo | None:
         base = self._proc / str(pid)
