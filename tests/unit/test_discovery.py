@@ -216,12 +216,12 @@ def test_root_libraries_from_ld_cache_and_directories(
         return real_open(text, flags, *args)
 
     monkeypatch.setattr(os, "open", fake_open)
-    with roots.tls_libraries(77) as found:
+    with roots.tls_libraries(77, ("libssl.so",)) as found:
         contents = sorted(os.pread(fd, 64, 0) for _path, fd in found)
         paths = sorted(path for path, _fd in found)
     assert contents == [b"from the cache", b"from the directory"]
     assert paths == ["/opt/ssl/lib/libssl.so.3", "/usr/lib/x86_64-linux-gnu/libssl.so.1.1"]
-    with roots.tls_libraries(2**22 + 9) as none:
+    with roots.tls_libraries(2**22 + 9, ("libssl.so",)) as none:
         assert none == []
 
 

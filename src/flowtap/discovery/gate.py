@@ -392,7 +392,7 @@ class ExecGate:
             os.close(fd)
 
     def _probe_root(self, pid: int) -> None:
-        with tls_libraries(pid) as libraries:
+        with tls_libraries(pid, self._tls.shared_libraries) as libraries:
             for path, fd in libraries:
                 plan = self._tls.probe_file(f"/proc/self/fd/{fd}", f"{path} (root of pid {pid})")
                 log.debug("exec gate: new root of pid %d: %s: %s", pid, path, plan and plan.kind)

@@ -33,7 +33,8 @@ _LIBRARY_DIRS = (
     "usr/lib/aarch64-linux-gnu",
 )
 _LD_CACHE = "etc/ld.so.cache"
-_LD_CACHE_PATH = re.compile(rb"(/[\x21-\x7e]{1,200}/libssl\.so[\w.]*)\0")
+# A path in the cache: any printable run ending in a NUL (the names are filtered after).
+_LD_CACHE_PATH = re.compile(rb"(/[\x21-\x7e]{1,200})\0")
 _MAX_LD_CACHE_BYTES = 8 << 20
 _MAX_LIBRARIES = 32
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -59,17 +60,18 @@ def open_in_root(root_fd: int, path: str, flags: int = os.O_RDONLY) -> int:
     return int(fd)
 
 
-def _ld_cache_paths(root_fd: int) -> list[str]:
+def _ld_cache_paths(root_fd: int, prefixes: tuple[str, ...]) -> list[str]:
     try:
         fd = open_in_root(root_fd, _LD_CACHE)
     except OSError:
         return []
     with os.fdopen(fd, "rb") as stream:
         data = stream.read(_MAX_LD_CACHE_BYTES)
-    return [match.decode() for match in _LD_CACHE_PATH.findall(data)]
+    paths = (match.decode() for match in _LD_CACHE_PATH.findall(data))
+    return [path for path in paths if path.rpartition("/")[2].startswith(prefixes)]
 
 
-def _directory_paths(root_fd: int) -> list[str]:
+def _directory_paths(root_fd: int, prefixes: tuple[str, ...]) -> list[str]:
     found: list[str] = []
     for directory in _LIBRARY_DIRS:
         try:
@@ -80,7 +82,7 @@ def _directory_paths(root_fd: int) -> list[str]:
             found += [
                 f"/{directory}/{name}"
                 for name in sorted(os.listdir(fd))
-                if name.startswith("libssl.so")
+                if name.startswith(prefixes)
             ]
         finally:
             os.close(fd)
@@ -88,9 +90,13 @@ def _directory_paths(root_fd: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def tls_libraries(pid: int) -> Iterator[list[tuple[str, int]]]:
-    """(path in the root, open fd) of each distinct libssl file in pid's root; the fds
-    are closed on leaving. [] when the process is gone."""
+def tls_libraries(pid: int, prefixes: tuple[str, ...]) -> Iterator[list[tuple[str, int]]]:
+    """(path in the root, open fd) of each distinct shared library in pid's root whose
+    name starts with one of prefixes (the TLS plug-ins': libssl.so); the fds are closed
+    on leaving. [] when the process is gone or nothing is looked for."""
+    if not prefixes:
+        yield []
+        return
     try:
         root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
@@ -99,7 +105,8 @@ def tls_libraries(pid: int) -> Iterator[list[tuple[str, int]]]:
     opened: list[tuple[str, int]] = []
     try:
         seen: set[tuple[int, int]] = set()
-        for path in dict.fromkeys(_ld_cache_paths(root_fd) + _directory_paths(root_fd)):
+        candidates = _ld_cache_paths(root_fd, prefixes) + _directory_paths(root_fd, prefixes)
+        for path in dict.fromkeys(candidates):
             if len(opened) >= _MAX_LIBRARIES:
                 break
             try:

@@ -169,12 +169,17 @@ class TlsProbes:
         mode there is no process to attach it to yet)."""
         if self.mode != "file":
             return
-        for path in system_tls_libraries():
+        for path in system_tls_libraries(self.shared_libraries):
             try:
                 key = file_key(path)
             except OSError:
                 continue
             self._probe(ALL_PROCESSES, MappedFile(key, str(path), path))
+
+    @property
+    def shared_libraries(self) -> tuple[str, ...]:
+        """What the switched-on plug-ins look for before any process maps it."""
+        return plugins.shared_libraries(self._libraries)
 
     def scan_process(self, pid: int, *, budgeted: bool = True) -> None:
         self._scanned_at[pid] = time.monotonic()

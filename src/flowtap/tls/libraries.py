@@ -113,9 +113,12 @@ def file_key(path: Path, proc: Path = Path("/proc")) -> FileKey:
     return real_key(shown, os.path.realpath(path), read_overlays(proc / "self" / "mountinfo"))
 
 
-def system_tls_libraries() -> list[Path]:
-    """The host's shared OpenSSL libraries, from the dynamic linker's cache: probed at
-    start, so that programs loading them later are covered from their first call."""
+def system_tls_libraries(prefixes: tuple[str, ...]) -> list[Path]:
+    """The host's shared TLS libraries (names starting with prefixes, the plug-ins'), from
+    the dynamic linker's cache: probed at start, so that programs loading them later are
+    covered from their first call."""
+    if not prefixes:
+        return []
     try:
         out = subprocess.run(
             ["/sbin/ldconfig", "-p"], capture_output=True, text=True, timeout=10, check=False
@@ -125,6 +128,6 @@ def system_tls_libraries() -> list[Path]:
     found: dict[str, Path] = {}
     for line in out.splitlines():
         name, _, target = line.strip().partition(" => ")
-        if name.startswith("libssl.so") and target:
+        if name.startswith(prefixes) and target:
             found.setdefault(os.path.realpath(target), Path(target))
     return list(found.values())

@@ -31,6 +31,7 @@ __all__ = [
     "TlsLibrary",
     "TlsPlan",
     "select",
+    "shared_libraries",
     "signatures",
     "sources",
 ]
@@ -52,6 +53,11 @@ def select(names: tuple[str, ...]) -> tuple[Library, ...]:
 def signatures(libraries: tuple[Library, ...]) -> tuple[bytes, ...]:
     """Byte strings of which any makes a file worth parsing for these plug-ins."""
     return tuple(dict.fromkeys(s for library in libraries for s in library.signatures))
+
+
+def shared_libraries(libraries: tuple[Library, ...]) -> tuple[str, ...]:
+    """Library name prefixes to look up before any process maps them (libssl.so)."""
+    return tuple(dict.fromkeys(n for library in libraries for n in library.shared_libraries))
 
 
 def sources() -> dict[str, str]:

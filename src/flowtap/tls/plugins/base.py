@@ -64,6 +64,9 @@ class TlsLibrary(Protocol[P]):
     source_enum: str  # its enum ft_source name in bpf/flowtap.h: what its BPF programs emit
     log_name: str  # "openssl probes attached to ..."
     signatures: tuple[bytes, ...]  # any of these makes a file worth parsing for it
+    # Names (prefixes) of its shared libraries, looked up before any process maps them:
+    # in the dynamic linker's cache at start and in each new root ("libssl.so").
+    shared_libraries: tuple[str, ...]
 
     def classify(self, image: ElfImage, access: Path, *, internal: bool) -> P | None:
         """Its plan for the file, None when the file is not its (the next plug-in is

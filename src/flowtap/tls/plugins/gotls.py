@@ -26,6 +26,7 @@ class GoTls:
     # Every Go executable has it: each one is looked at, so that one that is not probed
     # is logged with its version and the reason.
     signatures: tuple[bytes, ...] = (golang.SIGNATURE,)
+    shared_libraries: tuple[str, ...] = ()  # executables only
 
     def classify(self, image: ElfImage, access: Path, *, internal: bool) -> GoPlacement | None:
         try:

@@ -21,6 +21,7 @@ class NodeTls:
     source_enum = "FT_SOURCE_OPENSSL"
     log_name = "openssl"
     signatures: tuple[bytes, ...] = openssl.SIGNATURES
+    shared_libraries: tuple[str, ...] = ()  # executables only
 
     def classify(self, image: ElfImage, access: Path, *, internal: bool) -> Placement | None:
         # The version first: a byte search, cheaper than reading OpenSSL's code (node:

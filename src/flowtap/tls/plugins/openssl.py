@@ -18,6 +18,7 @@ class OpenSsl:
     source_enum = "FT_SOURCE_OPENSSL"
     log_name = "openssl"
     signatures: tuple[bytes, ...] = SIGNATURES
+    shared_libraries: tuple[str, ...] = ("libssl.so",)
 
     def classify(self, image: ElfImage, access: Path, *, internal: bool) -> Placement | None:
         try:
