@@ -342,6 +342,13 @@ def only_pair(records: list[Record], **criteria: Any) -> tuple[Record, Record]:
     return opened, closed
 
 
+def connection_id(records: list[Record], **criteria: Any) -> int:
+    """The connection_id of the one open/close pair matching criteria (only_pair)."""
+    opened, _closed = only_pair(records, **criteria)
+    conn_id: int = opened["connection_id"]
+    return conn_id
+
+
 def _validator(schema: Path) -> Draft202012Validator:
     """A validator for one of docs/schema/, which may refer to the others by their $id."""
     registry: Registry[Any] = Registry().with_resources(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,11 +19,10 @@ from .helpers import (
     EXEC_HOLD,
     Lab,
     Peer,
-    Record,
     Sensor,
     body,
+    connection_id,
     http_of,
-    only_pair,
     start_server,
 )
 
@@ -47,12 +45,6 @@ def sensor_first(e2e: Lab) -> Sensor:
     """A sensor on the test cgroup, ready before node starts: node is probed as it execs
     (the exec gate), and talks at once."""
     return e2e.sensor(extra=FULL + EXEC_HOLD)
-
-
-def connection_id(connections: list[Record], **criteria: Any) -> int:
-    opened, _closed = only_pair(connections, **criteria)
-    conn_id: int = opened["connection_id"]
-    return conn_id
 
 
 def test_https_request_post_and_get(e2e: Lab, pki: dict[str, Path]) -> None:

@@ -30,8 +30,8 @@ from .helpers import (
     Record,
     Sensor,
     body,
+    connection_id,
     http_of,
-    only_pair,
     start_server,
     wait_until,
 )
@@ -93,12 +93,6 @@ def http_by_pid(sensor: Sensor, pids: list[int], per_pid: int) -> dict[int, list
         raise AssertionError(missing()) from exc
 
 
-def connection_of(connections: list[Record], pid: int, port: int) -> int:
-    opened, _closed = only_pair(connections, pid=pid, direction="egress", remote_port=port)
-    conn_id: int = opened["connection_id"]
-    return conn_id
-
-
 @pytest.mark.parametrize("flavor", ["symbols", "stripped"])
 @pytest.mark.parametrize("minor", GO_RELEASES)
 def test_go_fresh_file_every_run(e2e: Lab, pki: dict[str, Path], minor: str, flavor: str) -> None:
@@ -116,7 +110,7 @@ def test_go_fresh_file_every_run(e2e: Lab, pki: dict[str, Path], minor: str, fla
         answers = [(a["status"], body(a)) for a in client.messages("response")]
         assert answers == [(200, bytes(range(9))), (201, b"echo:hello go")]
         get, post = records[client.pid]
-        conn_id = connection_of(connections, client.pid, port)
+        conn_id = connection_id(connections, pid=client.pid, direction="egress", remote_port=port)
         assert [r["connection_id"] for r in (get, post)] == [conn_id, conn_id]
         assert [r["capture_source"] for r in (get, post)] == ["gotls", "gotls"]
         assert (get["request"]["method"], get["request"]["path"]) == ("GET", "/items/9")
@@ -160,7 +154,9 @@ def test_node_fresh_file_every_run(e2e: Lab, pki: dict[str, Path], release: str,
     for client in clients:
         (answer,) = client.messages("response")
         (record,) = records[client.pid]
-        assert record["connection_id"] == connection_of(connections, client.pid, port)
+        assert record["connection_id"] == connection_id(
+            connections, pid=client.pid, direction="egress", remote_port=port
+        )
         assert record["capture_source"] == "openssl"
         if mode == "get":
             assert (answer["status"], answer["body"]) == (200, bytes(range(7)).decode("latin1"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from runtimes import build_go_peer, node_executable
 
-from .helpers import EXEC_HOLD, Lab, Peer, Record, body, http_of, only_pair, start_server
+from .helpers import EXEC_HOLD, Lab, body, connection_id, http_of, only_pair, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,6 @@ GO_RELEASES = ["1.21", "1.23", "1.25", "1.27"]
 NODE_RELEASES = ["18", "20", "22", "24"]
 NODE_PEER = Path(__file__).resolve().with_name("node_peer.js")
 FULL = ["--capture-level", "full"]
-
-
-def connection_of(connections: list[Record], client: Peer, port: int) -> int:
-    opened, _closed = only_pair(connections, pid=client.pid, direction="egress", remote_port=port)
-    conn_id: int = opened["connection_id"]
-    return conn_id
 
 
 @pytest.mark.parametrize("flavor", ["symbols", "stripped"])
@@ -54,7 +48,7 @@ def test_go_get_and_post(e2e: Lab, pki: dict[str, Path], minor: str, flavor: str
     answers = client.messages("response")
     client.finish()
     get, post = http_of(sensor, client.pid, 2)
-    conn_id = connection_of(sensor.finish(), client, port)
+    conn_id = connection_id(sensor.finish(), pid=client.pid, direction="egress", remote_port=port)
 
     assert [(a["status"], body(a)) for a in answers] == [
         (200, bytes(range(9))),
