@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 SERVER = r"""
 import json, os, signal, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-signal.alarm(30)
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -43,7 +43,7 @@ server.serve_forever()
 # Three requests on one keep-alive connection with http.client.
 CLIENT = r"""
 import http.client, json, os, signal, sys
-signal.alarm(30)
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
 for path in ("/items/10", "/items/20", "/items/30"):
     conn.request("GET", path, headers={"X-Api-Key": "k-123"})

@@ -20,7 +20,7 @@ PORT = 8099
 # Listens on PORT, says so, accepts one connection and closes it without reading.
 SERVER = r"""
 import json, os, signal, socket, sys
-signal.alarm(30)
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
 listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
 print(json.dumps({"event": "listening", "pid": os.getpid()}), flush=True)
 conn, peer = listener.accept()
@@ -30,7 +30,7 @@ print(json.dumps({"event": "closed", "pid": os.getpid(), "peer_port": peer[1]}),
 # Connects to PORT and waits for the server to close the connection, sending nothing.
 CLIENT = r"""
 import json, os, signal, socket, sys
-signal.alarm(30)
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
 sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 print(json.dumps({"event": "connected", "pid": os.getpid(),
                   "local_port": sock.getsockname()[1]}), flush=True)

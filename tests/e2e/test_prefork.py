@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 PREFORK_SERVER = r"""
 import json, os, signal, socket, sys, time
-signal.alarm(30)
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
 listener = socket.create_server(("127.0.0.1", 0))
 go = sys.argv[1]
 worker = os.fork()
