@@ -73,7 +73,7 @@ _RESCAN_ASK_S = 1.0
 # A failing sink (a full disk) is reported once, then at most this often, with a count.
 _SINK_WARN_S = 10.0
 # Space kept for the stats file from start on, so a full disk still gets its counters.
-_STATS_RESERVE = 256 << 10
+_STATS_RESERVE = 64 << 10
 
 
 @dataclass(slots=True)
