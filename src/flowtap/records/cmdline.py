@@ -8,6 +8,15 @@ import re
 
 REDACTED = "[REDACTED]"
 
+# Query parameters whose values are credentials (names compared lower-cased).
+_SECRET_PARAMS = frozenset(
+    {"key", "sig", "code", "auth", "apikey", "x-amz-credential", "x-amz-security-token"}
+)
+_SECRET_PARAM_PATTERN = re.compile(
+    r"(api[-_]?key|access[-_]?key|token|secret|password|passwd|signature|credential|session)"
+)
+_QUERY_PAIR = re.compile(r"([^&=;#]+)=([^&;#]*)")
+
 # Flags whose value is a secret, as `--flag value` or `--flag=value`.
 _SECRET_FLAG = re.compile(
     r"^--?[\w-]*(pass(word|wd|phrase)?|token|secret|api[-_]?key|access[-_]?key|"
@@ -19,7 +28,7 @@ _USER_FLAGS = frozenset({"-u", "--user", "-U", "--proxy-user"})
 _HEADER_FLAGS = frozenset({"-H", "--header", "--proxy-header"})
 _SECRET_HEADER = re.compile(
     r"^\s*(authorization|proxy-authorization|cookie|set-cookie|x-[\w-]*(token|key|secret|"
-    r"auth)[\w-]*|[\w-]*(api[-_]?key|token|secret|password|session)[\w-]*)\s*:",
+    r"auth)[\w-]*|[\w-]*(api[-_]?key|token|secret|password|session|signature|csrf|auth[-_]?key|access[-_]?key|credential)[\w-]*)\s*:",
     re.I,
 )
 _SECRET_NAME = re.compile(
@@ -43,6 +52,28 @@ _URL_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/@\s:]+):([^/@\s]*)@")
 _KEY_VALUE = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$", re.S)
 
 
+__all__ = ["REDACTED", "redact_cmdline", "redact_query"]
+
+
+def redact_query(target: str) -> str:
+    """A path or URL with the values of credential-looking query parameters replaced
+    (and a password in user:password@)."""
+    if "@" in target and "://" in target:
+        target = re.sub(r"(://[^/@:]*):[^/@]*@", rf"\1:{REDACTED}@", target, count=1)
+    base, question, query = target.partition("?")
+    if not question:
+        return target
+    query, hash_, fragment = query.partition("#")
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1).lower()
+        if name in _SECRET_PARAMS or _SECRET_PARAM_PATTERN.search(name):
+            return f"{match.group(1)}={REDACTED}"
+        return match.group(0)
+
+    return f"{base}?{_QUERY_PAIR.sub(value, query)}{hash_}{fragment}"
+
+
 def _header(value: str) -> str:
     if not _SECRET_HEADER.match(value):
         return value
@@ -59,6 +90,8 @@ def _header(value: str) -> str:
 
 def _argument(arg: str) -> str:
     arg = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:{REDACTED}@", arg)
+    if "://" in arg or arg.startswith("/"):
+        arg = redact_query(arg)
     flag, eq, value = arg.partition("=")
     if eq and flag.startswith("-"):
         if _SECRET_FLAG.match(flag) or (flag in _USER_FLAGS and ":" in value):
