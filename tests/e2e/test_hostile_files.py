@@ -173,3 +173,22 @@ def test_full_disk_is_a_clean_exit_with_exact_counts(e2e: Lab, tmp_path: Path) -
     # One warning when it began, then at most one per 10 s with a count.
     assert log.count("could not write a record") == 1, log
     assert log.count("still cannot write records") <= 1 + elapsed / 10, log
+
+
+def test_open_files_soft_limit_is_raised_to_the_hard_limit(e2e: Lab, tmp_path: Path) -> None:
+    """Issue 15, item 2: a soft limit of 1,024 open files (a common default) ran out under
+    2,000 connections; the sensor raises its own to the hard limit at start."""
+    sensor = Sensor(tmp_path / "sensor", ("--cgroup", str(e2e.cgroup.path)), ["--include-loopback"])
+    e2e.sensors.append(sensor)
+    sensor.kill()  # started without the limit: start again under prlimit
+    sensor.argv = ["prlimit", "--nofile=1024:8192", "--", *sensor.argv]
+    with sensor.log.open("wb") as log:
+        sensor.popen = subprocess.Popen(
+            sensor.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    sensor.pid = sensor.popen.pid
+    sensor.wait_ready()
+    limits = Path(f"/proc/{sensor.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    assert line.split()[3:5] == ["8192", "8192"], line
+    sensor.stop()
