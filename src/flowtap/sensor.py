@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import struct
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from flowtap import safefile
 from flowtap.config import SensorConfig
 from flowtap.discovery.cache import ClassCache
 from flowtap.discovery.fanotify import FanotifyError
@@ -43,7 +45,7 @@ from flowtap.proxy.events import ConnectionEvent
 from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
-from flowtap.sinks.base import Sink, open_private
+from flowtap.sinks.base import Sink
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
@@ -68,6 +70,10 @@ _EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination")
 # runs any more are removed (tls/attach.py).
 _CACHE_SAVE_S = 5.0
 _RESCAN_ASK_S = 1.0
+# A failing sink (a full disk) is reported once, then at most this often, with a count.
+_SINK_WARN_S = 10.0
+# Space kept for the stats file from start on, so a full disk still gets its counters.
+_STATS_RESERVE = 64 << 10
 
 
 @dataclass(slots=True)
@@ -133,12 +139,20 @@ class Sensor:
         self.gate_unavailable: str | None = None
         self._gate_stats: dict[str, object] | None = None
         self._rescan_asked: dict[int, float] = {}
+        self._stats_reservation: safefile.Reservation | None = None
+        self._sink_failing = False  # since the last failed write, until one succeeds
+        self._sink_failed_since_warning = 0
+        self._sink_next_warning = 0.0
+        self._counter_errors = 0  # failed reads of the kernel's counters
+        self._ready_written = False
 
     # --- start-up -------------------------------------------------------------------
 
     def start(self) -> None:
         require_root()
         require_btf()
+        raise_open_files_limit()
+        self._prepare_files()
         obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
         try:
             self.plan = self._plan([program.name for program in obj.programs()])
@@ -195,7 +209,37 @@ class Sensor:
             self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
         if self.config.ready_file is not None:
-            self.config.ready_file.write_text(f"{os.getpid()}\n")
+            try:
+                safefile.replace(self.config.ready_file, f"{os.getpid()}\n".encode())
+            except OSError as exc:
+                raise BpfError(
+                    f"cannot write the ready file {self.config.ready_file}: {exc}",
+                    fix="choose a path in a directory only root can write",
+                ) from exc
+            self._ready_written = True
+
+    def _prepare_files(self) -> None:
+        """Before anything is attached: a stale ready file goes (a script waiting for it
+        must not start early), and the stats file's space is reserved."""
+        cfg = self.config
+        try:
+            if cfg.ready_file is not None:
+                safefile.remove(cfg.ready_file)
+                st = safefile.lstat(cfg.ready_file)
+                if st is not None:
+                    raise safefile.UnsafeFileError(
+                        f"{cfg.ready_file} is there and is not a file of ours to remove "
+                        "(another user's, a link or not a regular file): a script waiting "
+                        "for it would start before the sensor is ready; remove it, or "
+                        "choose another path"
+                    )
+            if cfg.stats_file is not None:
+                self._stats_reservation = safefile.Reservation(cfg.stats_file, _STATS_RESERVE)
+        except OSError as exc:
+            raise BpfError(
+                f"cannot prepare the output files: {exc}",
+                fix="use paths in directories root owns and only root can write",
+            ) from exc
 
     def _plan(self, programs: list[str]) -> hooks.HookPlan:
         """Probes the kernel and picks, per capability, the best hook it has."""
@@ -569,9 +613,39 @@ class Sensor:
             self._sink.write(record)
         except (OSError, ValueError) as exc:
             self.counters.sink_errors += 1
-            log.warning("could not write a record: %s", exc)
+            self._sink_failed(exc)
             return
         self.counters.records += 1
+        if self._sink_failing:
+            self._sink_failing = False
+            log.warning(
+                "records are written again; %d were lost before (sink_errors)",
+                self.counters.sink_errors,
+            )
+
+    def _sink_failed(self, exc: Exception) -> None:
+        """One warning when writes start failing, then one per _SINK_WARN_S with a count:
+        a full disk must not turn every lost record into a line of log."""
+        self._sink_failed_since_warning += 1
+        now = time.monotonic()
+        if self._sink_failing and now < self._sink_next_warning:
+            return
+        if not self._sink_failing:
+            log.warning(
+                "could not write a record: %s; records are counted as sink_errors until "
+                "writes succeed (a full disk: free space on the output's filesystem)",
+                exc,
+            )
+        else:
+            log.warning(
+                "still cannot write records (%s): %d more lost, %d in all",
+                exc,
+                self._sink_failed_since_warning,
+                self.counters.sink_errors,
+            )
+        self._sink_failing = True
+        self._sink_failed_since_warning = 0
+        self._sink_next_warning = now + _SINK_WARN_S
 
     # --- accounting -----------------------------------------------------------------
 
@@ -583,8 +657,18 @@ class Sensor:
         per_cpu = counters.value_size // 8
         totals: dict[str, int] = {}
         for index, name in self._kernel_counter_names.items():
-            raw = counters.lookup(struct.pack("<I", index)) or b""
+            try:
+                raw = counters.lookup(struct.pack("<I", index)) or b""
+            except BpfError as exc:
+                # Out of descriptors, or memory: a report without this counter beats
+                # ending the sensor over it.
+                self._counter_errors += 1
+                if self._counter_errors == 1:
+                    log.warning("could not read the kernel counter %s: %s", name, exc)
+                continue
             totals[name] = sum(struct.unpack(f"<{per_cpu}Q", raw)) if raw else 0
+        if self._counter_errors:
+            totals["counter_read_errors"] = self._counter_errors
         return totals
 
     def drop_report(self) -> dict[str, int]:
@@ -660,8 +744,20 @@ class Sensor:
             gate["worker_dropped"] = self.worker.dropped
             gate["worker_failed"] = self.worker.failed
             stats["exec_gate"] = gate
-        with open_private(str(self.config.stats_file), append=False) as stream:
-            stream.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        data = (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            if self._stats_reservation is not None:
+                reservation, self._stats_reservation = self._stats_reservation, None
+                reservation.commit(data)
+            else:
+                safefile.replace(self.config.stats_file, data)
+        except OSError as exc:
+            log.error(
+                "the stats file %s was not written: %s; free space on its filesystem, or "
+                "choose a path in a directory only root can write",
+                self.config.stats_file,
+                exc,
+            )
 
     # --- shutdown -------------------------------------------------------------------
 
@@ -745,5 +841,35 @@ class Sensor:
             if self._cgroup_fd is not None:
                 os.close(self._cgroup_fd)
                 self._cgroup_fd = None
-            self._sink.close()
+            if self._stats_reservation is not None:
+                self._stats_reservation.abandon()
+                self._stats_reservation = None
+            if self._ready_written and self.config.ready_file is not None:
+                safefile.remove(self.config.ready_file)  # a script must not see a stopped sensor
+                self._ready_written = False
+            try:
+                self._sink.close()
+            except (OSError, ValueError) as exc:
+                log.error("the output was not closed cleanly: %s", exc)
         return report
+
+
+def raise_open_files_limit() -> None:
+    """Soft limit of open files up to the hard one: every probe link, map and proxied
+    connection takes a descriptor, and 1,024 (a common default) runs out under load."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling, then
+        try:
+            with open("/proc/sys/fs/nr_open") as stream:
+                target = int(stream.read())
+        except (OSError, ValueError):
+            return
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("the open files limit stays %d (hard %d): %s", soft, hard, exc)
+        return
+    log.debug("open files limit raised from %d to %d", soft, target)

@@ -27,7 +27,7 @@ def test_first_start_creates_private_files(tmp_path: Path, monkeypatch: pytest.M
 
     def spy(path: str | os.PathLike[str], flags: int, mode: int = 0o777, **kw: object) -> int:
         opened.append((os.fspath(path), flags, mode))
-        return real_open(path, flags, mode)
+        return real_open(path, flags, mode, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", spy)  # ca.py calls os.open
     old = os.umask(0)  # the key must be private whatever the umask

@@ -2,20 +2,20 @@
 
 An identity is (device, inode, size, mtime): a copy of a file, a deploy over it or a
 rewrite in place gives a new identity, so the new bytes are classified again. The cache
-is written under --state-dir (owner-only, through an O_EXCL temporary file renamed over
-the old one), so a restart does not classify the host's executables again.
+is written under --state-dir (owner-only, replaced atomically: safefile), so a restart
+does not classify the host's executables again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from flowtap import safefile
 
 log = logging.getLogger("flowtap.discovery")
 
@@ -129,21 +129,6 @@ class ClassCache:
         ]
         data = json.dumps({"format": _FORMAT, "files": rows}).encode()
         assert self._directory is not None
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self._directory / f".{CACHE_NAME}.{secrets.token_hex(6)}"
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.rename(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        safefile.private_directory(self._directory)
+        safefile.replace(path, data, follow=False)  # a link there is replaced, not followed
         self.dirty = False

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from flowtap import safefile
 
 __all__ = [
     "CA_CERT_NAME",
@@ -99,15 +102,10 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    """Replace a world-readable file atomically (readers never see half of it)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, 0o644)  # the umask may have narrowed it; clients must read it
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Replace a world-readable file atomically (readers never see half of it), safe in a
+    directory others can write (safefile: no link followed, no file of another user's
+    replaced)."""
+    safefile.replace(path, data, mode=0o644)  # clients must read it
 
 
 class CertificateAuthority:
@@ -339,7 +337,8 @@ class CertificateAuthority:
         except OSError as exc:
             hint = (
                 " (run as root or choose another directory)"
-                if exc.errno
+                if not isinstance(exc, safefile.UnsafeFileError)
+                and exc.errno
                 in (
                     errno.EACCES,
                     errno.EPERM,
@@ -351,39 +350,46 @@ class CertificateAuthority:
         written = [pem]
         keytool = shutil.which("keytool")
         if keytool is not None:
-            written.append(self._export_jks(keytool, pem, path / JKS_NAME))
+            written.append(self._export_jks(keytool, self.cert_pem, path / JKS_NAME))
         return written
 
     @staticmethod
-    def _export_jks(keytool: str, pem: Path, jks: Path) -> Path:
-        tmp = jks.with_name(f".{jks.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)  # keytool refuses to import into a store with the alias
-        command = [
-            keytool,
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            "flowtap-ca",
-            "-file",
-            str(pem),
-            "-keystore",
-            str(tmp),
-            "-storetype",
-            "JKS",
-            "-storepass",
-            JKS_PASSWORD,
-        ]
+    def _export_jks(keytool: str, cert_pem: bytes, jks: Path) -> Path:
+        # keytool writes in a private directory of its own (it follows links and keeps
+        # modes), from our bytes rather than from the trust store's pem, which others may
+        # be able to swap; the store is then put in place like the pem.
+        with tempfile.TemporaryDirectory(prefix="flowtap-jks-") as private:
+            pem, tmp = Path(private) / PEM_NAME, Path(private) / JKS_NAME
+            pem.write_bytes(cert_pem)
+            command = [
+                keytool,
+                "-importcert",
+                "-noprompt",
+                "-alias",
+                "flowtap-ca",
+                "-file",
+                str(pem),
+                "-keystore",
+                str(tmp),
+                "-storetype",
+                "JKS",
+                "-storepass",
+                JKS_PASSWORD,
+            ]
+            try:
+                done = subprocess.run(
+                    command, check=False, capture_output=True, text=True, timeout=60
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise CAError(f"keytool failed to write {jks}: {exc}") from exc
+            if done.returncode != 0:
+                raise CAError(
+                    f"keytool failed to write {jks} (exit {done.returncode}): "
+                    f"{(done.stderr or done.stdout).strip()}"
+                )
+            store = tmp.read_bytes()
         try:
-            done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            tmp.unlink(missing_ok=True)
-            raise CAError(f"keytool failed to write {jks}: {exc}") from exc
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise CAError(
-                f"keytool failed to write {jks} (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()}"
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, jks)
+            _write_public(jks, store)
+        except OSError as exc:
+            raise CAError(f"cannot write the trust store {jks}: {exc}") from exc
         return jks

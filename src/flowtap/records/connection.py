@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flowtap.events import Conn
+from flowtap.records.cmdline import redact_cmdline
 from flowtap.tracking.processes import ProcessInfo
 
 Record = dict[str, Any]
@@ -35,7 +36,7 @@ def process_record(info: ProcessInfo, tid: int) -> Record:
         "tid": tid,
         "exe": info.exe,
         "comm": info.comm,
-        "cmdline": list(info.cmdline),
+        "cmdline": list(redact_cmdline(info.cmdline)),  # credentials never leave the host
         "uid": info.uid,
         "user": info.user,
         "container_id": info.container_id,

@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from flowtap.protocols.messages import Body, Request, Response, Transaction
+from flowtap.records.cmdline import redact_query
 from flowtap.records.connection import Record, WallClock
 
 CaptureLevel = Literal["none", "summary", "headers", "full"]
@@ -21,11 +22,46 @@ REDACTED = "[REDACTED]"
 
 # Header names whose values are credentials, and the API-key style names around them.
 _SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "www-authenticate",
+        "proxy-authenticate",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+    }
 )
-_SECRET_PATTERN = re.compile(r"(api[-_]?key|token|secret|password|credential)")
-# Authorization schemes are kept: "Bearer [REDACTED]" still says how the client authenticated.
-_SCHEMED = frozenset({"authorization", "proxy-authorization"})
+_SECRET_PATTERN = re.compile(
+    r"(api[-_]?key|auth[-_]?key|access[-_]?key|token|secret|password|credential|signature|"
+    r"session|csrf|xsrf)"
+)
+# Known authorization schemes are kept: "Bearer [REDACTED]" still says how the client
+# authenticated. An unknown first word may be the credential itself: all of it goes.
+_SCHEMED = frozenset(
+    {"authorization", "proxy-authorization", "www-authenticate", "proxy-authenticate"}
+)
+_SCHEMES = frozenset(
+    {
+        "basic",
+        "bearer",
+        "digest",
+        "negotiate",
+        "ntlm",
+        "kerberos",
+        "hoba",
+        "mutual",
+        "token",
+        "aws4-hmac-sha256",
+        "gssapi",
+        "scram-sha-1",
+        "scram-sha-256",
+        "vapid",
+        "dpop",
+        "privatetoken",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -55,10 +91,17 @@ def redact(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers with credential values replaced; names and order kept."""
     redacted: list[tuple[str, str]] = []
     for name, value in headers:
-        if not is_secret(name):
+        lowered = name.lower()
+        if lowered in ("location", "content-location", "referer"):
+            redacted.append((name, redact_query(value)))
+        elif not is_secret(name):
             redacted.append((name, value))
-        elif name.lower() in _SCHEMED and " " in value.strip():
-            redacted.append((name, f"{value.strip().split(' ', 1)[0]} {REDACTED}"))
+        elif lowered in _SCHEMED and " " in value.strip():
+            scheme = value.strip().split(" ", 1)[0]
+            shown = f"{scheme} {REDACTED}" if scheme.lower() in _SCHEMES else REDACTED
+            redacted.append((name, shown))
+        elif lowered in _SCHEMED and value.strip().lower() in _SCHEMES:
+            redacted.append((name, value))  # a scheme alone (WWW-Authenticate: Negotiate)
         else:
             redacted.append((name, REDACTED))
     return redacted
@@ -117,6 +160,8 @@ def _protocol(version: str) -> str:
 
 def request_part(request: Request, ctx: ConnectionContext, options: HttpRecordOptions) -> Record:
     scheme, authority, path = _target(request, ctx.tls)
+    if options.redact:
+        path = redact_query(path)
     named = first_values(request.headers)
     content_type = named.get("content-type")
     part: Record = {

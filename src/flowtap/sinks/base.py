@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from typing import IO, Protocol
 
+from flowtap import safefile
 from flowtap.records.connection import Record
 
 
@@ -16,18 +18,43 @@ class Sink(Protocol):
 
 
 class LineSink:
-    """Writes one line per record to a stream, flushed at once so pipelines see it."""
+    """Writes one line per record to a stream, at once so pipelines see it.
+
+    A line goes to the stream's descriptor in whole-line system calls, never through a
+    buffer: a failed write (a full disk) leaves nothing pending to be written later, or
+    at close, so each record is either in the file whole or counted as lost, once."""
 
     def __init__(self, stream: IO[str], *, owned: bool) -> None:
         self._stream = stream
         self._owned = owned
+        self._fd: int | None
+        try:
+            stream.flush()
+            self._fd = stream.fileno()
+        except (io.UnsupportedOperation, AttributeError, ValueError):
+            self._fd = None  # an in-memory stream (tests)
+        self._regular = self._fd is not None and stat.S_ISREG(os.fstat(self._fd).st_mode)
 
     def format(self, record: Record) -> str:
         raise NotImplementedError
 
     def write(self, record: Record) -> None:
-        self._stream.write(self.format(record) + "\n")
-        self._stream.flush()
+        line = self.format(record) + "\n"
+        if self._fd is None:
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        data = line.encode("utf-8", "surrogateescape")
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            if written and self._regular:
+                # Half a line would run into the next record: take it back.
+                end = os.lseek(self._fd, 0, os.SEEK_END)
+                os.ftruncate(self._fd, end - written)
+            raise
 
     def close(self) -> None:
         if self._owned:
@@ -37,11 +64,9 @@ class LineSink:
 
 
 def open_private(path: str, *, append: bool = True) -> IO[str]:
-    """Opens path for writing, created owner-only (0600) from the first byte on."""
-    mode = os.O_APPEND if append else os.O_TRUNC
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode | os.O_CLOEXEC, 0o600)
-    # An existing file keeps no wider mode than ours; a device or pipe (/dev/null, a FIFO
-    # read by another program) is someone else's and keeps its own.
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "a" if append else "w", encoding="utf-8", buffering=1)
+    """Opens path for writing, created owner-only (0600) from the first byte on, and safe
+    in a directory others can write (safefile: no links followed, no file of another
+    user's written). An existing file of ours is narrowed to 0600; a device or a pipe
+    (/dev/null, a FIFO read by another program) keeps its mode."""
+    fd = safefile.open_append(path, truncate=not append)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
