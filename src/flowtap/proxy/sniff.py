@@ -147,8 +147,21 @@ async def peek_until(sock: socket.socket, have: int, most: int, deadline: float 
                 return data
             await wait_readable(sock, deadline)
             if data is not None and sock.recv(most, socket.MSG_PEEK) == data:
-                # Readable without new bytes: EOF after the bytes we have (a FIN does not
-                # add bytes). Hand back what there is.
-                return data
+                # Readable without new bytes: EOF after the bytes we have (a FIN adds
+                # none), or the kernel's receive memory is under pressure (many tiny
+                # segments), which also makes it readable early: tell them apart.
+                if _peer_finished(sock):
+                    return data
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.sleep(0.002)
     finally:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def _peer_finished(sock: socket.socket) -> bool:
+    """Whether the peer sent its FIN (tcpi_state, the first byte of TCP_INFO)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return True
+    return info[0] != 1  # not ESTABLISHED: CLOSE_WAIT, or closed altogether
