@@ -387,7 +387,7 @@ def test_a_server_that_speaks_first_is_heard_at_once(ca: CertificateAuthority) -
         server = await asyncio.start_server(greet, LOCALHOST, 0)
         port = server.sockets[0].getsockname()[1]
         recorder = Recorder()
-        config = replace(ProxyConfig(), sniff_timeout=10.0)
+        config = ProxyConfig()
         async with proxied(ca, (LOCALHOST, port), recorder, config) as proxy:
             reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
             async with asyncio.timeout(2.0):

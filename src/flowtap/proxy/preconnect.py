@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from typing import Any
 
 __all__ = ["Preconnected"]
 
@@ -28,16 +29,24 @@ class Preconnected:
 
     async def _connect(self) -> socket.socket:
         host, port = self._destination
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(self._timeout):
-                await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        except BaseException:
-            sock.close()
-            raise
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._timeout):
+            try:
+                family = (
+                    socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+                )
+                address: tuple[Any, ...] = (host, port)
+            except ValueError:  # a name (CONNECT host:port): resolved here
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                family, _, _, _, address = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
         self._sock = sock
         return sock
 

@@ -1,7 +1,7 @@
 """The egress proxy: a transparent listener (redirected connections) and an explicit one
 (HTTP_PROXY/HTTPS_PROXY), both on loopback only.
 
-Each accepted connection is sniffed before a byte is consumed (MSG_PEEK):
+Each accepted connection is sniffed before a byte is consumed (MSG_PEEK, proxy/sniff.py):
 
 * a TLS ClientHello: the upstream is reached first with the client's SNI and ALPN offer and
   verified, then the client's TLS is terminated with a leaf for that name offering exactly
@@ -9,7 +9,8 @@ Each accepted connection is sniffed before a byte is consumed (MSG_PEEK):
   frame for frame. A client that refuses our certificate has that destination (and SNI)
   passed through untouched from then on;
 * plain HTTP/1.x is forwarded; the HTTP/2 preface (prior knowledge) is relayed;
-* anything else (or a client that does not speak first) is relayed as bytes.
+* anything else (or a server that speaks first) is relayed as bytes. Bytes that may
+  still become a request line or a ClientHello are waited for, however slowly they come.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from flowtap.proxy.forward import Http1Forwarder, Limits
 from flowtap.proxy.original_dst import so_original_dst
 from flowtap.proxy.preconnect import Preconnected
 from flowtap.proxy.relay import relay
+from flowtap.proxy.sniff import MAX_CLIENT_HELLO, Kind, classify, peek_until
 from flowtap.proxy.tls import ClientContexts, UpstreamContexts, is_rejection
 from flowtap.records.http import HttpRecordOptions
 
@@ -60,19 +62,6 @@ log = logging.getLogger("flowtap.proxy")
 OriginalDestination = Callable[[socket.socket], tuple[str, int]]
 ClientProcess = Callable[[tuple[str, int]], int | None]
 
-_PEEK_MAX = 16 << 10  # a ClientHello record is at most 16 KiB + 5
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_HTTP_METHODS = (
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"HEAD ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-)
 _PLAIN_HTTP_ALPN = (None, "http/1.1", "http/1.0")
 
 
@@ -85,8 +74,7 @@ class ProxyConfig:
     upstream_ca_file: str | None = None  # trusted besides the system roots (tests)
     http: HttpRecordOptions = field(default_factory=HttpRecordOptions)
     limits: Limits = field(default_factory=Limits)
-    tls_handshake_timeout: float = 10.0
-    sniff_timeout: float = 1.0  # how long a client may stay silent before it is relayed
+    tls_handshake_timeout: float = 10.0  # also: a ClientHello's bytes, from one to the next
     passthrough_cache: int = 4096  # (destination, SNI) pairs remembered as passthrough
     backlog: int = 1024
 
@@ -99,10 +87,6 @@ def _is_loopback(ip: str) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
-
-
-def _looks_http1(data: bytes) -> bool:
-    return any(data.startswith(m) or m.startswith(data) for m in _HTTP_METHODS)
 
 
 class _Result:
@@ -306,12 +290,9 @@ class EgressProxy:
         self._emit(ConnectionEvent("open", ctx.snapshot(), ctx.started_ns))
         result = _Result()
         result.from_client = len(preamble)
-        # Redirected: the destination is an address, reached while the client is sniffed.
-        pre = (
-            Preconnected(ctx.destination, self.config.limits.upstream_connect_timeout)
-            if ctx.mode == "transparent"
-            else None
-        )
+        # The destination is reached while the client is sniffed (a server that speaks
+        # first is heard at once, through CONNECT too).
+        pre = Preconnected(ctx.destination, self.config.limits.upstream_connect_timeout)
         try:
             await self._dispatch(sock, ctx, result, pre)
         except asyncio.CancelledError:
@@ -416,56 +397,27 @@ class EgressProxy:
     ) -> bytes:
         """The client's first bytes, left in the socket: once ``complete`` says so, at
         ``most`` bytes, or at EOF. TimeoutError when nothing complete came in time."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        seen = -1
+        deadline = asyncio.get_running_loop().time() + timeout
+        data = b""
         while True:
-            try:
-                data = sock.recv(most, socket.MSG_PEEK)
-            except BlockingIOError:
-                data = None
-            if data is not None:
-                if not data or complete(data) or len(data) >= most:
-                    return data
-                if len(data) == seen and loop.time() >= deadline:
-                    raise TimeoutError
-                seen = len(data)
-                # Readable stays true while bytes wait in the socket: poll gently instead.
-                async with asyncio.timeout_at(deadline):
-                    await asyncio.sleep(0.001)
-                continue
-            await self._readable(sock, deadline)
-
-    @staticmethod
-    async def _readable(sock: socket.socket, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = sock.fileno()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        loop.add_reader(fd, wake)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await ready
-        finally:
-            loop.remove_reader(fd)
+            more = await peek_until(sock, len(data), most, deadline)
+            if len(more) <= len(data) or complete(more) or len(more) >= most:
+                return more
+            data = more
 
     async def _dispatch(
         self, sock: socket.socket, ctx: ProxyContext, result: _Result, pre: Preconnected | None
     ) -> None:
-        first = await self._first_bytes(sock, pre)
-        if first.startswith(b"\x16\x03"):
+        first, kind = await self._first_bytes(sock, result, pre)
+        if kind == "tls":
             try:
                 hello = parse_client_hello(first)
             except TlsParseError:
-                hello = None
+                hello = None  # not a ClientHello any server would take: relayed as is
             if hello is not None:
                 await self._tls(sock, ctx, hello, result, pre=pre)
                 return
-        if first and _looks_http1(first):
+        if kind == "http1":
             ctx.l7_protocol = "http1"
             client = await accept_channel(sock)
 
@@ -483,19 +435,72 @@ class EgressProxy:
             result.outcome = "intercepted"
             await self._forward(forwarder, result)
             return
-        h2 = bool(first) and first.startswith(_H2_PREFACE[: len(first)])
-        ctx.l7_protocol = "http2" if h2 else ("tls" if first[:1] == b"\x16" else "other")
+        if kind is None:
+            return  # refused or gone: said in result
+        h2 = kind == "http2"
+        ctx.l7_protocol = "http2" if h2 else ("tls" if kind == "tls" else "other")
         capture = self._capture(ctx, http2=True) if h2 else None
         await self._relay_raw(sock, ctx, result, capture, pre=pre)
         if h2 and result.outcome == "relayed":
             result.outcome = "intercepted"
 
-    async def _first_bytes(self, sock: socket.socket, pre: Preconnected | None) -> bytes:
-        """The client's first bytes; b"" when the server spoke first (SMTP, MySQL...) or
-        the client said nothing within the sniff timeout: the connection is relayed."""
-        peek = asyncio.ensure_future(
-            self._peek(sock, _first_bytes_complete, _PEEK_MAX, self.config.sniff_timeout)
-        )
+    async def _first_bytes(
+        self, sock: socket.socket, result: _Result, pre: Preconnected | None
+    ) -> tuple[bytes, Kind | None]:
+        """The client's first bytes and what they are (sniff.classify), left in the socket.
+        ``other`` with no bytes when the server spoke first (SMTP, MySQL...); None when the
+        connection is to be closed (the reason is in ``result``).
+
+        The decision waits for the client as long as its bytes may still become a request
+        line or a ClientHello: a pause never gets bytes relayed uninspected."""
+        limits = self.config.limits
+        loop = asyncio.get_running_loop()
+        most = max(MAX_CLIENT_HELLO, limits.max_header_bytes + 1)
+        try:
+            data = await self._client_speaks(sock, pre, most)
+        except TimeoutError:
+            self.stats.timeouts_idle += 1
+            result.error = f"neither side spoke within {limits.relay_idle_timeout:g}s"
+            return b"", None
+        if not data:
+            return b"", "other"  # the server spoke first, or EOF: relayed
+        header_deadline = loop.time() + limits.header_timeout
+        while True:
+            kind = classify(data, limits.max_header_bytes)
+            if kind is not None:
+                return data, kind
+            tls = data[0] == 0x16
+            # A ClientHello may come slowly as long as it comes; a request line has the
+            # request head's time, from its first byte.
+            deadline = loop.time() + self.config.tls_handshake_timeout if tls else header_deadline
+            try:
+                more = await peek_until(sock, len(data), most, deadline)
+            except TimeoutError:
+                if tls:
+                    self.stats.timeouts_client_hello += 1
+                    result.error = (
+                        "ClientHello incomplete: no byte of it for "
+                        f"{self.config.tls_handshake_timeout:g}s"
+                    )
+                    return data, None
+                return data, "http1"  # the forwarder answers 408 on its own clock
+            except OSError as exc:
+                result.error = f"client: {describe_error(exc)}"
+                return data, None
+            if len(more) <= len(data):
+                # EOF before the first message was whole: nothing worth relaying.
+                self.stats.client_incomplete += 1
+                result.error = "client closed before its first message was complete"
+                return data, None
+            data = more
+
+    async def _client_speaks(
+        self, sock: socket.socket, pre: Preconnected | None, most: int
+    ) -> bytes:
+        """The client's first bytes (peeked); b"" when the server spoke first or the client
+        closed. TimeoutError when both stayed silent for the relay idle timeout."""
+        deadline = asyncio.get_running_loop().time() + self.config.limits.relay_idle_timeout
+        peek = asyncio.ensure_future(peek_until(sock, 0, most, deadline))
         spoke = asyncio.ensure_future(pre.server_spoke()) if pre is not None else None
         waiting: set[asyncio.Future[Any]] = {peek} if spoke is None else {peek, spoke}
         try:
@@ -504,7 +509,7 @@ class EgressProxy:
                 if peek in done:
                     try:
                         return peek.result()
-                    except TimeoutError:
+                    except OSError:
                         return b""
                 if spoke is not None and spoke in done and spoke.exception() is None:
                     self.stats.server_first += 1
@@ -690,17 +695,21 @@ class EgressProxy:
         upstream: Channel | None,
         upstream_error: str | None,
     ) -> None:
-        """HTTP/1.x inside terminated TLS, if the client's first bytes are HTTP/1.x; any
-        other protocol is relayed as plaintext."""
-        try:
-            while not client.buf and await _fill_within(client, self.config.sniff_timeout):
-                pass
-        except TimeoutError:
-            pass
-        if upstream is not None and client.buf and not _looks_http1(bytes(client.buf[:8])):
-            ctx.l7_protocol = "other"
-            await self._relay(client, upstream, result, None)
-            return
+        """HTTP/1.x inside terminated TLS, if the client's first bytes are HTTP/1.x (by the
+        same grammar and rules as in plaintext); any other protocol is relayed as
+        plaintext, HTTP/2 with prior knowledge recorded."""
+        if upstream is not None:
+            kind = await self._client_kind(client, upstream, result)
+            if kind is None:
+                client.close()
+                upstream.close()
+                return
+            if kind != "http1":
+                h2 = kind == "http2"
+                ctx.l7_protocol = "http2" if h2 else "other"
+                capture = self._capture(ctx, http2=True) if h2 else None
+                await self._relay(client, upstream, result, capture)
+                return
         ctx.l7_protocol = "http1"
         server_name = ctx.sni or ctx.destination[0]
 
@@ -725,6 +734,51 @@ class EgressProxy:
         )
         await self._forward(forwarder, result)
 
+    async def _client_kind(
+        self, client: Channel, upstream: Channel, result: _Result
+    ) -> Kind | None:
+        """What the client speaks inside the TLS we terminated: sniff.classify on its first
+        plaintext bytes, waited for as in plaintext. ``other`` when the server speaks first
+        (IMAPS, SMTPS); None (closed) when neither speaks or the client stops mid-line."""
+        limits = self.config.limits
+        loop = asyncio.get_running_loop()
+        if not client.buf:
+            client_fill = asyncio.ensure_future(_bytes_or_eof(client))
+            server_fill = asyncio.ensure_future(_bytes_or_eof(upstream))
+            try:
+                done, _ = await asyncio.wait(
+                    {client_fill, server_fill},
+                    timeout=limits.relay_idle_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for task in (client_fill, server_fill):
+                    task.cancel()
+                await asyncio.gather(client_fill, server_fill, return_exceptions=True)
+            if not done:
+                self.stats.timeouts_idle += 1
+                result.error = f"neither side spoke within {limits.relay_idle_timeout:g}s"
+                return None
+            if not client.buf:
+                if upstream.buf:
+                    self.stats.server_first += 1
+                return "other"  # the server spoke first, or the client closed: relayed
+        deadline = loop.time() + limits.header_timeout
+        most = limits.max_header_bytes + 1
+        while True:
+            kind = classify(bytes(client.buf[:most]), limits.max_header_bytes)
+            if kind is not None:
+                return kind
+            try:
+                async with asyncio.timeout_at(deadline):
+                    more = await client.fill()
+            except TimeoutError:
+                return "http1"  # the forwarder answers 408 on its own clock
+            if not more:
+                self.stats.client_incomplete += 1
+                result.error = "client closed before its first message was complete"
+                return None
+
     def _remember_passthrough(self, key: tuple[str, int, str | None]) -> None:
         self._passthrough[key] = None
         self._passthrough.move_to_end(key)
@@ -732,21 +786,11 @@ class EgressProxy:
             self._passthrough.popitem(last=False)
 
 
-async def _fill_within(channel: Channel, timeout: float) -> bool:
-    async with asyncio.timeout(timeout):
-        return await channel.fill()
-
-
-def _first_bytes_complete(data: bytes) -> bool:
-    """Enough of the client's first bytes to decide: a whole TLS record (the ClientHello),
-    or a few bytes of anything else."""
-    if data[:1] == b"\x16":
-        if len(data) < 5:
-            return False
-        return len(data) >= 5 + int.from_bytes(data[3:5], "big")
-    if data[:1] == b"P":  # maybe the HTTP/2 preface
-        return len(data) >= len(_H2_PREFACE) or not _H2_PREFACE.startswith(data)
-    return len(data) >= 8 or not _looks_http1(data)
+async def _bytes_or_eof(channel: Channel) -> None:
+    """Returns once the channel holds bytes or its peer finished (checked when the task
+    runs: bytes may have come since it was made)."""
+    while not channel.buf and await channel.fill():
+        pass
 
 
 def _authority(target: str) -> tuple[str, int] | None:
