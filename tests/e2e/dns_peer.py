@@ -36,7 +36,8 @@ def serve(server: socket.socket) -> None:
 
 
 def main() -> None:
-    signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))  # never outlive the test
+    # Never outlive the test.
+    signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 53))
     threading.Thread(target=serve, args=(server,), daemon=True).start()
