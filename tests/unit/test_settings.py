@@ -131,3 +131,79 @@ def test_every_flag_still_parses() -> None:
         Path("/s"),
     )
     assert (config.proxy_header_timeout_s, config.stats_interval_s) == (3.0, 2.0)
+
+
+# --- the YAML file ---------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flowtap.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_between_defaults_and_environment(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "flowtap:\n  max_body_bytes: 100\n  direction: egress\n  exe_patterns: [curl]\n",
+    )
+    values, origins = resolve(_given(["--config", str(path)]), {})  # type: ignore[arg-type]
+    assert (values["max_body_bytes"], values["direction"]) == (100, "egress")
+    assert values["exe_patterns"] == ("curl",)
+    assert origins["direction"] == f"{path}:3: flowtap.direction"
+    # environment over the file, flags over both; QPOINT_CONFIG names the file too
+    env = {"QPOINT_CONFIG": str(path), "FLOWTAP_MAX_BODY_BYTES": "5"}
+    values, _ = resolve(_given(["--direction", "ingress"]), env)  # type: ignore[arg-type]
+    assert (values["max_body_bytes"], values["direction"]) == (5, "ingress")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("flowtap:\n  direction: egres\n", ":2: flowtap.direction: 'egres' is not one of egress"),
+        (
+            "flowtap:\n  max_body_byte: 1\n",
+            ":2: flowtap.max_body_byte: not a setting (did you mean max_body_bytes?)",
+        ),
+        ("flowtapp: {}\n", ":1: flowtapp: not a known section (did you mean flowtap?)"),
+        (
+            "flowtap:\n  max_body_bytes: many\n",
+            ":2: flowtap.max_body_bytes: 'many' is not a whole number",
+        ),
+        ("flowtap:\n  redact: 1\n", ":2: flowtap.redact: 1 is not true or false"),
+        ("flowtap:\n  pids: 3\n", ":2: flowtap.pids: 3 is not a list"),
+        ("flowtap: [\n", ":2: not valid YAML"),
+        ("- a\n", ":1: the file must be a mapping"),
+        ("flowtap:\n  color: never\n", ":2: flowtap.color: not a setting"),
+    ],
+)
+def test_yaml_errors_name_file_line_and_setting(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(SettingError) as caught:
+        resolve(_given(["--config", str(path)]), {})  # type: ignore[arg-type]
+    assert str(caught.value).startswith(f"{path}{message}"), str(caught.value)
+
+
+def test_yaml_too_large_and_alias_bomb(tmp_path: Path) -> None:
+    big = _write(tmp_path, "#" * (10 << 20))
+    with pytest.raises(SettingError, match=r"10485760 bytes: a configuration file is at most"):
+        resolve(_given(["--config", str(big)]), {})  # type: ignore[arg-type]
+    # Each anchor is ten of the one before: 10^7 values from a 300-byte file.
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "flowtap:\n  exe_patterns:\n"
+        + "".join(
+            f"    - &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n"
+            for p, c in zip("abcdefg", "bcdefgh", strict=True)
+        ).replace("*a", "x")
+    )
+    with pytest.raises(SettingError, match=r"more than 100000 values"):
+        resolve(_given(["--config", str(bomb)]), {})  # type: ignore[arg-type]
+
+
+def test_main_reports_the_file_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "# comment\nflowtap:\n  direction: egres\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert f"flowtap: {path}:3: flowtap.direction: 'egres' is not one of" in (
+        capsys.readouterr().err
+    )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from flowtap.settings import yamlfile
 from flowtap.settings.options import (
     OPTIONS,
     Option,
@@ -95,10 +97,14 @@ def resolve(
     """(value of each setting, where each non-default came from: "--flag" or "$VAR").
     A flag counts as given when the namespace has it and (for a parser with defaults) it
     differs from the flag's default."""
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {option.name: option.default for option in OPTIONS}
     origins: dict[str, str] = {}
+    config_file = _config_file(args, environ)
+    if config_file is not None:
+        from_file, file_origins = yamlfile.load(config_file)
+        values.update(from_file)
+        origins.update(file_origins)
     for option in OPTIONS:
-        values[option.name] = option.default
         text = environ.get(option.env_name)
         if text is not None and text != "":
             try:
@@ -109,13 +115,20 @@ def resolve(
         if option.flag is None or not hasattr(args, option.dest):
             continue
         raw = getattr(args, option.dest)
-        if raw == _flag_default(option) and option.name not in origins:
-            continue  # the parser's default: not given
         if raw == _flag_default(option) and not _given(args, option):
-            continue
+            continue  # the parser's default: not given
         values[option.name] = _flag_value(option, raw)
         origins[option.name] = option.flag
     return values, origins
+
+
+def _config_file(args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
+    """--config, else $QPOINT_CONFIG: the file is read before the other sources apply."""
+    flag = getattr(args, "config", None)
+    if flag is not None:
+        return Path(flag)
+    text = environ.get("QPOINT_CONFIG")
+    return Path(text) if text else None
 
 
 def _given(args: argparse.Namespace, option: Option) -> bool:
