@@ -80,9 +80,9 @@ def config_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> SensorConfig:
     """Defaults < environment < flags given (flowtap.settings.resolve)."""
-    values, _origins = resolve(args, os.environ if environ is None else environ)
+    values, origins = resolve(args, os.environ if environ is None else environ)
     fields = {option.name: values[option.name] for option in OPTIONS if option.in_config}
-    return SensorConfig(**fields)
+    return SensorConfig(**fields, origins=origins)
 
 
 def run(args: argparse.Namespace) -> int:

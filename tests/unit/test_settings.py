@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flowtap.cli import build_parser, config_from_args, main
-from flowtap.config import SensorConfig
+from flowtap.config import ConfigError, SensorConfig
 from flowtap.settings.options import OPTIONS, SettingError
 from flowtap.settings.resolve import resolve
 
@@ -23,7 +23,7 @@ def test_every_config_field_is_declared_once() -> None:
     names = [option.name for option in OPTIONS]
     assert len(names) == len(set(names))
     declared = {option.name for option in OPTIONS if option.in_config}
-    assert declared == set(SensorConfig.__dataclass_fields__)
+    assert declared == set(SensorConfig.__dataclass_fields__) - {"origins"}
 
 
 def test_defaults_are_the_config_defaults() -> None:
@@ -207,3 +207,14 @@ def test_main_reports_the_file_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert f"flowtap: {path}:3: flowtap.direction: 'egres' is not one of" in (
         capsys.readouterr().err
     )
+
+
+def test_validation_names_the_source(tmp_path: Path) -> None:
+    path = _write(tmp_path, "flowtap:\n  exec_hold_ms: 90000\n  tls_probes: [javassl]\n")
+    config = config_from_args(_given(["--config", str(path)]), environ={})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=rf"^{path}:3: flowtap.tls_probes javassl: not a TLS"):
+        config.validate()
+    env = {"FLOWTAP_MAX_BODY_BYTES": "-1"}
+    config = config_from_args(_given([]), environ=env)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^\$FLOWTAP_MAX_BODY_BYTES -1: use 0 or more"):
+        config.validate()
