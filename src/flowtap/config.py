@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
+from flowtap.settings.options import BY_NAME
 from flowtap.tls import plugins
 
 Direction = Literal["egress", "ingress", "all"]
@@ -67,14 +69,25 @@ class SensorConfig:
     exec_hold_ms: int = 300  # the longest an exec is held
     exec_gate_paths: tuple[Path, ...] = ()  # mark these paths' filesystems only
     exec_gate_test_delay_ms: int = 0  # test-only: classification made slow on purpose
+    # Where each setting not at its default came from ("--flag", "$VAR", "file:line: path"),
+    # so that errors name what the user wrote; not part of the configuration's value.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def _src(self, name: str, label: str | None = None) -> str:
+        """What to call a setting in an error: where its value came from, else its flag."""
+        if name in self.origins:
+            return self.origins[name]
+        return label or BY_NAME[name].flag or name
 
     def validate(self) -> None:
         for pid in self.pids:
             if pid <= 0:
-                raise ConfigError(f"--pid {pid}: a process id is a positive number")
+                raise ConfigError(f"{self._src('pids')} {pid}: a process id is a positive number")
             tgid = _thread_group(pid)
             if tgid is None:
-                raise ConfigError(f"--pid {pid}: no such process; check the pid with `ps -p {pid}`")
+                raise ConfigError(
+                    f"{self._src('pids')} {pid}: no such process; check the pid with `ps -p {pid}`"
+                )
             if tgid != pid:
                 raise ConfigError(
                     f"--pid {pid}: that is a thread of process {tgid}; use --pid {tgid}"
@@ -85,12 +98,18 @@ class SensorConfig:
         page = os.sysconf("SC_PAGE_SIZE")
         if size < page or size & (size - 1):
             raise ConfigError(
-                f"ring buffer size {size}: must be a power of two of at least {page} bytes"
+                f"{self._src('ring_buffer_bytes', 'ring buffer size')} {size}: "
+                f"must be a power of two of at least {page} bytes"
             )
         if not 1 <= self.max_connections <= 1 << 22:
-            raise ConfigError(f"max connections {self.max_connections}: use 1 to 4194304")
+            raise ConfigError(
+                f"{self._src('max_connections', 'max connections')} "
+                f"{self.max_connections}: use 1 to 4194304"
+            )
         if self.max_body_bytes < 0:
-            raise ConfigError(f"--max-body-bytes {self.max_body_bytes}: use 0 or more bytes")
+            raise ConfigError(
+                f"{self._src('max_body_bytes')} {self.max_body_bytes}: use 0 or more bytes"
+            )
         if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
         if self.egress:
@@ -100,18 +119,19 @@ class SensorConfig:
         unknown = sorted(set(self.avoid_kernel_features) - set(FEATURES))
         if unknown:
             raise ConfigError(
-                f"--avoid-kernel-features {','.join(unknown)}: not a kernel feature; "
+                f"{self._src('avoid_kernel_features')} {','.join(unknown)}: not a kernel feature; "
                 f"use any of {', '.join(FEATURES)}"
             )
         unknown = sorted(set(self.tls_probes) - set(plugins.NAMES))
         if unknown or not self.tls_probes:
             given = ",".join(unknown) if unknown else "(empty)"
             raise ConfigError(
-                f"--tls-probes {given}: not a TLS library; use a comma-separated list of "
+                f"{self._src('tls_probes')} {given}: not a TLS library; "
+                "use a comma-separated list of "
                 f"{', '.join(plugins.NAMES)} (default: all)"
             )
         if not 1 <= self.exec_hold_ms <= 60_000:
-            raise ConfigError(f"--exec-hold-ms {self.exec_hold_ms}: use 1 to 60000")
+            raise ConfigError(f"{self._src('exec_hold_ms')} {self.exec_hold_ms}: use 1 to 60000")
         for path in self.exec_gate_paths:
             if not path.exists():
                 raise ConfigError(f"--exec-gate-path {path}: no such file or directory")

@@ -1,0 +1,1 @@
+"""Settings: one declaration of each, and where its value came from."""
