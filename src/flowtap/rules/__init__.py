@@ -1,0 +1,1 @@
+"""Qtap-compatible rule expressions: parse once, evaluate per transaction."""
