@@ -20,6 +20,7 @@ from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
 from flowtap.settings import yamlfile
 from flowtap.settings.options import OPTIONS, SettingError
+from flowtap.settings.qtap import FILE_ONLY
 from flowtap.settings.resolve import add_flags, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
@@ -99,6 +100,9 @@ def config_from_args(
     """Defaults < environment < flags given (flowtap.settings.resolve)."""
     values, origins = resolve(args, os.environ if environ is None else environ)
     fields = {option.name: values[option.name] for option in OPTIONS if option.in_config}
+    for name in FILE_ONLY:
+        if name in values:
+            fields[name] = values[name]
     return SensorConfig(**fields, origins=origins)
 
 

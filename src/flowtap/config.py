@@ -12,6 +12,7 @@ from typing import Literal
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
+from flowtap.records.policy import CaptureRule
 from flowtap.settings.options import BY_NAME
 from flowtap.tls import plugins
 
@@ -50,6 +51,10 @@ class SensorConfig:
     capture_level: CaptureLevel = "summary"
     max_body_bytes: int = 64 << 10
     redact: bool = True
+    # Per-transaction capture levels from the configuration file's http_capture rules
+    # (first match wins, else capture_level), and the rulekit macros they may call.
+    http_rules: tuple[CaptureRule, ...] = ()
+    rule_macros: tuple[tuple[str, str], ...] = ()
     tls_attach: TlsAttach = "file"
     tls_placement: Literal["auto", "exported"] = "auto"
     tls_probes: tuple[str, ...] = plugins.NAMES  # the TLS library plug-ins used

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -45,6 +46,7 @@ from flowtap.proxy.events import ConnectionEvent
 from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
+from flowtap.records.policy import CapturePolicy
 from flowtap.sinks.base import Sink
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
@@ -105,9 +107,10 @@ class Sensor:
         self._links: list[BpfLink] = []
         self._ring: RingBuffer | None = None
         self._cgroup_fd: int | None = None
-        self._http_options = HttpRecordOptions(
-            config.capture_level, config.max_body_bytes, config.redact
-        )
+        base = HttpRecordOptions(config.capture_level, config.max_body_bytes, config.redact)
+        self._policy = CapturePolicy(base, config.http_rules, config.rule_macros)
+        # What the parsers must keep: the most any rule can ask for.
+        self._http_options = dataclasses.replace(base, level=self._policy.highest_level)
         self.registry = ProcessRegistry()
         self.counters = UserCounters()
         self.tracker = ConnectionTracker(
@@ -120,6 +123,7 @@ class Sensor:
             self._emit,
             self.tracker.visible_connection,
             self._http_options,
+            policy=self._policy,
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
@@ -201,7 +205,7 @@ class Sensor:
         found = self.registry.scan()
         log.info("attributed %d processes already running", found)
         self._add_existing_listeners(obj, btf)
-        if self.config.capture_level != "none" and self.tls_unavailable is None:
+        if self._http_options.level != "none" and self.tls_unavailable is None:
             self._attach_tls(obj)
             self.worker.start()
             self._start_gate(obj)
@@ -288,11 +292,11 @@ class Sensor:
                 "trace_egress": int(cfg.direction in ("egress", "all")),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
-                "capture_payload": int(cfg.capture_level != "none"),
+                "capture_payload": int(self._http_options.level != "none"),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
                 "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
                 "notify_forks": int(
-                    cfg.capture_level != "none" and cfg.tls_attach_mode == "process"
+                    self._http_options.level != "none" and cfg.tls_attach_mode == "process"
                 ),
                 "features": self.plan.feature_bits(btf) if self.plan else 0,
                 "thread_size": self.plan.thread_size if self.plan else 0,
@@ -492,7 +496,9 @@ class Sensor:
             if isinstance(report, ConnectionEvent):
                 self._emit(egress_connection_record(report, process, self._clock))
                 continue
-            record = egress_http_record(report[0], ctx, process, self._http_options, self._clock)
+            record = egress_http_record(
+                report[0], ctx, process, self._http_options, self._clock, policy=self._policy
+            )
             if record is not None:
                 self._emit(record)
 
@@ -719,6 +725,8 @@ class Sensor:
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
+        if self.config.http_rules:  # transactions whose level each rule chose
+            stats["capture_rules"] = dict(self._policy.chosen)
         if self.plan is not None:
             stats["kernel"] = {"release": os.uname().release} | self.plan.as_dict()
         if self.tls_unavailable is not None:

@@ -10,6 +10,7 @@ import pytest
 from flowtap.cli import build_parser, config_from_args, main
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.settings.options import OPTIONS, SettingError
+from flowtap.settings.qtap import FILE_ONLY
 from flowtap.settings.resolve import resolve
 
 
@@ -23,7 +24,7 @@ def test_every_config_field_is_declared_once() -> None:
     names = [option.name for option in OPTIONS]
     assert len(names) == len(set(names))
     declared = {option.name for option in OPTIONS if option.in_config}
-    assert declared == set(SensorConfig.__dataclass_fields__) - {"origins"}
+    assert declared == set(SensorConfig.__dataclass_fields__) - {"origins", *FILE_ONLY}
 
 
 def test_defaults_are_the_config_defaults() -> None:
@@ -225,6 +226,8 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["validate", str(good)]) == 0
     assert capsys.readouterr().out == f"{good}: ok\n"
     qtap = tmp_path / "qtap.yaml"
-    qtap.write_text("version: 2\n")
+    qtap.write_text("version: 2\ntapp: {}\n")
     assert main(["validate", str(qtap)]) == 2
-    assert capsys.readouterr().err == f"flowtap: {qtap}:1: version: not a known section\n"
+    assert capsys.readouterr().err == (
+        f"flowtap: {qtap}:2: tapp: not a known section (did you mean tap?)\n"
+    )

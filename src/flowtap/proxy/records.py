@@ -7,6 +7,7 @@ from flowtap.protocols.messages import Transaction
 from flowtap.proxy.events import ConnectionEvent, ProxyContext
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+from flowtap.records.policy import CapturePolicy
 
 __all__ = ["CAPTURE_SOURCE", "connection_context", "egress_connection_record", "egress_http_record"]
 
@@ -22,6 +23,9 @@ def connection_context(ctx: ProxyContext, process: Record) -> ConnectionContext:
         direction="egress",
         tls=ctx.tls,
         capture_source=CAPTURE_SOURCE,
+        remote_ip=ctx.destination[0],
+        remote_port=ctx.destination[1],
+        sni=ctx.sni,
     )
 
 
@@ -31,10 +35,15 @@ def egress_http_record(
     process: Record,
     options: HttpRecordOptions,
     clock: WallClock,
+    *,
+    policy: CapturePolicy | None = None,
 ) -> Record | None:
     """The ``http`` record of one proxied transaction (None at capture level none);
     ``process`` is the client process as ``process_record`` makes it."""
-    return http_record(tx, connection_context(ctx, process), options, clock)
+    context = connection_context(ctx, process)
+    if policy is not None:
+        options = policy.options_for(tx, context)
+    return http_record(tx, context, options, clock)
 
 
 def _family(ip: str) -> str:

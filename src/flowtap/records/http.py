@@ -80,6 +80,10 @@ class ConnectionContext:
     direction: Literal["egress", "ingress"]
     tls: bool
     capture_source: str  # "plaintext", "openssl", ...
+    # The other end, for rules on dst.* and tls.sni (None where not known).
+    remote_ip: str | None = None
+    remote_port: int | None = None
+    sni: str | None = None
 
 
 def is_secret(name: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from flowtap.settings import qtap
 from flowtap.settings.options import BY_NAME, SettingError, parse_yaml
 
 MAX_BYTES = 1 << 20  # a configuration file is small; a huge one is a mistake or an attack
@@ -63,12 +64,15 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(root, yaml.MappingNode):
         raise SettingError(f"{path}:{root.start_mark.line + 1}: the file must be a mapping")
     budget = [MAX_NODES]
+    sections = ["flowtap", *qtap.TOP_LEVEL]
     for key_node, value_node in root.value:
         key = _scalar(key_node)
         where = f"{path}:{key_node.start_mark.line + 1}"
+        if key in qtap.TOP_LEVEL:
+            continue  # Qtap's sections, read below
         if key != "flowtap":
             raise SettingError(
-                f"{where}: {key}: not a known section{_did_you_mean(str(key), ['flowtap'])}"
+                f"{where}: {key}: not a known section{_did_you_mean(str(key), sections)}"
             )
         if not isinstance(value_node, yaml.MappingNode):
             raise SettingError(f"{where}: flowtap: must be a mapping of settings")
@@ -84,4 +88,10 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             except SettingError as exc:
                 raise SettingError(f"{line}: {exc}") from None
             origins[name] = line
+    from_qtap = qtap.load(str(path), root, lambda node: _plain(node, budget))
+    for name, value in from_qtap.values.items():
+        if name in origins:  # the flowtap: section wins over Qtap's equivalent
+            continue
+        values[name] = value
+        origins[name] = from_qtap.origins.get(name, f"{path}")
     return values, origins

@@ -20,6 +20,7 @@ from flowtap.protocols.http2 import Http2Parser
 from flowtap.protocols.messages import Side, Transaction
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+from flowtap.records.policy import CapturePolicy
 from flowtap.tls import plugins
 
 log = logging.getLogger("flowtap.payloads")
@@ -83,10 +84,12 @@ class PayloadTracker:
         options: HttpRecordOptions,
         *,
         clock: WallClock | None = None,
+        policy: CapturePolicy | None = None,
     ) -> None:
         self._emit = emit
         self._lookup = lookup
         self._options = options
+        self._policy = policy
         self._clock = clock or WallClock()
         self._streams: OrderedDict[tuple[int, Source], _Stream] = OrderedDict()
         self.stats = PayloadStats()
@@ -116,7 +119,8 @@ class PayloadTracker:
         if stream.parser is None:
             h2 = _starts_http2(side, data)
             # Bodies are only kept when records carry them.
-            keep = self._options.max_body_bytes if self._options.level == "full" else 0
+            level = self._policy.highest_level if self._policy else self._options.level
+            keep = self._options.max_body_bytes if level == "full" else 0
             stream.parser = Http2Parser(max_body=keep) if h2 else Http1Parser(max_body=keep)
         self._handle(stream, stream.parser.feed(side, data, event.timestamp_ns))
 
@@ -142,6 +146,8 @@ class PayloadTracker:
             direction=conn.direction,
             tls=source != SOCKET_SOURCE,
             capture_source=_CAPTURE_SOURCES[source],
+            remote_ip=conn.remote.ip,
+            remote_port=conn.remote.port,
         )
         stream = _Stream(ctx=ctx, direction=conn.direction)
         self._streams[(conn_id, source)] = stream
@@ -153,7 +159,8 @@ class PayloadTracker:
 
     def _handle(self, stream: _Stream, transactions: list[Transaction]) -> None:
         for tx in transactions:
-            record = http_record(tx, stream.ctx, self._options, self._clock)
+            options = self._policy.options_for(tx, stream.ctx) if self._policy else self._options
+            record = http_record(tx, stream.ctx, options, self._clock)
             self.stats.transactions += 1
             if record is not None:
                 self._emit(record)

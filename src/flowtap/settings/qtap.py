@@ -1,0 +1,280 @@
+"""Qtap's configuration format (version 2): the parts this build implements.
+
+`stacks.<name>.plugins[]` with an `http_capture` plugin (`level`, `format`, `rules`),
+`tap.http.stack`, `tap.direction`, `tap.ignore_loopback`, `rulekit.macros` and the
+`stdout` event and object stores. Anything else Qtap knows is refused by name (never
+ignored: a filter silently dropped would capture what the user meant to exclude), and any
+other key gets a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from flowtap.records.http import CAPTURE_LEVELS, CaptureLevel
+from flowtap.records.policy import CaptureRule
+from flowtap.rules.evaluate import compile_rule
+from flowtap.rules.fields import is_known
+from flowtap.rules.syntax import RuleSyntaxError
+from flowtap.settings.options import SettingError
+
+TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit")
+# SensorConfig fields that only the file sets: rules have no flag or variable.
+FILE_ONLY = ("http_rules", "rule_macros")
+# Qtap's names for capture levels; `details` is Qtap's word for headers.
+_LEVELS: dict[str, CaptureLevel] = {
+    **{level: level for level in CAPTURE_LEVELS},
+    "details": "headers",
+}
+_NOT_YET = "is part of Qtap's format but not in this build yet; remove it to run"
+
+
+@dataclass(frozen=True, slots=True)
+class QtapSettings:
+    values: dict[str, Any]  # settings (SensorConfig fields) the file sets
+    origins: dict[str, str]
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+class _Reader:
+    def __init__(self, path: str, plain: Callable[[yaml.Node], Any]) -> None:
+        self.path = path
+        self.plain = plain
+
+    def where(self, node: yaml.Node, dotted: str) -> str:
+        return f"{self.path}:{node.start_mark.line + 1}: {dotted}"
+
+    def mapping(
+        self, node: yaml.Node, dotted: str, known: tuple[str, ...], later: tuple[str, ...] = ()
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise SettingError(f"{self.where(node, dotted)}: must be a mapping")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = str(self.plain(key_node))
+            child = f"{dotted}.{key}" if dotted else key
+            if key in later:
+                raise SettingError(f"{self.where(key_node, child)}: {_NOT_YET}")
+            if key not in known:
+                hint = _did_you_mean(key, [*known, *later])
+                raise SettingError(f"{self.where(key_node, child)}: unknown key{hint}")
+            out[key] = (key_node, value_node)
+        return out
+
+    def sequence(self, node: yaml.Node, dotted: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise SettingError(f"{self.where(node, dotted)}: must be a list")
+        return list(node.value)
+
+    def string(self, node: yaml.Node, dotted: str) -> str:
+        value = self.plain(node)
+        if not isinstance(value, str):
+            raise SettingError(f"{self.where(node, dotted)}: {value!r} is not text")
+        return value
+
+    def choice(self, node: yaml.Node, dotted: str, choices: tuple[str, ...]) -> str:
+        value = self.string(node, dotted)
+        if value not in choices:
+            raise SettingError(
+                f"{self.where(node, dotted)}: {value!r} is not one of {', '.join(sorted(choices))}"
+            )
+        return value
+
+
+def load(path: str, root: yaml.MappingNode, plain: Callable[[yaml.Node], Any]) -> QtapSettings:
+    """The Qtap sections of a file whose top-level mapping is `root`."""
+    reader = _Reader(path, plain)
+    sections = {
+        str(plain(key)): (key, value) for key, value in root.value if plain(key) in TOP_LEVEL
+    }
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if "version" in sections:
+        _key, value = sections["version"]
+        if plain(value) != 2:
+            raise SettingError(
+                f"{reader.where(value, 'version')}: {plain(value)!r}: this build reads version 2"
+            )
+    if "services" in sections:
+        _services(reader, sections["services"][1])
+    macros: dict[str, str] = {}
+    if "rulekit" in sections:
+        macros = _macros(reader, sections["rulekit"][1])
+    stacks: dict[str, tuple[yaml.Node, dict[str, Any]]] = {}
+    if "stacks" in sections:
+        stacks = _stacks(reader, sections["stacks"][1], macros)
+    if "tap" in sections:
+        _tap(reader, sections["tap"][1], stacks, values, origins)
+    if macros:
+        values["rule_macros"] = tuple(macros.items())
+    return QtapSettings(values, origins)
+
+
+def _services(reader: _Reader, node: yaml.Node) -> None:
+    fields = reader.mapping(node, "services", ("event_stores", "object_stores"))
+    for name, (_key, value) in fields.items():
+        for index, item in enumerate(reader.sequence(value, f"services.{name}")):
+            dotted = f"services.{name}[{index}]"
+            store = reader.mapping(item, dotted, ("type", "id"))
+            if "type" not in store:
+                raise SettingError(f"{reader.where(item, dotted)}: needs a type")
+            kind = reader.string(store["type"][1], f"{dotted}.type")
+            if kind != "stdout":
+                raise SettingError(
+                    f"{reader.where(store['type'][1], dotted + '.type')}: {kind!r}: this build "
+                    "has the stdout store only (use --output-file for a JSON-lines file)"
+                )
+
+
+def _macros(reader: _Reader, node: yaml.Node) -> dict[str, str]:
+    fields = reader.mapping(node, "rulekit", ("macros",))
+    macros: dict[str, str] = {}
+    if "macros" not in fields:
+        return macros
+    for index, item in enumerate(reader.sequence(fields["macros"][1], "rulekit.macros")):
+        dotted = f"rulekit.macros[{index}]"
+        entry = reader.mapping(item, dotted, ("name", "expr"))
+        if "name" not in entry or "expr" not in entry:
+            raise SettingError(f"{reader.where(item, dotted)}: a macro needs a name and an expr")
+        macros[reader.string(entry["name"][1], dotted + ".name")] = reader.string(
+            entry["expr"][1], dotted + ".expr"
+        )
+    for index, item in enumerate(reader.sequence(fields["macros"][1], "rulekit.macros")):
+        dotted = f"rulekit.macros[{index}].expr"
+        expr_node = reader.mapping(item, dotted, ("name", "expr"))["expr"][1]
+        _check_rule(reader, expr_node, dotted, reader.string(expr_node, dotted), macros)
+    return macros
+
+
+def _check_rule(
+    reader: _Reader, node: yaml.Node, dotted: str, expr: str, macros: dict[str, str]
+) -> None:
+    try:
+        compile_rule(expr, macros, known_fields=is_known)
+    except RuleSyntaxError as error:
+        pointer = error.pointer().replace("\n", "\n  ")
+        raise SettingError(f"{reader.where(node, dotted)}: {error}\n  {pointer}") from None
+
+
+_PLUGINS_LATER = ("access_logs", "http_metrics", "report_usage", "debug")
+
+
+def _stacks(
+    reader: _Reader, node: yaml.Node, macros: dict[str, str]
+) -> dict[str, tuple[yaml.Node, dict[str, Any]]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise SettingError(f"{reader.where(node, 'stacks')}: must be a mapping of stacks")
+    stacks: dict[str, tuple[yaml.Node, dict[str, Any]]] = {}
+    for key_node, stack_node in node.value:
+        name = str(reader.plain(key_node))
+        dotted = f"stacks.{name}"
+        fields = reader.mapping(stack_node, dotted, ("plugins",))
+        capture: dict[str, Any] = {}
+        for index, item in enumerate(
+            reader.sequence(fields["plugins"][1], dotted + ".plugins")
+            if "plugins" in fields
+            else []
+        ):
+            where = f"{dotted}.plugins[{index}]"
+            plugin = reader.mapping(item, where, ("type", "config"))
+            if "type" not in plugin:
+                raise SettingError(f"{reader.where(item, where)}: needs a type")
+            kind_node = plugin["type"][1]
+            kind = reader.string(kind_node, where + ".type")
+            if kind in _PLUGINS_LATER:
+                raise SettingError(f"{reader.where(kind_node, where + '.type')}: {kind} {_NOT_YET}")
+            if kind != "http_capture":
+                hint = _did_you_mean(kind, ["http_capture", *_PLUGINS_LATER])
+                raise SettingError(
+                    f"{reader.where(kind_node, where + '.type')}: {kind!r}: not a plugin{hint}"
+                )
+            if "config" in plugin:
+                capture = _http_capture(reader, plugin["config"][1], where + ".config", macros)
+            else:
+                capture = {"capture_level": "summary", "http_rules": ()}
+        stacks[name] = (key_node, capture)
+    return stacks
+
+
+def _http_capture(
+    reader: _Reader, node: yaml.Node, dotted: str, macros: dict[str, str]
+) -> dict[str, Any]:
+    fields = reader.mapping(node, dotted, ("level", "format", "rules"))
+    out: dict[str, Any] = {"capture_level": "summary", "http_rules": ()}
+    if "level" in fields:
+        level = reader.choice(fields["level"][1], dotted + ".level", tuple(_LEVELS))
+        out["capture_level"] = _LEVELS[level]
+    if "format" in fields:
+        reader.choice(fields["format"][1], dotted + ".format", ("json", "text"))
+    rules: list[CaptureRule] = []
+    if "rules" in fields:
+        for index, item in enumerate(reader.sequence(fields["rules"][1], dotted + ".rules")):
+            where = f"{dotted}.rules[{index}]"
+            rule = reader.mapping(item, where, ("name", "expr", "level"))
+            if "expr" not in rule or "level" not in rule:
+                raise SettingError(f"{reader.where(item, where)}: a rule needs an expr and a level")
+            expr_node = rule["expr"][1]
+            expr = reader.string(expr_node, where + ".expr")
+            _check_rule(reader, expr_node, where + ".expr", expr, macros)
+            level = reader.choice(rule["level"][1], where + ".level", tuple(_LEVELS))
+            name = reader.string(rule["name"][1], where + ".name") if "name" in rule else expr
+            origin = f"{reader.path}:{expr_node.start_mark.line + 1}"
+            rules.append(CaptureRule(name, expr, _LEVELS[level], origin))
+    out["http_rules"] = tuple(rules)
+    return out
+
+
+_DIRECTIONS = ("all", "egress", "ingress")
+_DIRECTIONS_LATER = ("egress-external", "egress-internal")
+
+
+def _tap(
+    reader: _Reader,
+    node: yaml.Node,
+    stacks: dict[str, tuple[yaml.Node, dict[str, Any]]],
+    values: dict[str, Any],
+    origins: dict[str, str],
+) -> None:
+    fields = reader.mapping(
+        node,
+        "tap",
+        ("direction", "ignore_loopback", "http"),
+        later=("audit_include_dns", "filters", "endpoints"),
+    )
+    if "direction" in fields:
+        value = fields["direction"][1]
+        direction = reader.choice(value, "tap.direction", _DIRECTIONS + _DIRECTIONS_LATER)
+        if direction in _DIRECTIONS_LATER:
+            raise SettingError(f"{reader.where(value, 'tap.direction')}: {direction} {_NOT_YET}")
+        values["direction"] = direction
+        origins["direction"] = reader.where(value, "tap.direction")
+    if "ignore_loopback" in fields:
+        value = fields["ignore_loopback"][1]
+        flag = reader.plain(value)
+        if not isinstance(flag, bool):
+            raise SettingError(f"{reader.where(value, 'tap.ignore_loopback')}: not true or false")
+        values["include_loopback"] = not flag
+        origins["include_loopback"] = reader.where(value, "tap.ignore_loopback")
+    if "http" in fields:
+        http = reader.mapping(fields["http"][1], "tap.http", ("stack",))
+        if "stack" in http:
+            value = http["stack"][1]
+            name = reader.string(value, "tap.http.stack")
+            if name not in stacks:
+                hint = _did_you_mean(name, list(stacks))
+                raise SettingError(
+                    f"{reader.where(value, 'tap.http.stack')}: no stack named {name!r}{hint}"
+                )
+            where = reader.where(value, "tap.http.stack")
+            for setting, setting_value in stacks[name][1].items():
+                values[setting] = setting_value
+                origins[setting] = where

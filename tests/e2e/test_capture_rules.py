@@ -1,0 +1,112 @@
+"""Per-transaction capture levels from a Qtap configuration file's http_capture rules."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from .helpers import CURL, PYTHON, Lab
+
+pytestmark = pytest.mark.e2e
+
+# GET /status/N answers status N with the body "body-N".
+SERVER = r"""
+import json, os, signal
+from http.server import BaseHTTPRequestHandler, HTTPServer
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def do_GET(self):
+        status = int(self.path.rsplit("/", 1)[1])
+        body = f"body-{status}".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+server = HTTPServer(("127.0.0.1", 0), Handler)
+print(json.dumps({"event": "listening", "pid": os.getpid(), "port": server.server_port}),
+      flush=True)
+server.serve_forever()
+"""
+
+CONFIG = """\
+version: 2
+rulekit:
+  macros:
+    - name: failed
+      expr: http.res.status >= 500
+stacks:
+  rules_stack:
+    plugins:
+      - type: http_capture
+        config:
+          level: summary
+          rules:
+            - name: errors of one host
+              expr: http.req.host == "errors.test" && failed()
+              level: full
+            - name: not the server
+              expr: src.process.path == "{python}"
+              level: none
+tap:
+  http:
+    stack: rules_stack
+"""
+
+
+def test_each_transaction_gets_the_level_its_rule_says(e2e: Lab, tmp_path: Path) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    server = e2e.spawn([PYTHON, str(script)], cgroup=e2e.cgroup, stem="status-server")
+    port = int(server.wait_message("listening")["port"])
+    config = tmp_path / "qtap.yaml"
+    python = str(Path(f"/proc/{server.pid}/exe").resolve())
+    config.write_text(CONFIG.format(python=python))
+    sensor = e2e.sensor(extra=["--config", str(config)])
+
+    asked = [("errors.test", 503), ("errors.test", 200), ("other.test", 503)]
+    pids: dict[int, tuple[str, int]] = {}
+    for host, status in asked:  # each curl starts after the sensor and speaks at once
+        url = f"http://127.0.0.1:{port}/status/{status}"
+        curl = e2e.spawn(
+            [CURL, "-sS", "--noproxy", "*", "-H", f"Host: {host}", url],
+            cgroup=e2e.cgroup,
+            stem="curl",
+        )
+        curl.finish()
+        pids[curl.pid] = (host, status)
+    sensor.wait_for(
+        lambda _r: len([r for r in sensor.http_records() if r["process"]["pid"] in pids]) >= 3,
+        what="three http records of curl",
+    )
+    sensor.finish()
+    records = sensor.http_records()
+
+    by_request = {pids[r["process"]["pid"]]: r for r in records if r["process"]["pid"] in pids}
+    assert sorted(by_request) == sorted(asked)
+    full = by_request[("errors.test", 503)]
+    assert full["response"]["status"] == 503
+    assert base64.b64decode(full["response"]["body"]) == b"body-503"
+    assert ["content-type", "text/plain"] in [
+        [name.lower(), value] for name, value in full["response"]["headers"]
+    ]
+    for key in (("errors.test", 200), ("other.test", 503)):
+        summary = by_request[key]
+        assert summary["response"]["status"] == key[1]
+        assert summary["request"]["path"] == f"/status/{key[1]}"
+        assert "headers" not in summary["request"] and "headers" not in summary["response"]
+        assert "body" not in summary["response"]
+    # The server's side: first match wins, so its view of the errors.test 503 is captured
+    # in full by the first rule; its two other transactions matched "not the server".
+    served = [r for r in records if r["process"]["pid"] == server.pid]
+    assert [(r["direction"], r["response"]["status"]) for r in served] == [("ingress", 503)]
+    assert base64.b64decode(served[0]["response"]["body"]) == b"body-503"
+    stats = json.loads(sensor.stats_file.read_text())
+    assert stats["capture_rules"] == {"errors of one host": 2, "not the server": 2}

@@ -1,0 +1,159 @@
+"""Qtap's configuration format (version 2): what flowtap reads, what it refuses and where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flowtap.cli import build_parser, config_from_args
+from flowtap.config import SensorConfig
+from flowtap.protocols.messages import Request, Response, Transaction
+from flowtap.records.http import ConnectionContext, HttpRecordOptions
+from flowtap.records.policy import CapturePolicy, CaptureRule
+from flowtap.settings import yamlfile
+from flowtap.settings.options import SettingError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qtap.yaml"
+
+
+def _config(path: Path, *argv: str) -> SensorConfig:
+    # As main() parses: only the flags on the command line are in the namespace.
+    args = build_parser(given_only=True).parse_args(["run", "--config", str(path), *argv])
+    args._given_only = True
+    return config_from_args(args, environ={})
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "qtap.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_file_runs_unchanged() -> None:
+    config = _config(EXAMPLE)
+    assert config.capture_level == "summary"
+    assert config.direction == "egress"
+    assert config.include_loopback is True
+    assert config.http_rules == (
+        CaptureRule(
+            "full capture of API errors",
+            "is_api() && http.res.status >= 500",
+            "full",
+            f"{EXAMPLE}:25",
+        ),
+        CaptureRule("headers of curl", 'src.process.binary == "curl"', "headers", f"{EXAMPLE}:28"),
+    )
+    assert config.rule_macros == (("is_api", 'in_zone(http.req.host, "api.example.com")'),)
+    assert config.origins["capture_level"] == f"{EXAMPLE}:35: tap.http.stack"
+
+
+def test_flags_win_over_the_file() -> None:
+    config = _config(EXAMPLE, "--capture-level", "none", "--direction", "all")
+    assert (config.capture_level, config.direction) == ("none", "all")
+    assert config.http_rules  # rules stay: they have no flag
+
+
+def _transaction(host: str, status: int) -> Transaction:
+    request = Request("GET", "/v1/x", "1.1", [("Host", host)], authority=host)
+    return Transaction(request, Response(status, "", "1.1", []))
+
+
+def test_policy_of_the_example_picks_each_level() -> None:
+    config = _config(EXAMPLE)
+    policy = CapturePolicy(
+        HttpRecordOptions(config.capture_level), config.http_rules, config.rule_macros
+    )
+    assert policy.highest_level == "full"
+
+    def level(host: str, status: int, exe: str) -> str:
+        process = {"pid": 1, "exe": exe}
+        ctx = ConnectionContext(1, process, "egress", True, "openssl", "192.0.2.1", 443)
+        return policy.options_for(_transaction(host, status), ctx).level
+
+    assert level("api.example.com", 503, "/usr/bin/python3") == "full"
+    assert level("eu.api.example.com:8443", 500, "/usr/bin/curl") == "full"
+    assert level("api.example.com", 200, "/usr/bin/curl") == "headers"
+    assert level("api.example.org", 503, "/usr/bin/python3") == "summary"
+    assert policy.chosen == {"full capture of API errors": 2, "headers of curl": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("version: 3\n", ":1: version: 3: this build reads version 2"),
+        (
+            "tap:\n  direction: egres\n",
+            ":2: tap.direction: 'egres' is not one of all, egress, egress-external, "
+            "egress-internal, ingress",
+        ),
+        (
+            "tap:\n  direction: egress-external\n",
+            ":2: tap.direction: egress-external is part of Qtap's format but not in this build",
+        ),
+        ("tap:\n  filters: {}\n", ":2: tap.filters: is part of Qtap's format but not in this"),
+        ("tap:\n  htp: {}\n", ":2: tap.htp: unknown key (did you mean http?)"),
+        ("tap:\n  http:\n    stack: nope\n", ":3: tap.http.stack: no stack named 'nope'"),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: http_captur\n",
+            ":4: stacks.s.plugins[0].type: 'http_captur': not a plugin "
+            "(did you mean http_capture?)",
+        ),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: access_logs\n",
+            ":4: stacks.s.plugins[0].type: access_logs is part of Qtap's format",
+        ),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"
+            "          level: everything\n",
+            ":6: stacks.s.plugins[0].config.level: 'everything' is not one of details, full, "
+            "headers, none, summary",
+        ),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"
+            "          rules:\n            - expr: http.res.status >=\n              level: full\n",
+            ":7: stacks.s.plugins[0].config.rules[0].expr: column 19: expected a field or a value",
+        ),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"
+            "          rules:\n            - expr: http.req.path matches /(a+)+$/\n"
+            "              level: full\n",
+            ":7: stacks.s.plugins[0].config.rules[0].expr: column 23: regular expression repeats",
+        ),
+        (
+            "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"
+            "          rules:\n            - expr: http.res.statuss == 1\n"
+            "              level: full\n",
+            ":7: stacks.s.plugins[0].config.rules[0].expr: column 1: unknown field",
+        ),
+        (
+            "services:\n  event_stores:\n    - type: otel\n",
+            ":3: services.event_stores[0].type: 'otel': this build has the stdout store only",
+        ),
+        (
+            "rulekit:\n  macros:\n    - name: a\n      expr: a()\n",
+            ":4: rulekit.macros[0].expr: column 1: macro calls itself: a -> a",
+        ),
+        ("stacks: [1]\n", ":1: stacks: must be a mapping of stacks"),
+        ("tap:\n  ignore_loopback: maybe\n", ":2: tap.ignore_loopback: not true or false"),
+    ],
+)
+def test_refusals_name_the_place(tmp_path: Path, text: str, error: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(SettingError) as caught:
+        yamlfile.load(path)
+    assert str(caught.value).startswith(f"{path}{error}"), str(caught.value)
+
+
+def test_a_rule_error_shows_where_in_the_expression(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"
+        "          rules:\n            - expr: dst.port == 80 and and\n              level: full\n",
+    )
+    with pytest.raises(SettingError) as caught:
+        yamlfile.load(path)
+    assert str(caught.value).splitlines()[1:] == [
+        "  dst.port == 80 and and",
+        "                     ^",
+    ]
