@@ -13,15 +13,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from flowtap import __version__, preflight
+from flowtap import __version__, preflight, safefile
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
-from flowtap.settings import yamlfile
+from flowtap.settings import reload, yamlfile
 from flowtap.settings.options import OPTIONS, SettingError
 from flowtap.settings.qtap import FILE_ONLY
-from flowtap.settings.resolve import add_flags, resolve
+from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
@@ -49,7 +49,7 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         description="Every TCP connection on this host, attributed to its process (eBPF).",
     )
     parser.add_argument("--version", action="version", version=f"flowtap {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,validate}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,validate,reload-config}")
 
     run = commands.add_parser("run", help="start the sensor (the default command)")
     add_run_arguments(run, given_only=given_only)
@@ -59,7 +59,30 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         "validate", help="check a configuration file: exit 0, or print its errors and exit 2"
     )
     validate.add_argument("file", type=Path, metavar="FILE")
+    reload_config = commands.add_parser(
+        "reload-config", help="make a running sensor read its configuration file again"
+    )
+    target = reload_config.add_mutually_exclusive_group()
+    target.add_argument("--pid", type=int, help="the sensor's pid")
+    target.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/flowtap"),
+        help="the running sensor's --state-dir, where it wrote its pid (default /var/lib/flowtap)",
+    )
     return parser
+
+
+def reload_running_sensor(pid: int | None, state_dir: Path) -> int:
+    """`flowtap reload-config`: SIGHUP to the sensor; it logs whether the file loaded."""
+    try:
+        target = pid if pid is not None else reload.sensor_pid(state_dir)
+        reload.signal_reload(target)
+    except (ValueError, OSError) as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"asked flowtap (pid {target}) to reload its configuration; its log says the outcome")
+    return EXIT_OK
 
 
 def validate_file(path: Path) -> int:
@@ -133,6 +156,24 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    config_path = config_file(args, os.environ)
+    watcher: reload.ConfigWatcher[SensorConfig] | None = None
+    if config_path is not None:
+
+        def load() -> SensorConfig:
+            new = config_from_args(args)
+            new.validate()
+            return new
+
+        watcher = reload.ConfigWatcher(config_path, load)
+
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        if watcher is not None:
+            watcher.request()
+        else:  # SIGHUP's default would end the sensor
+            log.info("SIGHUP: no configuration file (--config) to reload")
+
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         require_root()  # before the output file is created
         sink = make_sink(values)
@@ -143,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowtap: cannot open the output file: {exc}", file=sys.stderr)
         return EXIT_USAGE
     sensor = Sensor(config, sink)
+    sensor.config_watcher = watcher
+    pid_file = config.egress_state_dir / reload.PID_FILE
     try:
         sensor.start()
+        _write_pid_file(config.egress_state_dir, pid_file)
         sensor.run(stop)
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
@@ -153,8 +197,19 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         sensor.stop()
         raise
+    finally:
+        safefile.remove(pid_file)
     sensor.stop()
     return EXIT_OK
+
+
+def _write_pid_file(state_dir: Path, pid_file: Path) -> None:
+    """For `flowtap reload-config`: in the root-only state directory, so it can be trusted."""
+    try:
+        safefile.private_directory(state_dir)
+        safefile.replace(pid_file, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        log.warning("cannot write %s (`flowtap reload-config` needs --pid): %s", pid_file, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,4 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         return validate_file(args.file)
     if args.command == "check":
         return preflight.main(["--color", args.color])
+    if args.command == "reload-config":
+        return reload_running_sensor(args.pid, args.state_dir)
     return run(args)

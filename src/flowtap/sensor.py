@@ -47,6 +47,7 @@ from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
 from flowtap.records.policy import CapturePolicy
+from flowtap.settings.reload import ConfigWatcher
 from flowtap.sinks.base import Sink
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
@@ -130,6 +131,10 @@ class Sensor:
         self._last_drop_report: dict[str, int] = {}
         self._unattributed_at_exit = 0
         self.egress: EgressController | None = None
+        self.config_watcher: ConfigWatcher[SensorConfig] | None = None  # set by the CLI
+        self.config_reloads = 0
+        self.config_reloads_refused = 0
+        self._kernel_copies_payload: bool | None = None  # known once the kernel is set up
         self._clock = WallClock()
         self.egress_unattributed = 0  # proxied records whose client process was unknown
         self._egress_counters: dict[str, int] = {}  # the proxy's final ones, once stopped
@@ -283,6 +288,7 @@ class Sensor:
 
     def _write_config(self, obj: BpfObject, btf: Btf) -> None:
         cfg = self.config
+        self._kernel_copies_payload = self._http_options.level != "none"
         layout = btf.struct_layout("ft_config")
         image = layout.pack(
             {
@@ -292,7 +298,7 @@ class Sensor:
                 "trace_egress": int(cfg.direction in ("egress", "all")),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
-                "capture_payload": int(self._http_options.level != "none"),
+                "capture_payload": int(self._kernel_copies_payload),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
                 "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
                 "notify_forks": int(
@@ -517,6 +523,8 @@ class Sensor:
         next_save = time.monotonic() + _CACHE_SAVE_S
         self._stopping = stop
         while not stop.is_set():
+            if self.config_watcher is not None and (new := self.config_watcher.poll()):
+                self.reconfigure(new)
             if self._ring.consume() == 0:
                 self._ring.poll(_POLL_MS)
             self._drain_egress()
@@ -529,6 +537,50 @@ class Sensor:
             if time.monotonic() >= next_stats:
                 self.report_drops(final=False)
                 next_stats = time.monotonic() + self.config.stats_interval_s
+
+    # Settings a running sensor can change; the others are fixed in the kernel, the
+    # attached probes or the open files until a restart.
+    RELOADABLE = ("capture_level", "http_rules", "rule_macros", "max_body_bytes", "redact")
+
+    def reconfigure(self, new: SensorConfig) -> bool:
+        """Applies a reloaded configuration's capture settings (on the event loop thread)."""
+        captures = new.capture_level != "none" or any(r.level != "none" for r in new.http_rules)
+        if captures and not self._kernel_copies_payload:
+            self.config_reloads_refused += 1
+            log.warning(
+                "configuration not reloaded: it captures HTTP, but this sensor started at "
+                "capture level none and does not copy payloads; restart flowtap to apply it"
+            )
+            return False
+        base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact)
+        try:
+            policy = CapturePolicy(base, new.http_rules, new.rule_macros)
+        except ValueError as exc:  # the file's check passed, so this is a bug: keep running
+            self.config_reloads_refused += 1
+            log.warning("configuration not reloaded: %s", exc)
+            return False
+        fixed = sorted(
+            name
+            for name in SensorConfig.__dataclass_fields__
+            if name not in (*self.RELOADABLE, "origins")
+            and getattr(new, name) != getattr(self.config, name)
+        )
+        if fixed:
+            log.warning(
+                "configuration reloaded, but %s changed: that takes a restart of flowtap",
+                ", ".join(fixed),
+            )
+        self._policy = policy
+        self._http_options = dataclasses.replace(base, level=policy.highest_level)
+        self.payloads.set_policy(policy)
+        if self.egress is not None:
+            self.egress.set_capture(self._http_options)
+        self.config = dataclasses.replace(
+            self.config, **{name: getattr(new, name) for name in self.RELOADABLE}
+        )
+        self.config_reloads += 1
+        log.info("capture level %s, %d rules, from now on", new.capture_level, len(new.http_rules))
+        return True
 
     def _on_record(self, data: bytes) -> None:
         self.counters.events += 1
@@ -727,6 +779,11 @@ class Sensor:
         }
         if self.config.http_rules:  # transactions whose level each rule chose
             stats["capture_rules"] = dict(self._policy.chosen)
+        if self.config_watcher is not None:
+            stats["configuration"] = {
+                "reloads": self.config_reloads,
+                "reloads_refused": self.config_reloads_refused + self.config_watcher.refused,
+            }
         if self.plan is not None:
             stats["kernel"] = {"release": os.uname().release} | self.plan.as_dict()
         if self.tls_unavailable is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .helpers import CURL, PYTHON, Lab
+from .helpers import CURL, PYTHON, Lab, flowtap_command
 
 pytestmark = pytest.mark.e2e
 
@@ -110,3 +111,100 @@ def test_each_transaction_gets_the_level_its_rule_says(e2e: Lab, tmp_path: Path)
     assert base64.b64decode(served[0]["response"]["body"]) == b"body-503"
     stats = json.loads(sensor.stats_file.read_text())
     assert stats["capture_rules"] == {"errors of one host": 2, "not the server": 2}
+
+
+SUMMARY_ONLY = """\
+version: 2
+stacks:
+  s:
+    plugins:
+      - type: http_capture
+        config:
+          level: summary
+tap:
+  http:
+    stack: s
+"""
+
+ERRORS_IN_FULL = """\
+version: 2
+stacks:
+  s:
+    plugins:
+      - type: http_capture
+        config:
+          level: headers
+          rules:
+            - name: errors in full
+              expr: http.res.status >= 500
+              level: full
+tap:
+  http:
+    stack: s
+"""
+
+
+def _replace(path: Path, text: str) -> None:
+    """As editors and config management do: a new file renamed over the old one."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.rename(path)
+
+
+def test_reload_switches_levels_and_a_broken_file_keeps_the_last_good_one(
+    e2e: Lab, tmp_path: Path
+) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    server = e2e.spawn([PYTHON, str(script)], cgroup=e2e.cgroup, stem="status-server")
+    port = int(server.wait_message("listening")["port"])
+    config = tmp_path / "qtap.yaml"
+    config.write_text(SUMMARY_ONLY)
+    sensor = e2e.sensor(extra=["--config", str(config)])
+    curls: list[int] = []
+
+    def curl(status: int) -> None:
+        url = f"http://127.0.0.1:{port}/status/{status}"
+        peer = e2e.spawn([CURL, "-sS", "--noproxy", "*", url], cgroup=e2e.cgroup, stem="curl")
+        peer.finish()
+        curls.append(peer.pid)
+        sensor.wait_for(
+            lambda _r: any(r["process"]["pid"] == peer.pid for r in sensor.http_records()),
+            what=f"the http record of curl {peer.pid}",
+        )
+
+    curl(503)  # summary
+    _replace(config, ERRORS_IN_FULL)  # no signal: the sensor sees the file change
+    sensor.wait_log("reloaded (the file changed)")
+    curl(503)  # full
+    curl(200)  # headers
+    _replace(config, ERRORS_IN_FULL.replace("level: full", "level: fulll"))
+    state_dir = Path(sensor.argv[sensor.argv.index("--state-dir") + 1])
+    reload = subprocess.run(
+        [flowtap_command(), "reload-config", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert reload.returncode == 0, reload.stderr
+    assert reload.stdout == (
+        f"asked flowtap (pid {sensor.pid}) to reload its configuration; its log says the outcome\n"
+    )
+    sensor.wait_log("not reloaded (SIGHUP)")
+    assert "'fulll' is not one of details, full, headers, none, summary" in sensor.stderr()
+    curl(503)  # still full: the broken file changed nothing
+    sensor.finish()
+
+    mine = {r["process"]["pid"]: r for r in sensor.http_records() if r["process"]["pid"] in curls}
+    assert len(mine) == 4  # no transaction lost across the reloads
+    levels = []
+    for pid in curls:
+        response = mine[pid]["response"]
+        levels.append(
+            "full" if "body" in response else "headers" if "headers" in response else "summary"
+        )
+    assert levels == ["summary", "full", "headers", "full"]
+    assert [mine[pid]["response"]["status"] for pid in curls] == [503, 503, 200, 503]
+    stats = json.loads(sensor.stats_file.read_text())
+    assert stats["configuration"] == {"reloads": 1, "reloads_refused": 1}
+    assert not (state_dir / "sensor.pid").exists()  # removed at exit

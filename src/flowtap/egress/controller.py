@@ -83,6 +83,12 @@ class EgressController:
 
     # -- lifecycle --------------------------------------------------------------------
 
+    def set_capture(self, http: HttpRecordOptions) -> None:
+        """What a reloaded configuration asks the proxy to parse and keep."""
+        self._http = http
+        if self._proxy is not None:
+            self._proxy.set_capture(http)
+
     def start(self) -> None:
         cfg = self._config
         try:

@@ -132,8 +132,13 @@ class EgressProxy:
         self.transparent_address: tuple[str, int] | None = None
         self.transparent_address6: tuple[str, int] | None = None
         self.explicit_address: tuple[str, int] | None = None
-        keep = config.http.max_body_bytes if config.http.level == "full" else 0
-        self._body_keep = keep
+        self._http_level = config.http.level
+        self._body_keep = config.http.max_body_bytes if config.http.level == "full" else 0
+
+    def set_capture(self, http: HttpRecordOptions) -> None:
+        """A reloaded configuration: connections accepted from now on parse for this."""
+        self._body_keep = http.max_body_bytes if http.level == "full" else 0
+        self._http_level = http.level
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -557,7 +562,7 @@ class EgressProxy:
                 forwarder.capture.close()
 
     def _capture(self, ctx: ProxyContext, *, http2: bool | None) -> Capture | None:
-        if self._on_transaction is None or self.config.http.level == "none":
+        if self._on_transaction is None or self._http_level == "none":
             return None  # no records wanted: do not parse at all
         return Capture(ctx, self._on_transaction, self.stats, max_body=self._body_keep, http2=http2)
 

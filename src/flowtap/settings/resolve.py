@@ -99,9 +99,9 @@ def resolve(
     differs from the flag's default."""
     values: dict[str, Any] = {option.name: option.default for option in OPTIONS}
     origins: dict[str, str] = {}
-    config_file = _config_file(args, environ)
-    if config_file is not None:
-        from_file, file_origins = yamlfile.load(config_file)
+    config_path = config_file(args, environ)
+    if config_path is not None:
+        from_file, file_origins = yamlfile.load(config_path)
         values.update(from_file)
         origins.update(file_origins)
     for option in OPTIONS:
@@ -122,7 +122,7 @@ def resolve(
     return values, origins
 
 
-def _config_file(args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
+def config_file(args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
     """--config, else $QPOINT_CONFIG: the file is read before the other sources apply."""
     flag = getattr(args, "config", None)
     if flag is not None:

@@ -94,6 +94,10 @@ class PayloadTracker:
         self._streams: OrderedDict[tuple[int, Source], _Stream] = OrderedDict()
         self.stats = PayloadStats()
 
+    def set_policy(self, policy: CapturePolicy) -> None:
+        """A reloaded configuration: every transaction completed from now on uses it."""
+        self._policy = policy
+
     def on_data(self, event: Data) -> None:
         stream = self._stream(event.conn_id, event.source)
         if stream is None or stream.failed:
