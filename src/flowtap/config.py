@@ -15,6 +15,7 @@ from flowtap.records.http import CaptureLevel
 from flowtap.records.policy import CaptureRule
 from flowtap.settings.options import BY_NAME
 from flowtap.tls import plugins
+from flowtap.tracking.exe_filters import ExeFilter
 
 Direction = Literal["egress", "ingress", "all"]
 Output = Literal["console", "json"]
@@ -55,6 +56,8 @@ class SensorConfig:
     # (first match wins, else capture_level), and the rulekit macros they may call.
     http_rules: tuple[CaptureRule, ...] = ()
     rule_macros: tuple[tuple[str, str], ...] = ()
+    # The configuration file's tap.filters: executables ignored (or traced only).
+    exe_filters: tuple[ExeFilter, ...] = ()
     tls_attach: TlsAttach = "file"
     tls_placement: Literal["auto", "exported"] = "auto"
     tls_probes: tuple[str, ...] = plugins.NAMES  # the TLS library plug-ins used

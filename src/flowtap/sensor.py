@@ -52,6 +52,7 @@ from flowtap.sinks.base import Sink
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
+from flowtap.tracking.exe_filters import filter_matcher
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
@@ -100,6 +101,15 @@ def exe_matcher(patterns: tuple[str, ...]) -> Callable[[ProcessInfo], bool]:
     return matches if patterns else (lambda _info: True)
 
 
+def process_matcher(config: SensorConfig) -> Callable[[ProcessInfo], bool]:
+    """--exe and the configuration file's tap.filters, both."""
+    by_pattern = exe_matcher(config.exe_patterns)
+    if not config.exe_filters:
+        return by_pattern
+    by_filter = filter_matcher(config.exe_filters)
+    return lambda info: by_pattern(info) and by_filter(info)
+
+
 class Sensor:
     def __init__(self, config: SensorConfig, sink: Sink) -> None:
         self.config = config
@@ -117,7 +127,7 @@ class Sensor:
         self.tracker = ConnectionTracker(
             self.registry,
             self._emit,
-            accept_process=exe_matcher(config.exe_patterns),
+            accept_process=process_matcher(config),
             on_ended=self._connection_ended,
         )
         self.payloads = PayloadTracker(
@@ -461,7 +471,7 @@ class Sensor:
         from flowtap.egress.controller import EgressController, EgressError  # noqa: PLC0415
 
         traced = obj.map("traced_pids")
-        accept_exe = exe_matcher(self.config.exe_patterns)
+        accept_exe = process_matcher(self.config)
 
         def in_scope(info: ProcessInfo) -> bool:
             """The sensor's filters, for a proxy client (asked on the proxy's thread)."""

@@ -208,3 +208,54 @@ def test_reload_switches_levels_and_a_broken_file_keeps_the_last_good_one(
     stats = json.loads(sensor.stats_file.read_text())
     assert stats["configuration"] == {"reloads": 1, "reloads_refused": 1}
     assert not (state_dir / "sensor.pid").exists()  # removed at exit
+
+
+FILTERED = """\
+version: 2
+tap:
+  filters:
+    custom:
+      - exe: {curl}
+        strategy: exact
+"""
+
+PYTHON_CLIENT = r"""
+import http.client, os, signal, sys
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+conn.request("GET", "/status/202")
+conn.getresponse().read()
+conn.close()
+"""
+
+
+def test_a_filtered_executable_gets_no_records(e2e: Lab, tmp_path: Path) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    server = e2e.spawn([PYTHON, str(script)], cgroup=e2e.cgroup, stem="status-server")
+    port = int(server.wait_message("listening")["port"])
+    config = tmp_path / "qtap.yaml"
+    config.write_text(FILTERED.format(curl=CURL))
+    sensor = e2e.sensor(extra=["--config", str(config)])
+
+    url = f"http://127.0.0.1:{port}/status/200"
+    curl = e2e.spawn([CURL, "-sS", "--noproxy", "*", url], cgroup=e2e.cgroup, stem="curl")
+    curl.finish()
+    client_script = tmp_path / "client.py"
+    client_script.write_text(PYTHON_CLIENT)
+    client = e2e.spawn([PYTHON, str(client_script), str(port)], cgroup=e2e.cgroup, stem="py")
+    client.finish()
+    sensor.wait_for(
+        lambda _r: any(r["process"]["pid"] == client.pid for r in sensor.http_records()),
+        what="the python client's http record",
+    )
+    sensor.finish()
+    everything = sensor.all_records()
+    assert [r for r in everything if r.get("process", {}).get("pid") == curl.pid] == []
+    mine = [r for r in everything if r.get("process", {}).get("pid") == client.pid]
+    http = [r for r in mine if r["type"] == "http"]
+    assert [(r["request"]["path"], r["response"]["status"]) for r in http] == [("/status/202", 202)]
+    assert [r["event"] for r in mine if r["type"] == "connection"] == ["open", "close"]
+    # The server still records both transactions (it is not filtered): curl's and python's.
+    served = [r for r in everything if r["type"] == "http" and r["process"]["pid"] == server.pid]
+    assert sorted(r["response"]["status"] for r in served) == [200, 202]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from flowtap.records.http import ConnectionContext, HttpRecordOptions
 from flowtap.records.policy import CapturePolicy, CaptureRule
 from flowtap.settings import yamlfile
 from flowtap.settings.options import SettingError
+from flowtap.tracking.exe_filters import filter_matcher
+from flowtap.tracking.processes import ProcessInfo
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qtap.yaml"
 
@@ -91,7 +94,10 @@ def test_policy_of_the_example_picks_each_level() -> None:
             "tap:\n  direction: egress-external\n",
             ":2: tap.direction: egress-external is part of Qtap's format but not in this build",
         ),
-        ("tap:\n  filters: {}\n", ":2: tap.filters: is part of Qtap's format but not in this"),
+        (
+            "tap:\n  audit_include_dns: true\n",
+            ":2: tap.audit_include_dns: is part of Qtap's format but not in this",
+        ),
         ("tap:\n  htp: {}\n", ":2: tap.htp: unknown key (did you mean http?)"),
         ("tap:\n  http:\n    stack: nope\n", ":3: tap.http.stack: no stack named 'nope'"),
         (
@@ -157,3 +163,76 @@ def test_a_rule_error_shows_where_in_the_expression(tmp_path: Path) -> None:
         "  dst.port == 80 and and",
         "                     ^",
     ]
+
+
+def _traced(filters_yaml: str, tmp_path: Path, exe: str) -> bool:
+    path = _write(tmp_path, "tap:\n  filters:\n" + filters_yaml)
+    values, _origins = yamlfile.load(path)
+    info = ProcessInfo(1, exe, Path(exe).name, (exe,), 0, "root", None)
+    return filter_matcher(values["exe_filters"])(info)
+
+
+@pytest.mark.parametrize(
+    ("filters", "exe", "traced"),
+    [
+        (
+            "    custom:\n      - exe: /usr/bin/curl\n        strategy: exact\n",
+            "/usr/bin/curl",
+            False,
+        ),
+        ("    custom:\n      - exe: /usr/bin/curl\n", "/usr/local/bin/curl", True),
+        (
+            "    custom:\n      - exe: /usr/bin/python\n        strategy: prefix\n",
+            "/usr/bin/python3.11",
+            False,
+        ),
+        ("    custom:\n      - exe: /ruby\n        strategy: suffix\n", "/opt/bin/ruby", False),
+        (
+            "    custom:\n      - exe: java\n        strategy: contains\n",
+            "/opt/jdk/bin/java",
+            False,
+        ),
+        (
+            "    custom:\n      - exe: .*ruby[0-9]*$\n        strategy: regex\n",
+            "/usr/bin/ruby3",
+            False,
+        ),
+        (
+            "    custom:\n      - exe: .*ruby[0-9]*$\n        strategy: regex\n",
+            "/usr/bin/rubyx",
+            True,
+        ),
+        ("    custom:\n      - exe: /usr/bin/curl\n        only: true\n", "/usr/bin/wget", False),
+        ("    custom:\n      - exe: /usr/bin/curl\n        only: true\n", "/usr/bin/curl", True),
+        ("    groups: [container, qpoint]\n", "/usr/bin/containerd", False),
+        ("    groups: [container, qpoint]\n", "/usr/local/bin/flowtap", False),
+        ("    groups: [container, qpoint]\n", "/usr/bin/curl", True),
+    ],
+)
+def test_process_filters(filters: str, exe: str, traced: bool, tmp_path: Path) -> None:
+    assert _traced(filters, tmp_path, exe) is traced
+
+
+@pytest.mark.parametrize(
+    ("filters", "error"),
+    [
+        ("    groups: [kubernetess]\n", "tap.filters.groups[0]: 'kubernetess' is not one of"),
+        (
+            "    custom:\n      - exe: x\n        strategy: glob\n",
+            "tap.filters.custom[0].strategy: 'glob' is not one of contains, exact, prefix, regex",
+        ),
+        ("    custom:\n      - strategy: exact\n", "tap.filters.custom[0]: needs an exe"),
+        (
+            "    custom:\n      - exe: (a*)*b\n        strategy: regex\n",
+            "tap.filters.custom[0].exe: regular expression repeats a repeated group",
+        ),
+        (
+            "    custom:\n      - exe: x\n        onlyy: true\n",
+            "tap.filters.custom[0].onlyy: unknown key (did you mean only?)",
+        ),
+    ],
+)
+def test_process_filter_refusals(filters: str, error: str, tmp_path: Path) -> None:
+    path = _write(tmp_path, "tap:\n  filters:\n" + filters)
+    with pytest.raises(SettingError, match=re.escape(error)):
+        yamlfile.load(path)

@@ -20,12 +20,13 @@ from flowtap.records.http import CAPTURE_LEVELS, CaptureLevel
 from flowtap.records.policy import CaptureRule
 from flowtap.rules.evaluate import compile_rule
 from flowtap.rules.fields import is_known
-from flowtap.rules.syntax import RuleSyntaxError
+from flowtap.rules.syntax import RuleSyntaxError, compile_regex
 from flowtap.settings.options import SettingError
+from flowtap.tracking.exe_filters import GROUPS, STRATEGIES, ExeFilter, Strategy, group_filters
 
 TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit")
 # SensorConfig fields that only the file sets: rules have no flag or variable.
-FILE_ONLY = ("http_rules", "rule_macros")
+FILE_ONLY = ("http_rules", "rule_macros", "exe_filters")
 # Qtap's names for capture levels; `details` is Qtap's word for headers.
 _LEVELS: dict[str, CaptureLevel] = {
     **{level: level for level in CAPTURE_LEVELS},
@@ -233,6 +234,45 @@ def _http_capture(
     return out
 
 
+def _filters(reader: _Reader, node: yaml.Node) -> tuple[ExeFilter, ...]:
+    fields = reader.mapping(node, "tap.filters", ("groups", "custom"))
+    filters: list[ExeFilter] = []
+    if "groups" in fields:
+        for index, item in enumerate(reader.sequence(fields["groups"][1], "tap.filters.groups")):
+            name = reader.choice(item, f"tap.filters.groups[{index}]", tuple(GROUPS))
+            filters.extend(group_filters(name))
+    if "custom" in fields:
+        for index, item in enumerate(reader.sequence(fields["custom"][1], "tap.filters.custom")):
+            where = f"tap.filters.custom[{index}]"
+            entry = reader.mapping(item, where, ("exe", "strategy", "only"))
+            if "exe" not in entry:
+                raise SettingError(f"{reader.where(item, where)}: needs an exe")
+            exe = reader.string(entry["exe"][1], where + ".exe")
+            strategy: Strategy = "exact"
+            if "strategy" in entry:
+                strategy = reader.choice(  # type: ignore[assignment]
+                    entry["strategy"][1], where + ".strategy", STRATEGIES
+                )
+            only = False
+            if "only" in entry:
+                flag = reader.plain(entry["only"][1])
+                if not isinstance(flag, bool):
+                    raise SettingError(
+                        f"{reader.where(entry['only'][1], where)}.only: not true or false"
+                    )
+                only = flag
+            pattern = None
+            if strategy == "regex":
+                try:
+                    pattern = compile_regex(exe, 0, exe)
+                except RuleSyntaxError as error:
+                    raise SettingError(
+                        f"{reader.where(entry['exe'][1], where + '.exe')}: {error.message}"
+                    ) from None
+            filters.append(ExeFilter(exe, strategy, only, pattern))
+    return tuple(filters)
+
+
 _DIRECTIONS = ("all", "egress", "ingress")
 _DIRECTIONS_LATER = ("egress-external", "egress-internal")
 
@@ -247,9 +287,13 @@ def _tap(
     fields = reader.mapping(
         node,
         "tap",
-        ("direction", "ignore_loopback", "http"),
-        later=("audit_include_dns", "filters", "endpoints"),
+        ("direction", "ignore_loopback", "http", "filters"),
+        later=("audit_include_dns", "endpoints"),
     )
+    if "filters" in fields:
+        key_node, value = fields["filters"]
+        values["exe_filters"] = _filters(reader, value)
+        origins["exe_filters"] = reader.where(key_node, "tap.filters")
     if "direction" in fields:
         value = fields["direction"][1]
         direction = reader.choice(value, "tap.direction", _DIRECTIONS + _DIRECTIONS_LATER)
