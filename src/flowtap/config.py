@@ -12,7 +12,7 @@ from typing import Literal
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
-from flowtap.records.policy import CaptureRule
+from flowtap.records.policy import CaptureRule, EndpointCapture
 from flowtap.settings.options import BY_NAME
 from flowtap.tls import plugins
 from flowtap.tracking.exe_filters import ExeFilter
@@ -56,6 +56,7 @@ class SensorConfig:
     # (first match wins, else capture_level), and the rulekit macros they may call.
     http_rules: tuple[CaptureRule, ...] = ()
     rule_macros: tuple[tuple[str, str], ...] = ()
+    http_endpoints: tuple[EndpointCapture, ...] = ()  # tap.endpoints: per-domain stacks
     # The configuration file's tap.filters: executables ignored (or traced only).
     exe_filters: tuple[ExeFilter, ...] = ()
     tls_attach: TlsAttach = "file"

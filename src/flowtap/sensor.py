@@ -119,7 +119,9 @@ class Sensor:
         self._ring: RingBuffer | None = None
         self._cgroup_fd: int | None = None
         base = HttpRecordOptions(config.capture_level, config.max_body_bytes, config.redact)
-        self._policy = CapturePolicy(base, config.http_rules, config.rule_macros)
+        self._policy = CapturePolicy(
+            base, config.http_rules, config.rule_macros, config.http_endpoints
+        )
         # What the parsers must keep: the most any rule can ask for.
         self._http_options = dataclasses.replace(base, level=self._policy.highest_level)
         self.registry = ProcessRegistry()
@@ -550,11 +552,21 @@ class Sensor:
 
     # Settings a running sensor can change; the others are fixed in the kernel, the
     # attached probes or the open files until a restart.
-    RELOADABLE = ("capture_level", "http_rules", "rule_macros", "max_body_bytes", "redact")
+    RELOADABLE = (
+        "capture_level",
+        "http_rules",
+        "rule_macros",
+        "http_endpoints",
+        "max_body_bytes",
+        "redact",
+    )
 
     def reconfigure(self, new: SensorConfig) -> bool:
         """Applies a reloaded configuration's capture settings (on the event loop thread)."""
-        captures = new.capture_level != "none" or any(r.level != "none" for r in new.http_rules)
+        levels = [new.capture_level, *(r.level for r in new.http_rules)]
+        for endpoint in new.http_endpoints:
+            levels += [endpoint.level, *(r.level for r in endpoint.rules)]
+        captures = any(level != "none" for level in levels)
         if captures and not self._kernel_copies_payload:
             self.config_reloads_refused += 1
             log.warning(
@@ -564,7 +576,7 @@ class Sensor:
             return False
         base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact)
         try:
-            policy = CapturePolicy(base, new.http_rules, new.rule_macros)
+            policy = CapturePolicy(base, new.http_rules, new.rule_macros, new.http_endpoints)
         except ValueError as exc:  # the file's check passed, so this is a bug: keep running
             self.config_reloads_refused += 1
             log.warning("configuration not reloaded: %s", exc)
@@ -787,7 +799,7 @@ class Sensor:
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
         }
-        if self.config.http_rules:  # transactions whose level each rule chose
+        if self.config.http_rules or self.config.http_endpoints:  # what each rule chose
             stats["capture_rules"] = dict(self._policy.chosen)
         if self.config_watcher is not None:
             stats["configuration"] = {

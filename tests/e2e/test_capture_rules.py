@@ -44,21 +44,31 @@ rulekit:
     - name: failed
       expr: http.res.status >= 500
 stacks:
-  rules_stack:
+  default_stack:
+    plugins:
+      - type: http_capture
+        config:
+          level: summary
+          rules:
+            - name: not the server
+              expr: src.process.path == "{python}"
+              level: none
+  errors_stack:
     plugins:
       - type: http_capture
         config:
           level: summary
           rules:
             - name: errors of one host
-              expr: http.req.host == "errors.test" && failed()
+              expr: failed()
               level: full
-            - name: not the server
-              expr: src.process.path == "{python}"
-              level: none
 tap:
   http:
-    stack: rules_stack
+    stack: default_stack
+  endpoints:
+    - domain: errors.test
+      http:
+        stack: errors_stack
 """
 
 
@@ -104,13 +114,16 @@ def test_each_transaction_gets_the_level_its_rule_says(e2e: Lab, tmp_path: Path)
         assert summary["request"]["path"] == f"/status/{key[1]}"
         assert "headers" not in summary["request"] and "headers" not in summary["response"]
         assert "body" not in summary["response"]
-    # The server's side: first match wins, so its view of the errors.test 503 is captured
-    # in full by the first rule; its two other transactions matched "not the server".
-    served = [r for r in records if r["process"]["pid"] == server.pid]
-    assert [(r["direction"], r["response"]["status"]) for r in served] == [("ingress", 503)]
-    assert base64.b64decode(served[0]["response"]["body"]) == b"body-503"
+    # The server's side: errors.test transactions use that endpoint's stack (no rule against
+    # the server there): the 503 in full, the 200 in summary; other.test matched "not the
+    # server" in the default stack.
+    served = {r["response"]["status"]: r for r in records if r["process"]["pid"] == server.pid}
+    assert sorted(served) == [200, 503]
+    assert all(r["direction"] == "ingress" for r in served.values())
+    assert base64.b64decode(served[503]["response"]["body"]) == b"body-503"
+    assert "body" not in served[200]["response"] and "headers" not in served[200]["response"]
     stats = json.loads(sensor.stats_file.read_text())
-    assert stats["capture_rules"] == {"errors of one host": 2, "not the server": 2}
+    assert stats["capture_rules"] == {"errors of one host": 2, "not the server": 1}
 
 
 SUMMARY_ONLY = """\

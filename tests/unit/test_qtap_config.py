@@ -11,10 +11,10 @@ from flowtap.cli import build_parser, config_from_args
 from flowtap.config import SensorConfig
 from flowtap.protocols.messages import Request, Response, Transaction
 from flowtap.records.http import ConnectionContext, HttpRecordOptions
-from flowtap.records.policy import CapturePolicy, CaptureRule
+from flowtap.records.policy import CapturePolicy, CaptureRule, EndpointCapture
 from flowtap.settings import yamlfile
 from flowtap.settings.options import SettingError
-from flowtap.tracking.exe_filters import filter_matcher
+from flowtap.tracking.exe_filters import GROUPS, ExeFilter, filter_matcher
 from flowtap.tracking.processes import ProcessInfo
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qtap.yaml"
@@ -39,16 +39,19 @@ def test_the_example_file_runs_unchanged() -> None:
     assert config.direction == "egress"
     assert config.include_loopback is True
     assert config.http_rules == (
-        CaptureRule(
-            "full capture of API errors",
-            "is_api() && http.res.status >= 500",
-            "full",
-            f"{EXAMPLE}:25",
-        ),
-        CaptureRule("headers of curl", 'src.process.binary == "curl"', "headers", f"{EXAMPLE}:28"),
+        CaptureRule("headers of curl", 'src.process.binary == "curl"', "headers", f"{EXAMPLE}:26"),
     )
-    assert config.rule_macros == (("is_api", 'in_zone(http.req.host, "api.example.com")'),)
-    assert config.origins["capture_level"] == f"{EXAMPLE}:35: tap.http.stack"
+    assert config.http_endpoints == (
+        EndpointCapture(
+            "*.api.example.com",
+            "summary",
+            (CaptureRule("full capture of API errors", "failed()", "full", f"{EXAMPLE}:36"),),
+        ),
+    )
+    assert config.rule_macros == (("failed", "http.res.status >= 500"),)
+    assert config.origins["capture_level"] == f"{EXAMPLE}:43: tap.http.stack"
+    assert len(config.exe_filters) == len(GROUPS["container"]) + 1
+    assert config.exe_filters[-1] == ExeFilter("/usr/sbin/", "prefix")
 
 
 def test_flags_win_over_the_file() -> None:
@@ -65,7 +68,10 @@ def _transaction(host: str, status: int) -> Transaction:
 def test_policy_of_the_example_picks_each_level() -> None:
     config = _config(EXAMPLE)
     policy = CapturePolicy(
-        HttpRecordOptions(config.capture_level), config.http_rules, config.rule_macros
+        HttpRecordOptions(config.capture_level),
+        config.http_rules,
+        config.rule_macros,
+        config.http_endpoints,
     )
     assert policy.highest_level == "full"
 
@@ -74,10 +80,11 @@ def test_policy_of_the_example_picks_each_level() -> None:
         ctx = ConnectionContext(1, process, "egress", True, "openssl", "192.0.2.1", 443)
         return policy.options_for(_transaction(host, status), ctx).level
 
-    assert level("api.example.com", 503, "/usr/bin/python3") == "full"
-    assert level("eu.api.example.com:8443", 500, "/usr/bin/curl") == "full"
-    assert level("api.example.com", 200, "/usr/bin/curl") == "headers"
-    assert level("api.example.org", 503, "/usr/bin/python3") == "summary"
+    assert level("eu.api.example.com", 503, "/usr/bin/python3") == "full"
+    assert level("eu.api.example.com:8443", 500, "/usr/bin/curl") == "full"  # endpoint first
+    assert level("eu.api.example.com", 200, "/usr/bin/curl") == "summary"
+    assert level("api.example.com", 503, "/usr/bin/python3") == "summary"  # not a subdomain
+    assert level("api.example.org", 200, "/usr/bin/curl") == "headers"
     assert policy.chosen == {"full capture of API errors": 2, "headers of curl": 1}
 
 

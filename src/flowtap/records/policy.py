@@ -1,6 +1,7 @@
 """Which capture level each HTTP transaction gets: the configuration's http_capture rules,
-first match wins (as in Qtap), else the default level. One policy for the sensor's and the
-proxy's records."""
+first match wins (as in Qtap), else the stack's level; a transaction to a domain listed in
+`tap.endpoints` uses that endpoint's stack. One policy for the sensor's and the proxy's
+records."""
 
 from __future__ import annotations
 
@@ -21,45 +22,68 @@ class CaptureRule:
     origin: str  # file:line of the expression
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointCapture:
+    """`tap.endpoints[]`: a domain (or `*.domain` for its subdomains) and its stack's
+    http_capture level and rules."""
+
+    domain: str
+    level: CaptureLevel
+    rules: tuple[CaptureRule, ...] = ()
+
+    def matches(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        pattern = self.domain.lower().rstrip(".")
+        if pattern.startswith("*."):
+            return host.endswith(pattern[1:])
+        return host == pattern
+
+
 class CapturePolicy:
     def __init__(
         self,
         base: HttpRecordOptions,
         rules: Sequence[CaptureRule] = (),
         macros: Sequence[tuple[str, str]] = (),
+        endpoints: Sequence[EndpointCapture] = (),
     ) -> None:
         self.base = base
         self._by_level = {level: replace(base, level=level) for level in CAPTURE_LEVELS}
-        self._rules: FirstMatch[CaptureLevel] | None = (
-            compile_rules([(r.name, r.expr, r.level) for r in rules], base.level, dict(macros))
-            if rules
-            else None
-        )
+        self._macros = dict(macros)
+        self._default = self._stack(base.level, rules)
+        self._endpoints = [(e, self._stack(e.level, e.rules)) for e in endpoints]
         self.chosen: dict[str, int] = {}  # rule name -> transactions it chose the level of
+
+    def _stack(self, level: CaptureLevel, rules: Sequence[CaptureRule]) -> FirstMatch[CaptureLevel]:
+        return compile_rules([(r.name, r.expr, r.level) for r in rules], level, self._macros)
+
+    @property
+    def trivial(self) -> bool:
+        return not self._default.rules and not self._endpoints
 
     @property
     def highest_level(self) -> CaptureLevel:
         """The most any transaction can get: what the kernel must copy."""
-        levels = (
-            [self.base.level, *(named.outcome for named in self._rules.rules)]
-            if (self._rules)
-            else [self.base.level]
-        )
-        return max(levels, key=CAPTURE_LEVELS.index)
+        levels = [
+            stack.default_and_outcomes()
+            for stack in [self._default, *(s for _e, s in self._endpoints)]
+        ]
+        return max((lvl for group in levels for lvl in group), key=CAPTURE_LEVELS.index)
 
     def options_for(self, tx: Transaction, ctx: ConnectionContext) -> HttpRecordOptions:
-        if self._rules is None:
+        if self.trivial:
             return self.base
         peer = Peer(
-            ip=ctx.remote_ip,
-            port=ctx.remote_port,
-            domain=ctx.sni,
-            tls=ctx.tls,
-            sni=ctx.sni,
+            ip=ctx.remote_ip, port=ctx.remote_port, domain=ctx.sni, tls=ctx.tls, sni=ctx.sni
         )
         protocol = "http2" if tx.request and tx.request.version == "2" else "http1"
         fields = TransactionFields(Subject(tx, ctx.process, ctx.direction, protocol, peer))
-        level, name = self._rules.choose(fields)
+        stack = self._default
+        if self._endpoints:
+            host = fields.get("http.req.host") or ctx.sni
+            if isinstance(host, str):
+                stack = next((s for e, s in self._endpoints if e.matches(host)), stack)
+        level, name = stack.choose(fields)
         if name is not None:
             self.chosen[name] = self.chosen.get(name, 0) + 1
         return self._by_level[level]

@@ -26,6 +26,9 @@ class FirstMatch(Generic[T]):
     rules: tuple[NamedRule[T], ...]
     default: T
 
+    def default_and_outcomes(self) -> list[T]:
+        return [self.default, *(named.outcome for named in self.rules)]
+
     def choose(self, fields: Fields) -> tuple[T, str | None]:
         """The outcome and the name of the rule that chose it (None: the default)."""
         for named in self.rules:

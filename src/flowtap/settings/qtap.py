@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from flowtap.records.http import CAPTURE_LEVELS, CaptureLevel
-from flowtap.records.policy import CaptureRule
+from flowtap.records.policy import CaptureRule, EndpointCapture
 from flowtap.rules.evaluate import compile_rule
 from flowtap.rules.fields import is_known
 from flowtap.rules.syntax import RuleSyntaxError, compile_regex
@@ -26,7 +26,7 @@ from flowtap.tracking.exe_filters import GROUPS, STRATEGIES, ExeFilter, Strategy
 
 TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit")
 # SensorConfig fields that only the file sets: rules have no flag or variable.
-FILE_ONLY = ("http_rules", "rule_macros", "exe_filters")
+FILE_ONLY = ("http_rules", "rule_macros", "exe_filters", "http_endpoints")
 # Qtap's names for capture levels; `details` is Qtap's word for headers.
 _LEVELS: dict[str, CaptureLevel] = {
     **{level: level for level in CAPTURE_LEVELS},
@@ -179,7 +179,7 @@ def _stacks(
         name = str(reader.plain(key_node))
         dotted = f"stacks.{name}"
         fields = reader.mapping(stack_node, dotted, ("plugins",))
-        capture: dict[str, Any] = {}
+        capture: dict[str, Any] = {"capture_level": "none", "http_rules": ()}  # no http_capture
         for index, item in enumerate(
             reader.sequence(fields["plugins"][1], dotted + ".plugins")
             if "plugins" in fields
@@ -232,6 +232,43 @@ def _http_capture(
             rules.append(CaptureRule(name, expr, _LEVELS[level], origin))
     out["http_rules"] = tuple(rules)
     return out
+
+
+def _stack_named(
+    reader: _Reader,
+    node: yaml.Node,
+    dotted: str,
+    stacks: dict[str, tuple[yaml.Node, dict[str, Any]]],
+) -> dict[str, Any]:
+    name = reader.string(node, dotted)
+    if name not in stacks:
+        hint = _did_you_mean(name, list(stacks))
+        raise SettingError(f"{reader.where(node, dotted)}: no stack named {name!r}{hint}")
+    return stacks[name][1]
+
+
+def _endpoints(
+    reader: _Reader, node: yaml.Node, stacks: dict[str, tuple[yaml.Node, dict[str, Any]]]
+) -> tuple[EndpointCapture, ...]:
+    endpoints: list[EndpointCapture] = []
+    for index, item in enumerate(reader.sequence(node, "tap.endpoints")):
+        where = f"tap.endpoints[{index}]"
+        entry = reader.mapping(item, where, ("domain", "http"))
+        if "domain" not in entry or "http" not in entry:
+            raise SettingError(f"{reader.where(item, where)}: an endpoint needs a domain and http")
+        domain = reader.string(entry["domain"][1], where + ".domain")
+        http = reader.mapping(entry["http"][1], where + ".http", ("stack",))
+        if "stack" not in http:
+            raise SettingError(f"{reader.where(entry['http'][1], where)}.http: needs a stack")
+        capture = _stack_named(reader, http["stack"][1], where + ".http.stack", stacks)
+        endpoints.append(
+            EndpointCapture(
+                domain,
+                capture.get("capture_level", "none"),
+                capture.get("http_rules", ()),
+            )
+        )
+    return tuple(endpoints)
 
 
 def _filters(reader: _Reader, node: yaml.Node) -> tuple[ExeFilter, ...]:
@@ -287,9 +324,13 @@ def _tap(
     fields = reader.mapping(
         node,
         "tap",
-        ("direction", "ignore_loopback", "http", "filters"),
-        later=("audit_include_dns", "endpoints"),
+        ("direction", "ignore_loopback", "http", "filters", "endpoints"),
+        later=("audit_include_dns",),
     )
+    if "endpoints" in fields:
+        key_node, value = fields["endpoints"]
+        values["http_endpoints"] = _endpoints(reader, value, stacks)
+        origins["http_endpoints"] = reader.where(key_node, "tap.endpoints")
     if "filters" in fields:
         key_node, value = fields["filters"]
         values["exe_filters"] = _filters(reader, value)
@@ -312,13 +353,8 @@ def _tap(
         http = reader.mapping(fields["http"][1], "tap.http", ("stack",))
         if "stack" in http:
             value = http["stack"][1]
-            name = reader.string(value, "tap.http.stack")
-            if name not in stacks:
-                hint = _did_you_mean(name, list(stacks))
-                raise SettingError(
-                    f"{reader.where(value, 'tap.http.stack')}: no stack named {name!r}{hint}"
-                )
+            capture = _stack_named(reader, value, "tap.http.stack", stacks)
             where = reader.where(value, "tap.http.stack")
-            for setting, setting_value in stacks[name][1].items():
+            for setting, setting_value in capture.items():
                 values[setting] = setting_value
                 origins[setting] = where
