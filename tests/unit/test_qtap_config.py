@@ -49,6 +49,7 @@ def test_the_example_file_runs_unchanged() -> None:
         ),
     )
     assert config.rule_macros == (("failed", "http.res.status >= 500"),)
+    assert config.output == "json"  # http_capture's format: json
     assert config.origins["capture_level"] == f"{EXAMPLE}:43: tap.http.stack"
     assert len(config.exe_filters) == len(GROUPS["container"]) + 1
     assert config.exe_filters[-1] == ExeFilter("/usr/sbin/", "prefix")
@@ -243,3 +244,22 @@ def test_process_filter_refusals(filters: str, error: str, tmp_path: Path) -> No
     path = _write(tmp_path, "tap:\n  filters:\n" + filters)
     with pytest.raises(SettingError, match=re.escape(error)):
         yamlfile.load(path)
+
+
+def test_endpoint_stacks_must_write_the_same_format(tmp_path: Path) -> None:
+    stack = "    plugins:\n      - type: http_capture\n        config:\n          format: {}\n"
+    path = _write(
+        tmp_path,
+        "stacks:\n  a:\n"
+        + stack.format("json")
+        + "  b:\n"
+        + stack.format("text")
+        + "tap:\n  http:\n    stack: a\n  endpoints:\n    - domain: x.test\n"
+        "      http:\n        stack: b\n",
+    )
+    with pytest.raises(SettingError) as caught:
+        yamlfile.load(path)
+    assert str(caught.value) == (
+        f"{path}:18: tap.endpoints[0].http.stack: its http_capture format is text, the "
+        "tap.http.stack's is json: flowtap writes one format; make them the same"
+    )

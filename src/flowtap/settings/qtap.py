@@ -214,8 +214,9 @@ def _http_capture(
     if "level" in fields:
         level = reader.choice(fields["level"][1], dotted + ".level", tuple(_LEVELS))
         out["capture_level"] = _LEVELS[level]
-    if "format" in fields:
-        reader.choice(fields["format"][1], dotted + ".format", ("json", "text"))
+    if "format" in fields:  # the records' format: Qtap's text is flowtap's console output
+        chosen = reader.choice(fields["format"][1], dotted + ".format", ("json", "text"))
+        out["output"] = "json" if chosen == "json" else "console"
     rules: list[CaptureRule] = []
     if "rules" in fields:
         for index, item in enumerate(reader.sequence(fields["rules"][1], dotted + ".rules")):
@@ -248,7 +249,10 @@ def _stack_named(
 
 
 def _endpoints(
-    reader: _Reader, node: yaml.Node, stacks: dict[str, tuple[yaml.Node, dict[str, Any]]]
+    reader: _Reader,
+    node: yaml.Node,
+    stacks: dict[str, tuple[yaml.Node, dict[str, Any]]],
+    formats: list[tuple[str, str]],
 ) -> tuple[EndpointCapture, ...]:
     endpoints: list[EndpointCapture] = []
     for index, item in enumerate(reader.sequence(node, "tap.endpoints")):
@@ -261,6 +265,8 @@ def _endpoints(
         if "stack" not in http:
             raise SettingError(f"{reader.where(entry['http'][1], where)}.http: needs a stack")
         capture = _stack_named(reader, http["stack"][1], where + ".http.stack", stacks)
+        if "output" in capture:  # records have one format: the tap.http.stack's
+            formats.append((capture["output"], reader.where(http["stack"][1], where)))
         endpoints.append(
             EndpointCapture(
                 domain,
@@ -327,9 +333,10 @@ def _tap(
         ("direction", "ignore_loopback", "http", "filters", "endpoints"),
         later=("audit_include_dns",),
     )
+    formats: list[tuple[str, str]] = []
     if "endpoints" in fields:
         key_node, value = fields["endpoints"]
-        values["http_endpoints"] = _endpoints(reader, value, stacks)
+        values["http_endpoints"] = _endpoints(reader, value, stacks, formats)
         origins["http_endpoints"] = reader.where(key_node, "tap.endpoints")
     if "filters" in fields:
         key_node, value = fields["filters"]
@@ -358,3 +365,11 @@ def _tap(
             for setting, setting_value in capture.items():
                 values[setting] = setting_value
                 origins[setting] = where
+    chosen = values.get("output", "console")
+    for output, where in formats:
+        if output != chosen:
+            theirs, ours = ("json", "text") if output == "json" else ("text", "json")
+            raise SettingError(
+                f"{where}.http.stack: its http_capture format is {theirs}, the tap.http.stack's "
+                f"is {ours}: flowtap writes one format; make them the same"
+            )
