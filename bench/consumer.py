@@ -4,6 +4,7 @@ the same decode -> reassembly -> HTTP/1 parsing -> record -> JSON path the senso
 with no kernel involved. It shows what the consumer can take before the ring buffer fills.
 
 Run: .venv/bin/python -m bench.consumer [--transactions N] [--level summary|headers|full]
+     [--rules N]  (also with N capture rules that match nothing: the ratio is their cost)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flowtap.events import EventDecoder
 from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfObject
 from flowtap.loader.system import bpf_object_path
+from flowtap.records.policy import CaptureRule
 from flowtap.sensor import Sensor
 from flowtap.sinks.jsonl import JsonLinesSink
 
@@ -75,33 +77,69 @@ def records(btf: Btf, count: int) -> list[bytes]:
     return out
 
 
+def _rules(count: int) -> tuple[CaptureRule, ...]:
+    """Rules that read several fields and match nothing: every one is evaluated."""
+    return tuple(
+        CaptureRule(
+            f"rule {n}",
+            f'http.req.host == "api{n}.example.com" and http.res.status >= 500 '
+            f'or src.process.binary == "tool{n}" and http.req.path starts_with "/v{n}/"',
+            "full",
+            "bench",
+        )
+        for n in range(count)
+    )
+
+
+def _run(config: SensorConfig, raw: list[bytes], btf: Btf) -> tuple[float, Sensor]:
+    sensor = Sensor(config, JsonLinesSink(io.StringIO(), owned=False))
+    sensor._decoder = EventDecoder(btf)  # the decoder start() would set up
+    start = time.perf_counter()
+    for record in raw:
+        sensor._on_record(record)
+    return time.perf_counter() - start, sensor
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.consumer", description=__doc__)
     parser.add_argument("--transactions", type=int, default=50_000)
     parser.add_argument("--level", default="summary", choices=("summary", "headers", "full"))
+    parser.add_argument(
+        "--rules",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run with N capture rules that match nothing, and print the ratio",
+    )
     args = parser.parse_args(argv)
     obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
     try:
         btf = Btf(obj)
         raw = records(btf, args.transactions)
-        out = io.StringIO()
-        sensor = Sensor(SensorConfig(capture_level=args.level), JsonLinesSink(out, owned=False))
-        sensor._decoder = EventDecoder(btf)  # the decoder start() would set up
-        start = time.perf_counter()
-        for record in raw:
-            sensor._on_record(record)
-        elapsed = time.perf_counter() - start
+        runs = [("no rules", SensorConfig(capture_level=args.level))]
+        if args.rules:
+            config = SensorConfig(capture_level=args.level, http_rules=_rules(args.rules))
+            runs.append((f"{args.rules} rules", config))
+        rates: list[float] = []
+        for name, config in runs:
+            elapsed, sensor = _run(config, raw, btf)
+            made = sensor.payloads.stats.transactions
+            if made != args.transactions:
+                print(
+                    f"consumer: expected {args.transactions} transactions, got {made}",
+                    file=sys.stderr,
+                )
+                return 1
+            rates.append(made / elapsed)
+            print(
+                f"{name}: {made:,} transactions ({len(raw):,} ring-buffer records, level "
+                f"{args.level}) in {elapsed:.2f} s: {made / elapsed:,.0f} transactions/s, "
+                f"{elapsed / made * 1e6:.1f} µs each, on one core"
+            )
     finally:
         obj.close()
-    made = sensor.payloads.stats.transactions
-    if made != args.transactions:
-        print(f"consumer: expected {args.transactions} transactions, got {made}", file=sys.stderr)
-        return 1
-    print(
-        f"{made:,} transactions ({len(raw):,} ring-buffer records, level {args.level}) in "
-        f"{elapsed:.2f} s: {made / elapsed:,.0f} transactions/s, "
-        f"{elapsed / made * 1e6:.1f} µs each, on one core"
-    )
+    if len(rates) == 2:
+        print(f"ratio with {args.rules} rules / without: {rates[1] / rates[0]:.2f}")
     return 0
 
 

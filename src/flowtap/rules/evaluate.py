@@ -9,9 +9,11 @@ error, not a recursion at run time.
 from __future__ import annotations
 
 import ipaddress
+import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from flowtap.rules.syntax import (
     And,
@@ -29,7 +31,23 @@ from flowtap.rules.syntax import (
 MAX_SUBJECT_CHARS = 8192  # regexes see at most this much of a value
 MISSING = object()
 
-Fields = Mapping[str, object]
+
+class Fields(Protocol):
+    """What rules read: `lookup` gives a field's value, or MISSING."""
+
+    def lookup(self, name: str) -> object: ...
+
+
+class FieldMap:
+    """Fields from a plain mapping (tests, tools)."""
+
+    def __init__(self, values: Mapping[str, object]) -> None:
+        self._values = values
+
+    def lookup(self, name: str) -> object:
+        return self._values.get(name, MISSING)
+
+
 Value = Callable[[Fields], object]
 Predicate = Callable[[Fields], bool]
 
@@ -66,11 +84,25 @@ class _Compiler:
 
     def predicate(self, node: Node) -> Predicate:
         if isinstance(node, Or):
-            parts = [self.predicate(op) for op in node.operands]
-            return lambda f: any(p(f) for p in parts)
+            parts = tuple(self.predicate(op) for op in node.operands)
+
+            def any_of(f: Fields) -> bool:
+                for part in parts:  # noqa: SIM110 (no generator per call: a hot path)
+                    if part(f):
+                        return True
+                return False
+
+            return any_of
         if isinstance(node, And):
-            parts = [self.predicate(op) for op in node.operands]
-            return lambda f: all(p(f) for p in parts)
+            parts = tuple(self.predicate(op) for op in node.operands)
+
+            def all_of(f: Fields) -> bool:
+                for part in parts:  # noqa: SIM110 (no generator per call: a hot path)
+                    if not part(f):
+                        return False
+                return True
+
+            return all_of
         if isinstance(node, Not):
             inner = self.predicate(node.operand)
             return lambda f: not inner(f)
@@ -87,7 +119,7 @@ class _Compiler:
             if self.known_fields is not None and not self.known_fields(name):
                 raise RuleSyntaxError(f"unknown field {node.name!r}", node.column, self.text)
             self.fields.add(name)
-            return lambda f: f.get(name, MISSING)
+            return lambda f: f.lookup(name)
         if isinstance(node, Constant):
             constant = node.value
             return lambda f: constant
@@ -100,6 +132,9 @@ class _Compiler:
             isinstance(node.right, Constant) and isinstance(node.right.value, re.Pattern)
         ):
             raise RuleSyntaxError("'matches' takes a /regular expression/", node.column, self.text)
+        fast = self._field_against_constant(node, test)
+        if fast is not None:
+            return fast
 
         def compare(f: Fields) -> bool:
             a, b = left(f), right(f)
@@ -109,6 +144,31 @@ class _Compiler:
                 return test(a, b)
             except (TypeError, ValueError):
                 return False  # values of kinds that do not compare: not a match
+
+        return compare
+
+    def _field_against_constant(
+        self, node: Compare, test: Callable[[object, object], bool]
+    ) -> Predicate | None:
+        """`field OP constant`, the common shape: one lookup, and for a text or a whole
+        number of the constant's own type the comparison inline (the general path
+        converts and guards)."""
+        if not (isinstance(node.left, Field) and isinstance(node.right, Constant)):
+            return None
+        name = node.left.name.lower()
+        constant = node.right.value
+        op = _INLINE.get(node.op) if type(constant) in (str, int) else None
+
+        def compare(f: Fields) -> bool:
+            value = f.lookup(name)
+            if value.__class__ is constant.__class__ and op is not None:
+                return op(value, constant)
+            if value is MISSING or value is None:
+                return False
+            try:
+                return test(value, constant)
+            except (TypeError, ValueError):
+                return False
 
         return compare
 
@@ -235,4 +295,13 @@ _COMPARATORS: dict[str, Callable[[object, object], bool]] = {
     "matches": _matches,
     "starts_with": lambda a, b: str(a).startswith(str(b)),
     "ends_with": lambda a, b: str(a).endswith(str(b)),
+}
+# Comparisons of two values of one type (text with text, int with int) need no conversion.
+_INLINE: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
 }

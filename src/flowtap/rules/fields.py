@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from flowtap.protocols.messages import Request, Response, Transaction
 from flowtap.records.connection import Record
+from flowtap.rules.evaluate import MISSING
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +50,15 @@ def _header(message: Request | Response | None, name: str) -> object:
 
 
 def _host(tx: Transaction) -> str | None:
+    """The Host (or :authority) without its port, lower case."""
     request = tx.request
-    if request is None or request.authority is None:
+    if request is None or not request.authority:
         return None
-    authority = request.authority
-    return urlsplit(f"//{authority}").hostname or authority
+    authority = request.authority.lower()
+    if authority.startswith("["):  # [v6]:port
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    host, _, port = authority.rpartition(":")
+    return host if host and port.isdigit() else authority
 
 
 def _path(tx: Transaction) -> str | None:
@@ -133,8 +137,8 @@ def known_names() -> list[str]:
     return sorted([*_GETTERS, "http.req.headers.<name>", "http.res.headers.<name>"])
 
 
-class TransactionFields(Mapping[str, object]):
-    """A read-only mapping that computes each field the first time a rule reads it."""
+class TransactionFields:
+    """One transaction's fields, each computed the first time a rule reads it."""
 
     __slots__ = ("_cache", "_subject")
 
@@ -142,14 +146,20 @@ class TransactionFields(Mapping[str, object]):
         self._subject = subject
         self._cache: dict[str, object] = {}
 
-    def __getitem__(self, name: str) -> object:
-        if name in self._cache:
+    def lookup(self, name: str) -> object:
+        try:
             return self._cache[name]
+        except KeyError:
+            pass
         value = self._compute(canonical(name))
         if value is None:
-            raise KeyError(name)
+            value = MISSING
         self._cache[name] = value
         return value
+
+    def get(self, name: str) -> object | None:
+        value = self.lookup(name)
+        return None if value is MISSING else value
 
     def _compute(self, name: str) -> object:
         getter = _GETTERS.get(name)
@@ -161,9 +171,3 @@ class TransactionFields(Mapping[str, object]):
                 message = tx.request if side == "request" else tx.response
                 return _header(message, name[len(prefix) :])
         return None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_GETTERS)
-
-    def __len__(self) -> int:
-        return len(_GETTERS)
