@@ -478,6 +478,7 @@ class EgressProxy:
             except TimeoutError:
                 if tls:
                     self.stats.timeouts_client_hello += 1
+                    result.outcome = "rejected"  # closed: nothing was relayed
                     result.error = (
                         "ClientHello incomplete: no byte of it for "
                         f"{self.config.tls_handshake_timeout:g}s"
@@ -490,6 +491,7 @@ class EgressProxy:
             if len(more) <= len(data):
                 # EOF before the first message was whole: nothing worth relaying.
                 self.stats.client_incomplete += 1
+                result.outcome = "rejected"
                 result.error = "client closed before its first message was complete"
                 return data, None
             data = more

@@ -1,0 +1,198 @@
+"""A ClientHello that comes slowly is waited for, however long it takes in all, as long as it
+keeps coming (issue 15, item 5): one byte every 2 ms (over a second in all) is intercepted,
+not relayed raw. One that stops coming is closed after the handshake timeout, counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+
+import pytest
+from proxy_support import (
+    LOCALHOST,
+    Recorder,
+    Upstream,
+    UpstreamPki,
+    make_pki,
+    proxied,
+    run,
+    transparent_port,
+)
+
+from flowtap.proxy import CertificateAuthority, EgressProxy, ProxyConfig
+from flowtap.records.http import HttpRecordOptions
+
+SCALE = float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))
+GAP_S = 0.002  # between two bytes of the ClientHello
+# Far shorter than the whole slow ClientHello: passing proves the timeout restarts on progress.
+HELLO_TIMEOUT_S = 0.4 * SCALE
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> UpstreamPki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path_factory.mktemp("ca") / "state")
+
+
+def _config() -> ProxyConfig:
+    return ProxyConfig(http=HttpRecordOptions(level="full"), tls_handshake_timeout=HELLO_TIMEOUT_S)
+
+
+class _MemoryTls:
+    """A TLS client over an asyncio stream through memory BIOs: its ClientHello can be
+    written to the socket as slowly as the test wants."""
+
+    def __init__(
+        self, ca: CertificateAuthority, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        context = ssl.create_default_context()
+        context.load_verify_locations(cadata=ca.cert_pem.decode())
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.reader, self.writer = reader, writer
+
+    def client_hello(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    async def _flush(self) -> None:
+        if pending := self.outgoing.read():
+            self.writer.write(pending)
+            await self.writer.drain()
+
+    async def _receive(self) -> None:
+        data = await self.reader.read(65536)
+        if not data:
+            raise EOFError("the proxy closed the connection")
+        self.incoming.write(data)
+
+    async def finish_handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._receive()
+        await self._flush()
+
+    async def request(self, raw: bytes) -> bytes:
+        """Sends ``raw``, returns the whole response (it has a Content-Length)."""
+        self.tls.write(raw)
+        await self._flush()
+        got = b""
+        while True:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := self.tls.read(65536):
+                    got += chunk
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep:
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                if len(body) >= length:
+                    return got
+            await self._receive()
+
+
+async def _connect(
+    proxy: EgressProxy, mode: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if mode == "transparent":
+        reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
+    else:
+        assert proxy.explicit_address is not None
+        reader, writer = await asyncio.open_connection(LOCALHOST, proxy.explicit_address[1])
+        writer.write(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    # Every byte its own segment: the proxy sees the ClientHello grow one byte at a time.
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+@pytest.mark.parametrize("mode", ["transparent", "explicit"])
+def test_client_hello_one_byte_every_2ms_is_intercepted(
+    ca: CertificateAuthority, pki: UpstreamPki, mode: str
+) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context(["http/1.1"]))
+        recorder = Recorder()
+        destination = (LOCALHOST, upstream.port)
+        async with proxied(ca, destination, recorder, _config(), upstream_ca=pki.ca_file) as proxy:
+            reader, writer = await _connect(proxy, mode, upstream.port)
+            client = _MemoryTls(ca, reader, writer)
+            hello = client.client_hello()
+            started = time.monotonic()
+            for i in range(len(hello)):
+                writer.write(hello[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(GAP_S)
+            slow_for = time.monotonic() - started
+            await client.finish_handshake()
+            response = await client.request(b"GET /slow-hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            writer.close()
+            closes = await recorder.wait_closes(1, timeout=5 * SCALE)
+            counters = proxy.counters()
+        await upstream.close()
+        assert slow_for > 1.0 > HELLO_TIMEOUT_S  # longer in all than the former 1 s rule
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert closes[0].outcome == "intercepted" and closes[0].context.sni == "localhost"
+        ((tx, ctx),) = recorder.transactions
+        assert tx.request is not None and tx.response is not None
+        assert (tx.request.method, tx.request.target, tx.response.status) == (
+            "GET",
+            "/slow-hello",
+            200,
+        )
+        assert ctx.tls and ctx.mode == mode
+        assert counters["intercepted"] == 1 and counters["passthrough"] == 0
+        assert counters["timeouts_client_hello"] == 0
+        assert [r.path for r in upstream.requests] == ["/slow-hello"]
+
+    run(main(), timeout=30 * SCALE)
+
+
+@pytest.mark.parametrize("mode", ["transparent", "explicit"])
+def test_client_hello_that_stalls_is_closed_after_the_timeout_and_counted(
+    ca: CertificateAuthority, pki: UpstreamPki, mode: str
+) -> None:
+    async def main() -> None:
+        upstream = await Upstream().start(pki.server_context(["http/1.1"]))
+        recorder = Recorder()
+        async with proxied(
+            ca, (LOCALHOST, upstream.port), recorder, _config(), upstream_ca=pki.ca_file
+        ) as proxy:
+            reader, writer = await _connect(proxy, mode, upstream.port)
+            hello = _MemoryTls(ca, reader, writer).client_hello()
+            writer.write(hello[:100])  # then nothing, ever
+            await writer.drain()
+            started = time.monotonic()
+            async with asyncio.timeout(10 * SCALE):
+                # Closed by the proxy: a reset, as the bytes it sent were left unread.
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+            waited = time.monotonic() - started
+            writer.close()
+            closes = await recorder.wait_closes(1, timeout=5 * SCALE)
+            counters = proxy.counters()
+        await upstream.close()
+        assert waited >= HELLO_TIMEOUT_S * 0.9
+        assert counters["timeouts_client_hello"] == 1
+        assert counters["intercepted"] == counters["relayed"] == counters["passthrough"] == 0
+        assert closes[0].error == (
+            f"ClientHello incomplete: no byte of it for {HELLO_TIMEOUT_S:g}s"
+        )
+        assert all(not bytes(r) for r in upstream.received)  # not one byte went upstream
+
+    run(main(), timeout=30 * SCALE)
