@@ -6,8 +6,9 @@ Each accepted connection is sniffed before a byte is consumed (MSG_PEEK, proxy/s
 * a TLS ClientHello: the upstream is reached first with the client's SNI and ALPN offer and
   verified, then the client's TLS is terminated with a leaf for that name offering exactly
   the ALPN the upstream chose; HTTP/1.x is forwarded request by request, HTTP/2 relayed
-  frame for frame. A client that refuses our certificate has that destination (and SNI)
-  passed through untouched from then on;
+  frame for frame. A client that refuses our certificate (a certificate alert, or a few
+  hang-ups mid-handshake) has its connections to that destination (and SNI) passed
+  through untouched for a while (proxy/passthrough.py);
 * plain HTTP/1.x is forwarded; the HTTP/2 preface (prior knowledge) is relayed;
 * anything else (or a server that speaks first) is relayed as bytes. Bytes that may
   still become a request line or a ClientHello are waited for, however slowly they come.
@@ -23,7 +24,6 @@ import logging
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,10 +44,11 @@ from flowtap.proxy.events import (
 )
 from flowtap.proxy.forward import Http1Forwarder, Limits
 from flowtap.proxy.original_dst import so_original_dst
+from flowtap.proxy.passthrough import PassthroughKey, PassthroughTable, client_key
 from flowtap.proxy.preconnect import Preconnected
 from flowtap.proxy.relay import relay
 from flowtap.proxy.sniff import MAX_CLIENT_HELLO, Kind, classify, peek_until
-from flowtap.proxy.tls import ClientContexts, UpstreamContexts, is_rejection
+from flowtap.proxy.tls import ClientContexts, UpstreamContexts, rejection_evidence
 from flowtap.records.http import HttpRecordOptions
 
 __all__ = [
@@ -75,7 +76,11 @@ class ProxyConfig:
     http: HttpRecordOptions = field(default_factory=HttpRecordOptions)
     limits: Limits = field(default_factory=Limits)
     tls_handshake_timeout: float = 10.0  # also: a ClientHello's bytes, from one to the next
-    passthrough_cache: int = 4096  # (destination, SNI) pairs remembered as passthrough
+    # Passthrough (proxy/passthrough.py): (client, destination, SNI) entries, how long
+    # each lasts, and how many mid-handshake hang-ups from one client earn one.
+    passthrough_cache: int = 4096
+    passthrough_ttl: float = 3600.0
+    passthrough_hangups: int = 3
     backlog: int = 1024
 
 
@@ -125,7 +130,11 @@ class EgressProxy:
         self._ids = connection_ids if connection_ids is not None else itertools.count(1)
         self._client_tls = ClientContexts(ca)
         self._upstream_tls = UpstreamContexts(extra_ca_file=config.upstream_ca_file)
-        self._passthrough: OrderedDict[tuple[str, int, str | None], None] = OrderedDict()
+        self._passthrough = PassthroughTable(
+            ttl=config.passthrough_ttl,
+            hangups=config.passthrough_hangups,
+            capacity=config.passthrough_cache,
+        )
         self._listeners: list[tuple[socket.socket, Mode]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._own: set[tuple[str, int]] = set()
@@ -197,13 +206,14 @@ class EgressProxy:
 
     def counters(self) -> dict[str, int]:
         out = self.stats.as_dict()
-        out["passthrough_destinations"] = len(self._passthrough)
+        out.update(self._passthrough.counters())
         out["leaves_signed"] = self.ca.leaves_signed
         out["open_connections"] = max(0, len(self._tasks) - len(self._listeners))
         return out
 
-    def passthrough_destinations(self) -> list[tuple[str, int, str | None]]:
-        return list(self._passthrough)
+    def passthrough_destinations(self) -> list[PassthroughKey]:
+        """(client, host, port, SNI) of the live passthrough entries, oldest first."""
+        return self._passthrough.entries()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -630,9 +640,8 @@ class EgressProxy:
         ctx.sni = hello.sni
         ctx.l7_protocol = "tls"
         host, port = ctx.destination
-        key = (host, port, hello.sni)
-        if key in self._passthrough:
-            self._passthrough.move_to_end(key)
+        key = (client_key(ctx.pid, ctx.client[0]), host, port, hello.sni)
+        if self._passthrough.passes(key):
             await self._relay_raw(sock, ctx, result, None, outcome="passthrough", pre=pre)
             return
         server_name = hello.sni or host
@@ -665,10 +674,15 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
             result.outcome = "rejected"
-            if is_rejection(exc):
+            evidence = rejection_evidence(exc)
+            if evidence is not None:
                 self.stats.rejected_by_client += 1
-                self._remember_passthrough(key)
-                result.error = f"client rejected our certificate: {describe_error(exc)}"
+                learned = self._passthrough.rejected(key, evidence)
+                result.error = (
+                    f"client rejected our certificate ({evidence}"
+                    f"{'; passes through from now on' if learned else ''}): "
+                    f"{describe_error(exc)}"
+                )
             else:
                 self.stats.client_handshake_errors += 1
                 result.error = f"client TLS handshake failed: {describe_error(exc)}"
@@ -780,12 +794,6 @@ class EgressProxy:
                 self.stats.client_incomplete += 1
                 result.error = "client closed before its first message was complete"
                 return None
-
-    def _remember_passthrough(self, key: tuple[str, int, str | None]) -> None:
-        self._passthrough[key] = None
-        self._passthrough.move_to_end(key)
-        while len(self._passthrough) > self.config.passthrough_cache:
-            self._passthrough.popitem(last=False)
 
 
 async def _bytes_or_eof(channel: Channel) -> None:
