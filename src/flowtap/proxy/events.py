@@ -86,6 +86,8 @@ class ProxyStats:
     refused_not_loopback: int = 0  # explicit listener: peer not on loopback
     refused_loop: int = 0  # transparent: the "original destination" was ourselves
     refused_no_destination: int = 0  # SO_ORIGINAL_DST unavailable
+    refused_over_limit: int = 0  # closed at accept: max_connections were being served
+    accept_errors: int = 0  # accept failed (EMFILE...): the client waits in the backlog
     requests: int = 0
     responses_502: int = 0
     refused_smuggling: int = 0  # 400: CL+TE, duplicate CL, bad TE, bad chunk framing

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -82,6 +83,9 @@ class ProxyConfig:
     passthrough_ttl: float = 3600.0
     passthrough_hangups: int = 3
     backlog: int = 1024
+    # Connections served at once; more are closed at accept (refused_over_limit). None:
+    # from the open-files limit at start (see connection_cap).
+    max_connections: int | None = None
 
 
 def _is_loopback(ip: str) -> bool:
@@ -92,6 +96,21 @@ def _is_loopback(ip: str) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+# Descriptors kept for everything but proxied connections (BPF maps and links, output,
+# the listeners...); each proxied connection takes two (client and upstream sockets).
+FD_RESERVE = 256
+_FDS_PER_CONNECTION = 2
+_WARN_EVERY_S = 60.0  # the over-limit and accept-failure warnings, at most this often
+
+
+def connection_cap() -> int:
+    """How many connections the proxy serves at once within the open-files limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - FD_RESERVE) // _FDS_PER_CONNECTION)
 
 
 class _Result:
@@ -138,6 +157,9 @@ class EgressProxy:
         self._listeners: list[tuple[socket.socket, Mode]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._own: set[tuple[str, int]] = set()
+        self._open = 0  # connections being served
+        self.max_connections = 0  # set at start
+        self._warned_at: dict[str, float] = {}
         self.transparent_address: tuple[str, int] | None = None
         self.transparent_address6: tuple[str, int] | None = None
         self.explicit_address: tuple[str, int] | None = None
@@ -150,6 +172,7 @@ class EgressProxy:
         cfg = self.config
         if not _is_loopback(cfg.host):
             raise ValueError(f"the proxy listens on loopback only, not {cfg.host}")
+        self.max_connections = cfg.max_connections or connection_cap()
         sock = self._listen(socket.AF_INET, cfg.host, cfg.transparent_port)
         self.transparent_address = sock.getsockname()[:2]
         self._listeners.append((sock, "transparent"))
@@ -208,7 +231,8 @@ class EgressProxy:
         out = self.stats.as_dict()
         out.update(self._passthrough.counters())
         out["leaves_signed"] = self.ca.leaves_signed
-        out["open_connections"] = max(0, len(self._tasks) - len(self._listeners))
+        out["open_connections"] = self._open
+        out["max_connections"] = self.max_connections
         return out
 
     def passthrough_destinations(self) -> list[PassthroughKey]:
@@ -228,8 +252,30 @@ class EgressProxy:
             except (OSError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) or listener.fileno() < 0:
                     return
-                log.warning("accept failed: %s", exc)
+                self.stats.accept_errors += 1
+                self._warn(
+                    "accept",
+                    "the proxy cannot accept connections (%s; %d so far): raise the "
+                    "open-files limit (LimitNOFILE= in the service, ulimit -n)",
+                    exc,
+                    self.stats.accept_errors,
+                )
                 await asyncio.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            if self._open >= self.max_connections:
+                # Over the cap the next accept or upstream connect would fail on the
+                # open-files limit (EMFILE) for every client: refuse this one at once.
+                sock.close()
+                self.stats.refused_over_limit += 1
+                self._warn(
+                    "limit",
+                    "egress proxy at its limit of %d connections: %d refused so far; raise "
+                    "the open-files limit (LimitNOFILE= in the service, ulimit -n) to serve "
+                    "more (the cap is (limit - %d) / 2)",
+                    self.max_connections,
+                    self.stats.refused_over_limit,
+                    FD_RESERVE,
+                )
                 continue
             sock.setblocking(False)
             # Answers are small writes: never hold them back for an ACK (Nagle).
@@ -266,8 +312,17 @@ class EgressProxy:
             started_ns=time.monotonic_ns(),
         )
 
+    def _warn(self, what: str, message: str, *args: object) -> None:
+        """A warning at most every _WARN_EVERY_S per kind (a flood says it once)."""
+        now = time.monotonic()
+        last = self._warned_at.get(what)
+        if last is None or now - last >= _WARN_EVERY_S:
+            self._warned_at[what] = now
+            log.warning(message, *args)
+
     async def _serve(self, sock: socket.socket, peer: tuple[str, int], mode: Mode) -> None:
         self.stats.connections += 1
+        self._open += 1
         try:
             if mode == "explicit":
                 await self._serve_explicit(sock, peer)
@@ -278,6 +333,7 @@ class EgressProxy:
         except Exception:
             log.exception("proxy connection from %s failed", peer)
         finally:
+            self._open -= 1
             sock.close()  # no-op once a transport owns (and closed) it
 
     async def _serve_transparent(self, sock: socket.socket, peer: tuple[str, int]) -> None:
