@@ -23,9 +23,10 @@ Mode = Literal["transparent", "explicit"]
 # intercepted: TLS terminated (or plain HTTP proxied) and parsed; passthrough: TLS relayed
 # untouched because the client rejected our certificate before; relayed: not HTTP, relayed
 # as bytes; upstream_failed: the destination could not be reached or verified; rejected:
-# the client refused our certificate (this destination passes through from now on) or the
-# connection was refused (not loopback, a loop, a bad proxy request, a ClientHello that
-# stopped coming or a client gone before its first message was whole).
+# the client refused our certificate (with evidence, its connections to this destination
+# pass through for a while: proxy/passthrough.py) or the connection was refused (not
+# loopback, a loop, a bad proxy request, a ClientHello that stopped coming or a client gone
+# before its first message was whole).
 Outcome = Literal["intercepted", "passthrough", "relayed", "upstream_failed", "rejected"]
 
 

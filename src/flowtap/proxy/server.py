@@ -736,7 +736,7 @@ class EgressProxy:
                 learned = self._passthrough.rejected(key, evidence)
                 result.error = (
                     f"client rejected our certificate ({evidence}"
-                    f"{'; passes through from now on' if learned else ''}): "
+                    f"{'; its connections here pass through for a while' if learned else ''}): "
                     f"{describe_error(exc)}"
                 )
             else:
