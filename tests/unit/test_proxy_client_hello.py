@@ -9,6 +9,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from proxy_support import (
 )
 
 from flowtap.proxy import CertificateAuthority, EgressProxy, ProxyConfig
+from flowtap.proxy.sniff import MAX_CLIENT_HELLO
 from flowtap.records.http import HttpRecordOptions
 
 SCALE = float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))
@@ -192,6 +194,59 @@ def test_client_hello_that_stalls_is_closed_after_the_timeout_and_counted(
         assert counters["intercepted"] == counters["relayed"] == counters["passthrough"] == 0
         assert closes[0].error == (
             f"ClientHello incomplete: no byte of it for {HELLO_TIMEOUT_S:g}s"
+        )
+        assert all(not bytes(r) for r in upstream.received)  # not one byte went upstream
+
+    run(main(), timeout=30 * SCALE)
+
+
+def _padded_client_hello(padding: int) -> bytes:
+    """A ClientHello with ``padding`` bytes before its server_name (GREASE cipher suites,
+    then a padding extension), in records of 16 KiB; OpenSSL servers take ClientHellos up
+    to 128 KiB."""
+    name = b"localhost"
+    sni = struct.pack("!HHHBH", 0, len(name) + 5, len(name) + 3, 0, len(name)) + name
+    suites = b"\x13\x01" + b"\x0a\x0a" * (padding // 4)
+    pad = padding - len(suites)
+    extensions = struct.pack("!HH", 21, pad) + bytes(pad) + sni
+    body = (
+        b"\x03\x03" + bytes(32) + b"\x00" + struct.pack("!H", len(suites)) + suites
+        + b"\x01\x00" + struct.pack("!H", len(extensions)) + extensions
+    )  # fmt: skip
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"".join(
+        b"\x16\x03\x01" + struct.pack("!H", len(message[i : i + 16384])) + message[i : i + 16384]
+        for i in range(0, len(message), 16384)
+    )
+
+
+def test_client_hello_padded_past_the_size_bound_is_refused_not_relayed(
+    ca: CertificateAuthority,
+) -> None:
+    """Past MAX_CLIENT_HELLO the proxy decides on what it has; a ClientHello it cannot
+    parse from that (its SNI further on) is closed and counted, never relayed as is."""
+    hello = _padded_client_hello(MAX_CLIENT_HELLO + 8192)
+    assert len(hello) > MAX_CLIENT_HELLO
+
+    async def main() -> None:
+        upstream = await Upstream().start()
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder, _config()) as proxy:
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
+            writer.write(hello)
+            async with asyncio.timeout(10 * SCALE):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+            writer.close()
+            closes = await recorder.wait_closes(1, timeout=5 * SCALE)
+            counters = proxy.counters()
+        await upstream.close()
+        assert counters["refused_client_hello"] == 1 and counters["timeouts_client_hello"] == 0
+        assert counters["intercepted"] == counters["relayed"] == counters["passthrough"] == 0
+        assert closes[0].outcome == "rejected" and closes[0].context.l7_protocol == "tls"
+        assert closes[0].error == (
+            "ClientHello refused: truncated ClientHello: "
+            "capture ends before a server_name extension"
         )
         assert all(not bytes(r) for r in upstream.received)  # not one byte went upstream
 

@@ -83,6 +83,7 @@ class ProxyStats:
     rejected_by_client: int = 0  # client refused our certificate
     client_handshake_errors: int = 0  # other failed client handshakes (timeouts included)
     timeouts_client_hello: int = 0  # a ClientHello stopped coming before it was whole: closed
+    refused_client_hello: int = 0  # TLS records that are no ClientHello we parse: closed
     client_incomplete: int = 0  # the client closed before its first message was whole
     refused_not_loopback: int = 0  # explicit listener: peer not on loopback
     refused_loop: int = 0  # transparent: the "original destination" was ourselves

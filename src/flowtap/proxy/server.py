@@ -478,11 +478,18 @@ class EgressProxy:
         if kind == "tls":
             try:
                 hello = parse_client_hello(first)
-            except TlsParseError:
-                hello = None  # not a ClientHello any server would take: relayed as is
-            if hello is not None:
-                await self._tls(sock, ctx, hello, result, pre=pre)
+            except TlsParseError as exc:
+                # Never relayed as is: a server may take what this parser does not (a
+                # ClientHello padded past MAX_CLIENT_HELLO before its SNI, an odd one),
+                # and relaying it would let a client choose to pass uninspected.
+                self.stats.refused_client_hello += 1
+                ctx.tls = True
+                ctx.l7_protocol = "tls"
+                result.outcome = "rejected"
+                result.error = f"ClientHello refused: {exc}"
                 return
+            await self._tls(sock, ctx, hello, result, pre=pre)
+            return
         if kind == "http1":
             ctx.l7_protocol = "http1"
             client = await accept_channel(sock)
@@ -504,7 +511,7 @@ class EgressProxy:
         if kind is None:
             return  # refused or gone: said in result
         h2 = kind == "http2"
-        ctx.l7_protocol = "http2" if h2 else ("tls" if kind == "tls" else "other")
+        ctx.l7_protocol = "http2" if h2 else "other"
         capture = self._capture(ctx, http2=True) if h2 else None
         await self._relay_raw(sock, ctx, result, capture, pre=pre)
         if h2 and result.outcome == "relayed":
