@@ -67,8 +67,9 @@ _WAKEUP_BYTES = 256 << 10
 _POLL_MS = 50
 _EGRESS_BATCH = 10_000
 # The proxy's counters of what it lost, in the drop report (a failed upstream or client
-# handshake is not lost: its connection record says so, and a 502 is a transaction).
-_EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination")
+# handshake is not lost: its connection record says so, and a 502 is a transaction; a
+# connection closed over the proxy's connection limit has no record at all).
+_EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination", "refused_over_limit")
 # The exec classes are written this often when they changed (and at stop).
 # How often the exec classes are saved and the probes of deleted files that no process
 # runs any more are removed (tls/attach.py).

@@ -306,26 +306,75 @@ def test_https_and_http_through_the_proxy(egress: Egress) -> None:
 
 
 def test_a_client_that_rejects_the_ca_is_passed_through_afterwards(egress: Egress) -> None:
-    """First attempt: curl does not trust the proxy's CA and fails, as with any MITM.
-    Then that destination passes through untouched: curl trusting only the upstream's own
-    CA succeeds, and the connection is still reported, with its SNI."""
+    """curl does not trust the proxy's CA and fails, as with any MITM; its alert makes
+    that destination pass through for that process only: another curl is intercepted
+    (and fails) again, while a process that rejected the CA once passes through on its
+    next connection, reported with its SNI."""
     url = f"https://{NAME}:{HTTPS_PORT}/pinned"
     first = egress.curl(url, trust=egress.upstream_ca, stem="curl-rejects")
     assert first.wait() == 60  # CURLE_PEER_FAILED_VERIFICATION
-    second = egress.curl(url, trust=egress.upstream_ca, stem="curl-passthrough")
-    second.finish()
+    other = egress.curl(url, trust=egress.upstream_ca, stem="curl-another")
+    assert other.wait() == 60  # one process's rejection never changes what another gets
+    # One process, two connections: rejected (OpenSSL sends unknown_ca), then passed.
+    script = f"""
+import socket, ssl
+ctx = ssl.create_default_context(cafile={str(egress.upstream_ca)!r})
+for attempt in (1, 2):
+    try:
+        with socket.create_connection(({egress.host.address!r}, {HTTPS_PORT}), timeout=10) as s:
+            with ctx.wrap_socket(s, server_hostname={NAME!r}) as t:
+                t.sendall(b"GET /pinned HTTP/1.1\\r\\nHost: {NAME}\\r\\n\\r\\n")
+                print(attempt, t.recv(12).decode(), flush=True)
+    except ssl.SSLCertVerificationError:
+        print(attempt, "rejected", flush=True)
+"""
+    pinned = egress.client([PYTHON, "-c", script], stem="pinned")
+    pinned.finish()
+    assert pinned.lines() == ["1 rejected", "2 HTTP/1.1 200"]
     records = egress.sensor.finish()
-    closes = {
-        r["process"]["pid"]: r
-        for r in records
-        if r.get("capture_source") == "egress" and r.get("event") == "close"
-    }
-    assert closes[first.pid]["egress"]["outcome"] == "rejected"
-    assert closes[second.pid]["egress"]["outcome"] == "passthrough"
-    assert closes[second.pid]["sni"] == NAME
+    closes = [
+        r for r in records if r.get("capture_source") == "egress" and r.get("event") == "close"
+    ]
+    outcomes = sorted((r["process"]["pid"], r["egress"]["outcome"]) for r in closes)
+    assert outcomes == sorted(
+        [
+            (first.pid, "rejected"),
+            (other.pid, "rejected"),
+            (pinned.pid, "rejected"),
+            (pinned.pid, "passthrough"),
+        ]
+    )
+    assert all(r["sni"] == NAME for r in closes)
     assert egress.sensor.http_records() == []
-    # Only the passed-through request reached the upstream (the first never got that far).
+    # Only the passed-through request reached the upstream (the others never got that far).
     assert len(egress.received()) == 1
+    stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
+    assert stats["passthrough_learned_alert"] == 3 and stats["passthrough"] == 1
+
+
+def test_a_second_egress_sensor_on_the_same_cgroup_is_refused(egress: Egress) -> None:
+    """A second --egress on the cgroup (or on one inside it) would record nothing of what
+    the first proxies: it refuses to start, naming the first sensor; the first goes on."""
+    for where in (egress.e2e.cgroup.path, egress.clients.path):
+        second = egress.e2e.sensor(
+            "--cgroup",
+            str(egress.clients.path),
+            extra=["--egress", "--egress-cgroup", str(where), "--proxy-port", "0"],
+            wait=False,
+        )
+        code = second.popen.wait(RECORD_TIMEOUT_S)
+        text = second.stderr()
+        assert code != 0, text
+        assert f"another flowtap egress redirection already covers --egress-cgroup {where}" in (
+            text
+        )
+        assert f"held by pid {egress.sensor.pid} (flowtap)" in text, text
+        assert "Stop the other sensor first, or give each its own --egress-cgroup" in text
+        assert not second.ready.exists()
+    post = egress.curl("-d", "still", f"https://{NAME}:{HTTPS_PORT}/first", stem="curl")
+    post.finish()
+    record = _http(egress.sensor, method="POST", path="/first")
+    assert record["process"]["pid"] == post.pid
 
 
 def test_requests_that_smuggle_or_overflow_are_refused(egress: Egress) -> None:

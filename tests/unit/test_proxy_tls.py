@@ -5,6 +5,7 @@ rejected our certificate."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import h2.connection
 import h2.events
 import pytest
 from proxy_support import (
+    CLIENT_PID,
     LOCALHOST,
     Recorder,
     Upstream,
@@ -242,6 +244,11 @@ def test_untrusted_upstream_is_a_502(ca: CertificateAuthority, pki: UpstreamPki)
     run(main())
 
 
+def _handshake(port: int, context: ssl.SSLContext) -> None:
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        context.wrap_socket(sock, server_hostname="localhost").close()
+
+
 def test_passthrough_after_the_client_rejects_our_certificate(
     ca: CertificateAuthority, pki: UpstreamPki
 ) -> None:
@@ -253,13 +260,16 @@ def test_passthrough_after_the_client_rejects_our_certificate(
         ) as proxy:
             # This client trusts only the upstream's real CA (as if it pinned it).
             pinned = trusting(pki.ca_file)
+            # A blocking client: OpenSSL sends its alert (unknown_ca) before it raises;
+            # asyncio's TLS drops it and only hangs up.
             with pytest.raises(ssl.SSLCertVerificationError):
-                await asyncio.open_connection(
-                    LOCALHOST, transparent_port(proxy), ssl=pinned, server_hostname="localhost"
-                )
+                await asyncio.to_thread(_handshake, transparent_port(proxy), pinned)
             first = await recorder.wait_closes(1)
             assert first[0].outcome == "rejected" and first[0].context.sni == "localhost"
-            assert proxy.passthrough_destinations() == [(LOCALHOST, upstream.port, "localhost")]
+            # The client's certificate alert is evidence enough: for that client only.
+            assert proxy.passthrough_destinations() == [
+                (("pid", CLIENT_PID), LOCALHOST, upstream.port, "localhost")
+            ]
             # From now on it passes through: the client sees the real certificate.
             reader, writer = await asyncio.open_connection(
                 LOCALHOST, transparent_port(proxy), ssl=pinned, server_hostname="localhost"
@@ -275,6 +285,8 @@ def test_passthrough_after_the_client_rejects_our_certificate(
         assert closes[1].bytes_from_client > 0
         assert recorder.transactions == []  # nothing decrypted
         assert counters["rejected_by_client"] == 1 and counters["passthrough"] == 1
+        assert counters["passthrough_learned_alert"] == 1
+        assert counters["passthrough_learned_hangups"] == counters["passthrough_hangups"] == 0
 
     run(main())
 

@@ -20,6 +20,7 @@ from typing import Any
 import uvloop
 
 from flowtap.config import SensorConfig
+from flowtap.egress.occupancy import describe, egress_occupants
 from flowtap.egress.redirect import EgressRedirect, Origin
 from flowtap.egress.sockets import socket_owner
 from flowtap.events import Task
@@ -125,7 +126,9 @@ class EgressController:
         assert transparent is not None
         self.cgroup = cfg.egress_cgroup or cgroup2_mount()
         if self.cgroup is None:
+            self.stop()
             raise EgressError("--egress needs cgroup v2, and no cgroup2 filesystem is mounted")
+        self._refuse_if_occupied(self.cgroup)
         # SO_ORIGINAL_DST is answered for sockets in the cgroup: ours must be there.
         self.uses_getsockopt = in_cgroup(os.getpid(), self.cgroup)
         if not self.uses_getsockopt:
@@ -148,6 +151,25 @@ class EgressController:
                 host,
                 port,
             )
+
+    def _refuse_if_occupied(self, cgroup: Path) -> None:
+        """Another sensor's redirection on this cgroup (or over or under it) would take the
+        connections this one is meant to record: refuse to start rather than record nothing."""
+        try:
+            occupants = egress_occupants(cgroup)
+        except OSError as exc:
+            # Attaching fails on its own, with its own message, if the cgroup is unusable;
+            # if only the query is refused, say that the check could not be made.
+            log.warning(
+                "cannot check whether another flowtap --egress covers %s (%s): if one does, "
+                "this sensor records nothing of what that one proxies",
+                cgroup,
+                exc.strerror or exc,
+            )
+            return
+        if occupants:
+            self.stop()
+            raise EgressError(describe(occupants, cgroup))
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)

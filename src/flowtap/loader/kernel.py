@@ -29,7 +29,10 @@ _BTF_VLEN_EXTRA = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT UNION EN
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_F_QUERY_EFFECTIVE = 1
 BPF_LINK_CREATE = 28
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_TRACEPOINT = 5
@@ -204,6 +207,50 @@ def attached_programs(cgroup: str, attach_type: int) -> int:
     if ret < 0:
         return -err
     return int(struct.unpack_from("=I", attr, 24)[0])
+
+
+def cgroup_program_ids(cgroup: str, attach_type: int, *, effective: bool = False) -> list[int]:
+    """Ids of the programs attached to a cgroup for one attach type; ``effective``: those
+    that run for its sockets, inherited from its ancestors included. OSError on failure."""
+    most = 64  # the kernel allows 64 programs per cgroup and attach type
+    ids = (ctypes.c_uint32 * most)()
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        attr = _attr(
+            [
+                (0, "I", fd),
+                (4, "I", attach_type),
+                (8, "I", BPF_F_QUERY_EFFECTIVE if effective else 0),
+                (16, "Q", ctypes.addressof(ids)),
+                (24, "I", most),
+            ]
+        )
+        ret, err = _bpf(BPF_PROG_QUERY, attr)
+    finally:
+        os.close(fd)
+    if ret < 0:
+        raise OSError(err, os.strerror(err))
+    count = min(int(struct.unpack_from("=I", attr, 24)[0]), most)
+    return [int(ids[i]) for i in range(count)]
+
+
+def program_name(prog_id: int) -> str | None:
+    """A loaded program's name (bpf_prog_info.name, 15 characters at most), or None when
+    it is gone or cannot be asked about."""
+    fd, _ = _bpf(BPF_PROG_GET_FD_BY_ID, _attr([(0, "I", prog_id)]))
+    if fd < 0:
+        return None
+    try:
+        info = ctypes.create_string_buffer(96)  # up to bpf_prog_info.name and a bit
+        ret, _ = _bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            _attr([(0, "I", fd), (4, "I", len(info)), (8, "Q", ctypes.addressof(info))]),
+        )
+    finally:
+        os.close(fd)
+    if ret < 0:
+        return None
+    return info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 def uprobe_multi_link(

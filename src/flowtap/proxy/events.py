@@ -23,8 +23,10 @@ Mode = Literal["transparent", "explicit"]
 # intercepted: TLS terminated (or plain HTTP proxied) and parsed; passthrough: TLS relayed
 # untouched because the client rejected our certificate before; relayed: not HTTP, relayed
 # as bytes; upstream_failed: the destination could not be reached or verified; rejected:
-# the client refused our certificate (this destination passes through from now on) or the
-# connection was refused (not loopback, a loop, a bad proxy request).
+# the client refused our certificate (with evidence, its connections to this destination
+# pass through for a while: proxy/passthrough.py) or the connection was refused (not
+# loopback, a loop, a bad proxy request, a ClientHello that stopped coming or a client gone
+# before its first message was whole).
 Outcome = Literal["intercepted", "passthrough", "relayed", "upstream_failed", "rejected"]
 
 
@@ -81,10 +83,13 @@ class ProxyStats:
     rejected_by_client: int = 0  # client refused our certificate
     client_handshake_errors: int = 0  # other failed client handshakes (timeouts included)
     timeouts_client_hello: int = 0  # a ClientHello stopped coming before it was whole: closed
+    refused_client_hello: int = 0  # TLS records that are no ClientHello we parse: closed
     client_incomplete: int = 0  # the client closed before its first message was whole
     refused_not_loopback: int = 0  # explicit listener: peer not on loopback
     refused_loop: int = 0  # transparent: the "original destination" was ourselves
     refused_no_destination: int = 0  # SO_ORIGINAL_DST unavailable
+    refused_over_limit: int = 0  # closed at accept: max_connections were being served
+    accept_errors: int = 0  # accept failed (EMFILE...): the client waits in the backlog
     requests: int = 0
     responses_502: int = 0
     refused_smuggling: int = 0  # 400: CL+TE, duplicate CL, bad TE, bad chunk framing

@@ -46,7 +46,10 @@ _REASONS = {
 
 class HttpError(Exception):
     """A request we refuse: answered with ``status`` and the connection closed. ``kind``
-    names the counter it goes to (smuggling, bad_request, header_too_large...)."""
+    names the counter it goes to (smuggling, bad_request, header_too_large...).
+
+    ``detail`` goes to the client (X-Flowtap-Error) and into records: it says what was
+    wrong and where, never quoting the request's bytes (they may hold credentials)."""
 
     def __init__(self, status: int, detail: str, kind: str = "bad_request") -> None:
         super().__init__(detail)
@@ -113,22 +116,24 @@ def _fields(lines: list[bytes], max_headers: int) -> _Fields:
     hosts = 0
     expect = False
     upgrade = False
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if line[:1] in (b" ", b"\t"):
             raise _RefusedError("obsolete line folding (obs-fold) in the header section")
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            raise _RefusedError(f"malformed header field {line[:40]!r}")
+        if not colon:
+            raise _RefusedError(f"header line {number} without a colon")
+        if not _TOKEN.match(name):
+            raise _RefusedError(f"header line {number}: the field name is not a token")
         value = value.strip(b" \t")
         if _BAD_VALUE.search(value):
-            raise _RefusedError(f"control character in header {name[:40]!r}")
+            raise _RefusedError(f"header line {number}: control character in the value")
         headers.append((name, value))
         lname = name.lower()
         if lname == b"content-length":
             if content_length is not None:
                 raise _RefusedError("more than one Content-Length")
             if not _DIGITS.match(value):
-                raise _RefusedError(f"invalid Content-Length {value[:40]!r}")
+                raise _RefusedError("Content-Length is not a decimal number")
             content_length = int(value)
         elif lname == b"transfer-encoding":
             te.extend(c.strip(b" \t").lower() for c in value.split(b","))
@@ -144,11 +149,11 @@ def _fields(lines: list[bytes], max_headers: int) -> _Fields:
     if te:
         if te != [b"chunked"]:
             raise _RefusedError(
-                "unsupported transfer-coding: only a single 'chunked' is accepted, got "
-                f"{b', '.join(te)[:60]!r}"
+                "unsupported Transfer-Encoding: only a single 'chunked' is accepted, got "
+                f"{len(te)} coding(s)" + ("" if b"chunked" in te else " without 'chunked'")
             )
         if content_length is not None:
-            raise _RefusedError("Content-Length together with Transfer-Encoding")
+            raise _RefusedError("conflicting Content-Length and Transfer-Encoding")
         chunked = True
     return _Fields(headers, content_length, chunked, connection, hosts, expect, upgrade)
 
@@ -177,17 +182,19 @@ def parse_request_head(raw: bytes, max_headers: int) -> RequestHead:
         raise HttpError(exc.status, exc.detail, exc.kind) from None
     parts = lines[0].split(b" ")
     if len(parts) != 3:
-        raise HttpError(400, f"malformed request line {lines[0][:60]!r}")
+        raise HttpError(
+            400, f"malformed request line: {len(parts)} parts separated by single spaces, not 3"
+        )
     method, target, version = parts
     if not _TOKEN.match(method):
-        raise HttpError(400, f"malformed method {method[:20]!r}")
+        raise HttpError(400, "malformed request line: the method is not a token")
     if not _TARGET.match(target):
         raise HttpError(400, "malformed request target")
     matched = _VERSION.match(version)
     if matched is None:
         if version.startswith(b"HTTP/"):
-            raise HttpError(505, f"unsupported version {version[:20]!r}")
-        raise HttpError(400, f"malformed request line {lines[0][:60]!r}")
+            raise HttpError(505, "unsupported HTTP version: only HTTP/1.0 and HTTP/1.1")
+        raise HttpError(400, "malformed request line: the version is not HTTP/1.x")
     minor = matched.group(1)
     if minor == b"0" and fields.chunked:
         # RFC 9112 §6.1: a server must treat framing of a 1.0 request with TE as faulty.
@@ -238,7 +245,7 @@ def parse_response_head(raw: bytes, max_headers: int, request_method: str) -> Re
         raise UpstreamError(exc.detail) from None
     matched = _STATUS_LINE.match(lines[0])
     if matched is None:
-        raise UpstreamError(f"malformed status line {lines[0][:60]!r}")
+        raise UpstreamError("malformed status line")
     minor, status_text = matched.group(1), matched.group(2)
     status = int(status_text)
     framing: Framing
@@ -274,5 +281,5 @@ def parse_chunk_size(line: bytes) -> int:
     Raises ValueError for anything else (bare LF, no digits, an overlong size)."""
     matched = _CHUNK_SIZE.match(line)
     if matched is None or b"\n" in matched.group(2) or b"\r" in matched.group(2):
-        raise ValueError(f"bad chunk size line {line[:40]!r}")
+        raise ValueError("bad chunk size line: not hex digits, extensions and CRLF")
     return int(matched.group(1), 16)

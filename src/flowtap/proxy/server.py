@@ -6,8 +6,9 @@ Each accepted connection is sniffed before a byte is consumed (MSG_PEEK, proxy/s
 * a TLS ClientHello: the upstream is reached first with the client's SNI and ALPN offer and
   verified, then the client's TLS is terminated with a leaf for that name offering exactly
   the ALPN the upstream chose; HTTP/1.x is forwarded request by request, HTTP/2 relayed
-  frame for frame. A client that refuses our certificate has that destination (and SNI)
-  passed through untouched from then on;
+  frame for frame. A client that refuses our certificate (a certificate alert, or a few
+  hang-ups mid-handshake) has its connections to that destination (and SNI) passed
+  through untouched for a while (proxy/passthrough.py);
 * plain HTTP/1.x is forwarded; the HTTP/2 preface (prior knowledge) is relayed;
 * anything else (or a server that speaks first) is relayed as bytes. Bytes that may
   still become a request line or a ClientHello are waited for, however slowly they come.
@@ -20,10 +21,10 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import resource
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,10 +45,11 @@ from flowtap.proxy.events import (
 )
 from flowtap.proxy.forward import Http1Forwarder, Limits
 from flowtap.proxy.original_dst import so_original_dst
+from flowtap.proxy.passthrough import PassthroughKey, PassthroughTable, client_key
 from flowtap.proxy.preconnect import Preconnected
 from flowtap.proxy.relay import relay
 from flowtap.proxy.sniff import MAX_CLIENT_HELLO, Kind, classify, peek_until
-from flowtap.proxy.tls import ClientContexts, UpstreamContexts, is_rejection
+from flowtap.proxy.tls import ClientContexts, UpstreamContexts, rejection_evidence
 from flowtap.records.http import HttpRecordOptions
 
 __all__ = [
@@ -75,8 +77,15 @@ class ProxyConfig:
     http: HttpRecordOptions = field(default_factory=HttpRecordOptions)
     limits: Limits = field(default_factory=Limits)
     tls_handshake_timeout: float = 10.0  # also: a ClientHello's bytes, from one to the next
-    passthrough_cache: int = 4096  # (destination, SNI) pairs remembered as passthrough
+    # Passthrough (proxy/passthrough.py): (client, destination, SNI) entries, how long
+    # each lasts, and how many mid-handshake hang-ups from one client earn one.
+    passthrough_cache: int = 4096
+    passthrough_ttl: float = 3600.0
+    passthrough_hangups: int = 3
     backlog: int = 1024
+    # Connections served at once; more are closed at accept (refused_over_limit). None:
+    # from the open-files limit at start (see connection_cap).
+    max_connections: int | None = None
 
 
 def _is_loopback(ip: str) -> bool:
@@ -87,6 +96,21 @@ def _is_loopback(ip: str) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+# Descriptors kept for everything but proxied connections (BPF maps and links, output,
+# the listeners...); each proxied connection takes two (client and upstream sockets).
+FD_RESERVE = 256
+_FDS_PER_CONNECTION = 2
+_WARN_EVERY_S = 60.0  # the over-limit and accept-failure warnings, at most this often
+
+
+def connection_cap() -> int:
+    """How many connections the proxy serves at once within the open-files limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - FD_RESERVE) // _FDS_PER_CONNECTION)
 
 
 class _Result:
@@ -125,10 +149,17 @@ class EgressProxy:
         self._ids = connection_ids if connection_ids is not None else itertools.count(1)
         self._client_tls = ClientContexts(ca)
         self._upstream_tls = UpstreamContexts(extra_ca_file=config.upstream_ca_file)
-        self._passthrough: OrderedDict[tuple[str, int, str | None], None] = OrderedDict()
+        self._passthrough = PassthroughTable(
+            ttl=config.passthrough_ttl,
+            hangups=config.passthrough_hangups,
+            capacity=config.passthrough_cache,
+        )
         self._listeners: list[tuple[socket.socket, Mode]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._own: set[tuple[str, int]] = set()
+        self._open = 0  # connections being served
+        self.max_connections = 0  # set at start
+        self._warned_at: dict[str, float] = {}
         self.transparent_address: tuple[str, int] | None = None
         self.transparent_address6: tuple[str, int] | None = None
         self.explicit_address: tuple[str, int] | None = None
@@ -146,6 +177,7 @@ class EgressProxy:
         cfg = self.config
         if not _is_loopback(cfg.host):
             raise ValueError(f"the proxy listens on loopback only, not {cfg.host}")
+        self.max_connections = cfg.max_connections or connection_cap()
         sock = self._listen(socket.AF_INET, cfg.host, cfg.transparent_port)
         self.transparent_address = sock.getsockname()[:2]
         self._listeners.append((sock, "transparent"))
@@ -202,13 +234,15 @@ class EgressProxy:
 
     def counters(self) -> dict[str, int]:
         out = self.stats.as_dict()
-        out["passthrough_destinations"] = len(self._passthrough)
+        out.update(self._passthrough.counters())
         out["leaves_signed"] = self.ca.leaves_signed
-        out["open_connections"] = max(0, len(self._tasks) - len(self._listeners))
+        out["open_connections"] = self._open
+        out["max_connections"] = self.max_connections
         return out
 
-    def passthrough_destinations(self) -> list[tuple[str, int, str | None]]:
-        return list(self._passthrough)
+    def passthrough_destinations(self) -> list[PassthroughKey]:
+        """(client, host, port, SNI) of the live passthrough entries, oldest first."""
+        return self._passthrough.entries()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -223,8 +257,30 @@ class EgressProxy:
             except (OSError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) or listener.fileno() < 0:
                     return
-                log.warning("accept failed: %s", exc)
+                self.stats.accept_errors += 1
+                self._warn(
+                    "accept",
+                    "the proxy cannot accept connections (%s; %d so far): raise the "
+                    "open-files limit (LimitNOFILE= in the service, ulimit -n)",
+                    exc,
+                    self.stats.accept_errors,
+                )
                 await asyncio.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            if self._open >= self.max_connections:
+                # Over the cap the next accept or upstream connect would fail on the
+                # open-files limit (EMFILE) for every client: refuse this one at once.
+                sock.close()
+                self.stats.refused_over_limit += 1
+                self._warn(
+                    "limit",
+                    "egress proxy at its limit of %d connections: %d refused so far; raise "
+                    "the open-files limit (LimitNOFILE= in the service, ulimit -n) to serve "
+                    "more (the cap is (limit - %d) / 2)",
+                    self.max_connections,
+                    self.stats.refused_over_limit,
+                    FD_RESERVE,
+                )
                 continue
             sock.setblocking(False)
             # Answers are small writes: never hold them back for an ACK (Nagle).
@@ -261,8 +317,17 @@ class EgressProxy:
             started_ns=time.monotonic_ns(),
         )
 
+    def _warn(self, what: str, message: str, *args: object) -> None:
+        """A warning at most every _WARN_EVERY_S per kind (a flood says it once)."""
+        now = time.monotonic()
+        last = self._warned_at.get(what)
+        if last is None or now - last >= _WARN_EVERY_S:
+            self._warned_at[what] = now
+            log.warning(message, *args)
+
     async def _serve(self, sock: socket.socket, peer: tuple[str, int], mode: Mode) -> None:
         self.stats.connections += 1
+        self._open += 1
         try:
             if mode == "explicit":
                 await self._serve_explicit(sock, peer)
@@ -273,6 +338,7 @@ class EgressProxy:
         except Exception:
             log.exception("proxy connection from %s failed", peer)
         finally:
+            self._open -= 1
             sock.close()  # no-op once a transport owns (and closed) it
 
     async def _serve_transparent(self, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -417,11 +483,18 @@ class EgressProxy:
         if kind == "tls":
             try:
                 hello = parse_client_hello(first)
-            except TlsParseError:
-                hello = None  # not a ClientHello any server would take: relayed as is
-            if hello is not None:
-                await self._tls(sock, ctx, hello, result, pre=pre)
+            except TlsParseError as exc:
+                # Never relayed as is: a server may take what this parser does not (a
+                # ClientHello padded past MAX_CLIENT_HELLO before its SNI, an odd one),
+                # and relaying it would let a client choose to pass uninspected.
+                self.stats.refused_client_hello += 1
+                ctx.tls = True
+                ctx.l7_protocol = "tls"
+                result.outcome = "rejected"
+                result.error = f"ClientHello refused: {exc}"
                 return
+            await self._tls(sock, ctx, hello, result, pre=pre)
+            return
         if kind == "http1":
             ctx.l7_protocol = "http1"
             client = await accept_channel(sock)
@@ -443,7 +516,7 @@ class EgressProxy:
         if kind is None:
             return  # refused or gone: said in result
         h2 = kind == "http2"
-        ctx.l7_protocol = "http2" if h2 else ("tls" if kind == "tls" else "other")
+        ctx.l7_protocol = "http2" if h2 else "other"
         capture = self._capture(ctx, http2=True) if h2 else None
         await self._relay_raw(sock, ctx, result, capture, pre=pre)
         if h2 and result.outcome == "relayed":
@@ -483,6 +556,7 @@ class EgressProxy:
             except TimeoutError:
                 if tls:
                     self.stats.timeouts_client_hello += 1
+                    result.outcome = "rejected"  # closed: nothing was relayed
                     result.error = (
                         "ClientHello incomplete: no byte of it for "
                         f"{self.config.tls_handshake_timeout:g}s"
@@ -495,6 +569,7 @@ class EgressProxy:
             if len(more) <= len(data):
                 # EOF before the first message was whole: nothing worth relaying.
                 self.stats.client_incomplete += 1
+                result.outcome = "rejected"
                 result.error = "client closed before its first message was complete"
                 return data, None
             data = more
@@ -633,9 +708,8 @@ class EgressProxy:
         ctx.sni = hello.sni
         ctx.l7_protocol = "tls"
         host, port = ctx.destination
-        key = (host, port, hello.sni)
-        if key in self._passthrough:
-            self._passthrough.move_to_end(key)
+        key = (client_key(ctx.pid, ctx.client[0]), host, port, hello.sni)
+        if self._passthrough.passes(key):
             await self._relay_raw(sock, ctx, result, None, outcome="passthrough", pre=pre)
             return
         server_name = hello.sni or host
@@ -668,10 +742,15 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
             result.outcome = "rejected"
-            if is_rejection(exc):
+            evidence = rejection_evidence(exc)
+            if evidence is not None:
                 self.stats.rejected_by_client += 1
-                self._remember_passthrough(key)
-                result.error = f"client rejected our certificate: {describe_error(exc)}"
+                learned = self._passthrough.rejected(key, evidence)
+                result.error = (
+                    f"client rejected our certificate ({evidence}"
+                    f"{'; its connections here pass through for a while' if learned else ''}): "
+                    f"{describe_error(exc)}"
+                )
             else:
                 self.stats.client_handshake_errors += 1
                 result.error = f"client TLS handshake failed: {describe_error(exc)}"
@@ -783,12 +862,6 @@ class EgressProxy:
                 self.stats.client_incomplete += 1
                 result.error = "client closed before its first message was complete"
                 return None
-
-    def _remember_passthrough(self, key: tuple[str, int, str | None]) -> None:
-        self._passthrough[key] = None
-        self._passthrough.move_to_end(key)
-        while len(self._passthrough) > self.config.passthrough_cache:
-            self._passthrough.popitem(last=False)
 
 
 async def _bytes_or_eof(channel: Channel) -> None:

@@ -9,34 +9,48 @@ from __future__ import annotations
 import os
 import ssl
 from collections import OrderedDict
+from typing import Literal
 
 from flowtap.proxy.ca import CertificateAuthority, Leaf
 
-__all__ = ["ClientContexts", "UpstreamContexts", "is_rejection"]
+__all__ = ["ClientContexts", "UpstreamContexts", "is_rejection", "rejection_evidence"]
 
 # Alerts a client sends when it does not accept our certificate: it distrusts our CA, or it
 # pins another key. Other handshake failures (no shared cipher...) are not about trust.
-_REJECTION_REASONS = (
+_CERTIFICATE_ALERTS = (
     "UNKNOWN_CA",
     "BAD_CERTIFICATE",
     "CERTIFICATE_UNKNOWN",
     "UNSUPPORTED_CERTIFICATE",
     "ACCESS_DENIED",
     "DECRYPT_ERROR",
-    "HANDSHAKE_FAILURE",
 )
+# A generic alert: some pinning clients send it, so does a client for many other reasons.
+_WEAK_ALERTS = ("HANDSHAKE_FAILURE",)
+
+
+def rejection_evidence(exc: BaseException) -> Literal["alert", "hangup"] | None:
+    """What a failed client-side handshake says about the client refusing our certificate:
+    ``alert``, it said so (a certificate alert); ``hangup``, it hung up in the middle of
+    the handshake (what clients that verify after the handshake, or pin, commonly do, but
+    also a client that gave up or died) or sent a generic alert; None: not about trust."""
+    if isinstance(exc, ssl.SSLError):
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return "hangup"
+        text = f"{exc.reason or ''} {exc}".upper()
+        if "ALERT" in text and any(reason in text for reason in _CERTIFICATE_ALERTS):
+            return "alert"
+        if "ALERT" in text and any(reason in text for reason in _WEAK_ALERTS):
+            return "hangup"
+        return None
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return "hangup"
+    return None
 
 
 def is_rejection(exc: BaseException) -> bool:
-    """Whether a failed client-side handshake means the client refused our certificate:
-    a certificate alert, or the client hanging up in the middle of the handshake (what
-    clients that verify after the handshake, or pin, commonly do)."""
-    if isinstance(exc, ssl.SSLError):
-        text = f"{exc.reason or ''} {exc}".upper()
-        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-            return True
-        return any(reason in text for reason in _REJECTION_REASONS)
-    return isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError)
+    """Whether a failed client-side handshake may mean the client refused our certificate."""
+    return rejection_evidence(exc) is not None
 
 
 def _load_leaf(context: ssl.SSLContext, leaf: Leaf) -> None:
