@@ -25,6 +25,7 @@ from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.sinks.pipeline import Pipeline
 
 log = logging.getLogger("flowtap")
 
@@ -117,6 +118,14 @@ def make_sink(args: argparse.Namespace | Mapping[str, object]) -> Sink:
     return ConsoleSink(stream, color=color, owned=owned)
 
 
+def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
+    """Every output of the run, each behind its own bounded queue (sinks/pipeline.py)."""
+    name = "file" if settings["output_file"] is not None else "stdout"
+    capacity = settings["sink_queue"]
+    assert isinstance(capacity, int)
+    return Pipeline([(name, make_sink(settings))], capacity=capacity)
+
+
 def config_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> SensorConfig:
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     try:
         require_root()  # before the output file is created
-        sink = make_sink(values)
+        sink = make_pipeline(values)
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -49,6 +49,7 @@ from flowtap.records.http import HttpRecordOptions
 from flowtap.records.policy import CapturePolicy
 from flowtap.settings.reload import ConfigWatcher
 from flowtap.sinks.base import Sink
+from flowtap.sinks.pipeline import Pipeline
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
 from flowtap.tracking.connections import ConnectionTracker
@@ -75,8 +76,6 @@ _EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination", "
 # runs any more are removed (tls/attach.py).
 _CACHE_SAVE_S = 5.0
 _RESCAN_ASK_S = 1.0
-# A failing sink (a full disk) is reported once, then at most this often, with a count.
-_SINK_WARN_S = 10.0
 # Space kept for the stats file from start on, so a full disk still gets its counters.
 _STATS_RESERVE = 64 << 10
 
@@ -86,7 +85,6 @@ class UserCounters:
     events: int = 0
     decode_errors: int = 0
     records: int = 0
-    sink_errors: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -112,9 +110,10 @@ def process_matcher(config: SensorConfig) -> Callable[[ProcessInfo], bool]:
 
 
 class Sensor:
-    def __init__(self, config: SensorConfig, sink: Sink) -> None:
+    def __init__(self, config: SensorConfig, sink: Sink | Pipeline) -> None:
         self.config = config
-        self._sink = sink
+        # Records go through the pipeline: the consumer never waits for a destination.
+        self._pipeline = sink if isinstance(sink, Pipeline) else Pipeline([("output", sink)])
         self._obj: BpfObject | None = None
         self._links: list[BpfLink] = []
         self._ring: RingBuffer | None = None
@@ -162,9 +161,6 @@ class Sensor:
         self._gate_stats: dict[str, object] | None = None
         self._rescan_asked: dict[int, float] = {}
         self._stats_reservation: safefile.Reservation | None = None
-        self._sink_failing = False  # since the last failed write, until one succeeds
-        self._sink_failed_since_warning = 0
-        self._sink_next_warning = 0.0
         self._counter_errors = 0  # failed reads of the kernel's counters
         self._ready_written = False
 
@@ -690,43 +686,9 @@ class Sensor:
         self.payloads.on_close(conn_id, timestamp_ns)
 
     def _emit(self, record: Record) -> None:
-        try:
-            self._sink.write(record)
-        except (OSError, ValueError) as exc:
-            self.counters.sink_errors += 1
-            self._sink_failed(exc)
-            return
+        """To every sink's queue; never blocks (sinks/pipeline.py)."""
         self.counters.records += 1
-        if self._sink_failing:
-            self._sink_failing = False
-            log.warning(
-                "records are written again; %d were lost before (sink_errors)",
-                self.counters.sink_errors,
-            )
-
-    def _sink_failed(self, exc: Exception) -> None:
-        """One warning when writes start failing, then one per _SINK_WARN_S with a count:
-        a full disk must not turn every lost record into a line of log."""
-        self._sink_failed_since_warning += 1
-        now = time.monotonic()
-        if self._sink_failing and now < self._sink_next_warning:
-            return
-        if not self._sink_failing:
-            log.warning(
-                "could not write a record: %s; records are counted as sink_errors until "
-                "writes succeed (a full disk: free space on the output's filesystem)",
-                exc,
-            )
-        else:
-            log.warning(
-                "still cannot write records (%s): %d more lost, %d in all",
-                exc,
-                self._sink_failed_since_warning,
-                self.counters.sink_errors,
-            )
-        self._sink_failing = True
-        self._sink_failed_since_warning = 0
-        self._sink_next_warning = now + _SINK_WARN_S
+        self._pipeline.submit(record)
 
     # --- accounting -----------------------------------------------------------------
 
@@ -758,7 +720,8 @@ class Sensor:
             report.get("ingress_unattributed", 0) + self._unattributed_at_exit
         )
         report["decode_errors"] = self.counters.decode_errors
-        report["sink_errors"] = self.counters.sink_errors
+        report["sink_errors"] = self._pipeline.errors()
+        report["sink_dropped"] = sum(self._pipeline.dropped().values())
         report["late_events"] = self.tracker.stats.late_events
         report["tracker_evicted"] = self.tracker.stats.evicted
         report["closes_lost"] = self.tracker.stats.lost
@@ -784,6 +747,17 @@ class Sensor:
             details = ", ".join(f"{k}={v}" for k, v in sorted(lost.items())) or "nothing lost"
             level = logging.WARNING if lost else logging.INFO
             log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
+        for name, count in self._pipeline.dropped().items():
+            if count and (final or changed):
+                log.warning(
+                    "sink_dropped{sink=%s}=%d: %d records lost for sink %s (its queue of %d was "
+                    "full: a slow or stuck destination; raise --sink-queue or fix the output)",
+                    name,
+                    count,
+                    count,
+                    name,
+                    self._pipeline.capacity_of(name),
+                )
         return report
 
     def _write_stats(self, drops: dict[str, int]) -> None:
@@ -799,6 +773,11 @@ class Sensor:
             "opens_synthesized": self.tracker.stats.opens_synthesized,
             "filtered_in_userspace": self.tracker.stats.filtered,
             "drops": drops,
+            "sink_dropped": self._pipeline.dropped(),
+            "sinks": {
+                name: {"written": st.written, "errors": st.errors, "dropped": st.dropped}
+                for name, st in self._pipeline.stats().items()
+            },
         }
         if self.config.http_rules or self.config.http_endpoints:  # what each rule chose
             stats["capture_rules"] = dict(self._policy.chosen)
@@ -916,6 +895,7 @@ class Sensor:
                     self.tracker.on_close(event)
                 self.tracker.close_remaining(still_open)
                 self.tracker.close_lost(time.monotonic_ns())
+                self._pipeline.close()  # bounded: every count is final after it
                 report = self.report_drops(final=True)
                 self._write_stats(report)
         finally:
@@ -935,10 +915,7 @@ class Sensor:
             if self._ready_written and self.config.ready_file is not None:
                 safefile.remove(self.config.ready_file)  # a script must not see a stopped sensor
                 self._ready_written = False
-            try:
-                self._sink.close()
-            except (OSError, ValueError) as exc:
-                log.error("the output was not closed cleanly: %s", exc)
+            self._pipeline.close()
         return report
 
 

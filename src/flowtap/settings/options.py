@@ -317,6 +317,18 @@ OPTIONS: tuple[Option, ...] = (
         group=_O,
     ),
     Option(
+        "sink_queue",
+        "int",
+        10_000,
+        "records each output may have waiting; beyond, its records are counted as "
+        "sink_dropped (lost) so a slow output never stalls the sensor",
+        flag="--sink-queue",
+        metavar="N",
+        group=_O,
+        positive=True,
+        in_config=False,
+    ),
+    Option(
         "ready_file",
         "path",
         None,
