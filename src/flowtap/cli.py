@@ -25,7 +25,10 @@ from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
-from flowtap.sinks.pipeline import Pipeline
+from flowtap.sinks.pipeline import BatchSink, Pipeline
+from flowtap.store import commands as store_commands
+from flowtap.store.db import StoreError
+from flowtap.store.sink import store_sink
 
 log = logging.getLogger("flowtap")
 
@@ -50,7 +53,9 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         description="Every TCP connection on this host, attributed to its process (eBPF).",
     )
     parser.add_argument("--version", action="version", version=f"flowtap {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,validate,reload-config}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="{run,check,validate,reload-config,query,export}"
+    )
 
     run = commands.add_parser("run", help="start the sensor (the default command)")
     add_run_arguments(run, given_only=given_only)
@@ -71,6 +76,7 @@ def build_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         default=Path("/var/lib/flowtap"),
         help="the running sensor's --state-dir, where it wrote its pid (default /var/lib/flowtap)",
     )
+    store_commands.add_commands(commands)
     return parser
 
 
@@ -123,7 +129,10 @@ def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
     name = "file" if settings["output_file"] is not None else "stdout"
     capacity = settings["sink_queue"]
     assert isinstance(capacity, int)
-    return Pipeline([(name, make_sink(settings))], capacity=capacity)
+    sinks: list[tuple[str, Sink | BatchSink]] = [(name, make_sink(settings))]
+    if settings["store"] is not None:
+        sinks.append(("store", store_sink(settings)))
+    return Pipeline(sinks, capacity=capacity)
 
 
 def config_from_args(
@@ -189,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"flowtap: cannot open the output file: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -235,4 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         return preflight.main(["--color", args.color])
     if args.command == "reload-config":
         return reload_running_sensor(args.pid, args.state_dir)
+    if args.command in ("query", "export"):
+        return store_commands.main(args)
     return run(args)

@@ -9,11 +9,13 @@ fails to write is counted as its errors: every record is written, dropped or fai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from flowtap.records.connection import Record
 from flowtap.sinks.base import Sink
@@ -27,6 +29,16 @@ DEFAULT_FLUSH_S = 5.0
 _WARN_S = 10.0
 _STOP = object()  # the end of a queue
 _STOP_POLL_S = 0.01
+_BATCH = 500  # records a batch sink gets in one call, at most
+
+
+@runtime_checkable
+class BatchSink(Protocol):
+    """A sink that writes many records at once (one transaction): all or none."""
+
+    def write_batch(self, records: list[Record]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -39,14 +51,14 @@ class SinkStats:
 class SinkWorker:
     """One sink, its bounded queue and the thread that writes from it."""
 
-    def __init__(self, name: str, sink: Sink, capacity: int) -> None:
+    def __init__(self, name: str, sink: Sink | BatchSink, capacity: int) -> None:
         self.name = name
         self.sink = sink
         self.capacity = capacity
         self.stats = SinkStats()
         self._queue: queue.Queue[object] = queue.Queue(capacity)
         self._lock = threading.Lock()  # the in-flight record vs. abandon() at exit
-        self._in_flight = False
+        self._in_flight = 0  # records being written now
         self._abandoned = False
         self._stop_queued = False
         self._failing = False
@@ -67,30 +79,48 @@ class SinkWorker:
         except queue.Full:
             self.stats.dropped += 1
 
+    def _next(self) -> list[object] | None:
+        """The next record, or for a batch sink every record waiting (up to _BATCH):
+        under load a batch grows, idle each record is written at once. None: the end."""
+        items = [self._queue.get()]
+        if isinstance(self.sink, BatchSink):
+            while len(items) < _BATCH and items[-1] is not _STOP:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        if items[-1] is _STOP:
+            items.pop()
+            if not items:
+                return None
+            with contextlib.suppress(queue.Full):  # there is room: we took this one
+                self._queue.put_nowait(_STOP)  # the end, after this batch
+        return items
+
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+        while (items := self._next()) is not None:
             with self._lock:
                 if self._abandoned:
-                    self.stats.dropped += 1
+                    self.stats.dropped += len(items)
                     continue
-                self._in_flight = True
+                self._in_flight = len(items)
             try:
-                self.sink.write(item)  # type: ignore[arg-type]
+                if isinstance(self.sink, BatchSink):
+                    self.sink.write_batch(items)  # type: ignore[arg-type]
+                else:
+                    self.sink.write(items[0])  # type: ignore[arg-type]
             except Exception as exc:  # any sink failure is counted, never fatal
                 with self._lock:
-                    self._in_flight = False
+                    self._in_flight = 0
                     if not self._abandoned:
-                        self.stats.errors += 1
+                        self.stats.errors += len(items)
                 self._failed(exc)
                 continue
             with self._lock:
-                self._in_flight = False
+                self._in_flight = 0
                 if self._abandoned:
                     continue  # already counted lost by abandon()
-                self.stats.written += 1
+                self.stats.written += len(items)
             if self._failing:
                 self._failing = False
                 log.warning(
@@ -147,7 +177,7 @@ class SinkWorker:
             if self._abandoned:
                 return
             self._abandoned = True
-            self.stats.dropped += int(self._in_flight)
+            self.stats.dropped += self._in_flight
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -164,7 +194,7 @@ class Pipeline:
 
     def __init__(
         self,
-        sinks: list[tuple[str, Sink]],
+        sinks: list[tuple[str, Sink | BatchSink]],
         *,
         capacity: int = DEFAULT_QUEUE,
         flush_s: float = DEFAULT_FLUSH_S,
