@@ -6,6 +6,7 @@ HAR 1.2 file that validates; retention by age deletes exactly the old rows."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import stat
@@ -201,3 +202,44 @@ def test_retention_by_age_deletes_exactly_the_old_rows(e2e: Lab, web: int, tmp_p
     wait_until(only_new, RECORD_TIMEOUT_S, "only the new transactions", interval=0.2)
     kept = {r["process"]["pid"] for r in _query(store, "--connections")}
     assert kept == set(new_pids)
+
+
+@contextlib.contextmanager
+def _small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at path, unmounted at the end whatever happens."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True, timeout=30)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def test_a_full_disk_under_the_store_loses_only_store_records(e2e: Lab, tmp_path: Path) -> None:
+    """The store's disk fills: its batches fail and are counted (sink_errors), the JSON file
+    on another disk still gets every record, and the sensor exits cleanly."""
+    connections = 150
+    with _small_filesystem(tmp_path / "disk", "160k") as disk:
+        store = disk / "flowtap.db"
+        server = e2e.server(connections=connections, cgroup=False)
+        sensor = e2e.sensor(extra=["--store", str(store)])
+        # Long command lines make big rows: the store's disk fills after a few dozen.
+        client = e2e.client(server, extra=["--repeat", str(connections), "--tag", "x" * 3000])
+        client.finish()
+        server.peer.finish()
+        total = 2 * connections
+        sensor.wait_for(lambda records: len(records) >= total or None, what=f"{total} records")
+        stats = sensor.stop()
+        written = sensor.records()
+        log = sensor.stderr()
+    assert len(written) == total
+    assert stats["sinks"]["file"] == {"written": total, "errors": 0, "dropped": 0}
+    kept = stats["sinks"]["store"]
+    assert kept["errors"] > 0, stats  # the disk did fill
+    assert kept["written"] + kept["errors"] + kept["dropped"] == total
+    assert stats["drops"]["sink_errors"] == kept["errors"]
+    assert "Traceback" not in log, log
+    # Said when writes begin to fail (again: a small batch may still fit in freed pages).
+    assert "could not write a record to sink store" in log, log
+    assert "could not write a record to sink file" not in log, log

@@ -55,7 +55,8 @@ class StoreSink:
                 self._insert(record)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                db.execute("ROLLBACK")
             raise
         now = time.monotonic()
         if now >= self._next_retention:
@@ -145,7 +146,8 @@ class StoreSink:
                 self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
             self._db.execute("COMMIT")
         except sqlite3.Error:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         return len(rows)
 
