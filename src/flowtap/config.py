@@ -63,6 +63,11 @@ class SensorConfig:
     tls_placement: Literal["auto", "exported"] = "auto"
     tls_probes: tuple[str, ...] = plugins.NAMES  # the TLS library plug-ins used
     stats_interval_s: float = 30.0
+    # The pipeline's outputs beside the records' stream (docs/outputs.md).
+    sink_queue: int = 10_000
+    store: Path | None = None
+    store_max_age: float = 0.0
+    store_max_bytes: int = 0
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
     egress: bool = False

@@ -292,7 +292,7 @@ def test_main_help_is_the_top_level_help(capsys: pytest.CaptureFixture[str]) -> 
         main(["--help"])
 
     assert caught.value.code == 0
-    assert "{run,check,validate,reload-config}" in capsys.readouterr().out
+    assert "{run,check,validate,reload-config,query,export}" in capsys.readouterr().out
 
 
 def test_tls_attach_is_per_file_unless_asked() -> None:

@@ -89,6 +89,12 @@ def test_store_files_are_owner_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_a_missing_directory_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "flowtap.db"
+    StoreSink(path).close()
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
 def test_a_symlink_in_a_shared_directory_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()

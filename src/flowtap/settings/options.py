@@ -326,7 +326,6 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
         group=_O,
         positive=True,
-        in_config=False,
     ),
     Option(
         "store",
@@ -337,7 +336,6 @@ OPTIONS: tuple[Option, ...] = (
         flag="--store",
         metavar="PATH",
         group=_O,
-        in_config=False,
     ),
     Option(
         "store_max_age",
@@ -347,7 +345,6 @@ OPTIONS: tuple[Option, ...] = (
         flag="--store-max-age",
         metavar="SECONDS",
         group=_O,
-        in_config=False,
     ),
     Option(
         "store_max_bytes",
@@ -357,7 +354,6 @@ OPTIONS: tuple[Option, ...] = (
         flag="--store-max-bytes",
         metavar="BYTES",
         group=_O,
-        in_config=False,
     ),
     Option(
         "ready_file",

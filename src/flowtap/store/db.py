@@ -80,6 +80,8 @@ def connect(path: Path, *, create: bool) -> sqlite3.Connection:
     if not create and not path.exists():
         raise StoreError(f"{path}: no store there; start the sensor with --store {path} first")
     try:
+        if create and not path.parent.exists():  # /var/lib/flowtap on a fresh host
+            safefile.private_directory(path.parent, what="store's directory")
         _prepare(path)
         db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
