@@ -5,14 +5,19 @@ with no kernel involved. It shows what the consumer can take before the ring buf
 
 Run: .venv/bin/python -m bench.consumer [--transactions N] [--level summary|headers|full]
      [--rules N]  (also with N capture rules that match nothing: the ratio is their cost)
+     [--store]    (also with the SQLite store as a second sink: the ratio is its cost)
+Each run lasts until every sink has written every record (sinks/pipeline.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from flowtap.config import SensorConfig
 from flowtap.events import EventDecoder
@@ -21,7 +26,10 @@ from flowtap.loader.libbpf import BpfObject
 from flowtap.loader.system import bpf_object_path
 from flowtap.records.policy import CaptureRule
 from flowtap.sensor import Sensor
+from flowtap.sinks.base import Sink
 from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.sinks.pipeline import BatchSink, Pipeline
+from flowtap.store.sink import StoreSink
 
 REQUEST = (
     b"GET /body100 HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nUser-Agent: bench\r\n"
@@ -91,19 +99,38 @@ def _rules(count: int) -> tuple[CaptureRule, ...]:
     )
 
 
-def _run(config: SensorConfig, raw: list[bytes], btf: Btf) -> tuple[float, Sensor]:
-    sensor = Sensor(config, JsonLinesSink(io.StringIO(), owned=False))
+def _run(
+    config: SensorConfig, raw: list[bytes], btf: Btf, store: Path | None = None
+) -> tuple[float, Sensor, Pipeline]:
+    """Until every sink has written every record: queues large enough that none is dropped
+    (this measures throughput, not what a full queue costs)."""
+    sinks: list[tuple[str, Sink | BatchSink]] = [
+        ("stdout", JsonLinesSink(io.StringIO(), owned=False))
+    ]
+    if store is not None:
+        sinks.append(("store", StoreSink(store)))
+    pipeline = Pipeline(sinks, capacity=len(raw) + 10, flush_s=3600.0)
+    sensor = Sensor(config, pipeline)
     sensor._decoder = EventDecoder(btf)  # the decoder start() would set up
     start = time.perf_counter()
     for record in raw:
         sensor._on_record(record)
-    return time.perf_counter() - start, sensor
+    consumed = time.perf_counter() - start
+    pipeline.close()
+    elapsed = time.perf_counter() - start
+    print(f"  the consumer itself took {consumed:.2f} s of it", file=sys.stderr)
+    return elapsed, sensor, pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.consumer", description=__doc__)
     parser.add_argument("--transactions", type=int, default=50_000)
     parser.add_argument("--level", default="summary", choices=("summary", "headers", "full"))
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="also run with the SQLite store as a second sink, and print the ratio",
+    )
     parser.add_argument(
         "--rules",
         type=int,
@@ -113,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+    workdir = Path(tempfile.mkdtemp(prefix="flowtap-bench-"))
     try:
         btf = Btf(obj)
         raw = records(btf, args.transactions)
@@ -120,9 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.rules:
             config = SensorConfig(capture_level=args.level, http_rules=_rules(args.rules))
             runs.append((f"{args.rules} rules", config))
+        if args.store:
+            runs.append(("with --store", SensorConfig(capture_level=args.level)))
         rates: list[float] = []
         for name, config in runs:
-            elapsed, sensor = _run(config, raw, btf)
+            store = workdir / f"{len(rates)}.db" if name == "with --store" else None
+            elapsed, sensor, pipeline = _run(config, raw, btf, store)
+            lost = {
+                k: (v.errors, v.dropped)
+                for k, v in pipeline.stats().items()
+                if v.errors or v.dropped
+            }
+            if lost:
+                print(f"consumer: records lost by sinks (errors, dropped): {lost}", file=sys.stderr)
+                return 1
             made = sensor.payloads.stats.transactions
             if made != args.transactions:
                 print(
@@ -138,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         obj.close()
-    if len(rates) == 2:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.rules:
         print(f"ratio with {args.rules} rules / without: {rates[1] / rates[0]:.2f}")
+    if args.store:
+        print(f"ratio with --store / stdout alone: {rates[-1] / rates[0]:.2f}")
     return 0
 
 

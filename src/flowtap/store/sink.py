@@ -19,6 +19,14 @@ from flowtap.store.db import StoreError, connect
 # Retention looks at most this often (it deletes by index; cheap, but not per batch).
 _RETENTION_S = 1.0
 _DELETE_CHUNK = 200  # rows removed per step when over the size limit
+_INSERT_CONNECTION = (
+    "INSERT INTO connections (run, ts, connection_id, event, pid, comm, exe, direction, "
+    "local_ip, local_port, remote_ip, remote_port, record) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_HTTP = (
+    "INSERT INTO http (run, ts, connection_id, pid, comm, exe, method, url, host, path, "
+    "status, duration_ms, record) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 
 
 def record_time(record: Record) -> float:
@@ -48,11 +56,24 @@ class StoreSink:
         self.write_batch([record])
 
     def write_batch(self, records: list[Record]) -> None:
+        # Rows are built before the transaction: a record that cannot be stored fails the
+        # batch before anything is written, and the transaction is short.
+        connections: list[tuple[Any, ...]] = []
+        http: list[tuple[Any, ...]] = []
+        for record in records:
+            kind = record.get("type")
+            if kind == "connection":
+                connections.append(self._connection_row(record))
+            elif kind == "http":
+                http.append(self._http_row(record))
+            # Other record types (none today) are not kept.
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for record in records:
-                self._insert(record)
+            if connections:
+                db.executemany(_INSERT_CONNECTION, connections)
+            if http:
+                db.executemany(_INSERT_HTTP, http)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite may have rolled back itself (a full disk)
@@ -63,55 +84,44 @@ class StoreSink:
             self._next_retention = now + _RETENTION_S
             self.apply_retention()
 
-    def _insert(self, record: Record) -> None:
-        kind = record.get("type")
-        text = json.dumps(record, separators=(",", ":"))
+    def _connection_row(self, record: Record) -> tuple[Any, ...]:
         pid, comm, exe = _process(record)
-        if kind == "connection":
-            local, remote = record.get("local") or {}, record.get("remote") or {}
-            self._db.execute(
-                "INSERT INTO connections (run, ts, connection_id, event, pid, comm, exe, "
-                "direction, local_ip, local_port, remote_ip, remote_port, record) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    self._run,
-                    record_time(record),
-                    record["connection_id"],
-                    record["event"],
-                    pid,
-                    comm,
-                    exe,
-                    record.get("direction"),
-                    local.get("ip"),
-                    local.get("port"),
-                    remote.get("ip"),
-                    remote.get("port"),
-                    text,
-                ),
-            )
-        elif kind == "http":
-            request, response = record.get("request") or {}, record.get("response") or {}
-            url = request.get("url")
-            self._db.execute(
-                "INSERT INTO http (run, ts, connection_id, pid, comm, exe, method, url, host, "
-                "path, status, duration_ms, record) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    self._run,
-                    record_time(record),
-                    record["connection_id"],
-                    pid,
-                    comm,
-                    exe,
-                    request.get("method"),
-                    url,
-                    request.get("authority") or (urlsplit(url).hostname if url else None),
-                    request.get("path"),
-                    response.get("status"),
-                    record.get("duration_ms"),
-                    text,
-                ),
-            )
-        # Other record types (none today) are not kept.
+        local, remote = record.get("local") or {}, record.get("remote") or {}
+        return (
+            self._run,
+            record_time(record),
+            record["connection_id"],
+            record["event"],
+            pid,
+            comm,
+            exe,
+            record.get("direction"),
+            local.get("ip"),
+            local.get("port"),
+            remote.get("ip"),
+            remote.get("port"),
+            json.dumps(record, separators=(",", ":")),
+        )
+
+    def _http_row(self, record: Record) -> tuple[Any, ...]:
+        pid, comm, exe = _process(record)
+        request, response = record.get("request") or {}, record.get("response") or {}
+        url = request.get("url")
+        return (
+            self._run,
+            record_time(record),
+            record["connection_id"],
+            pid,
+            comm,
+            exe,
+            request.get("method"),
+            url,
+            request.get("authority") or (urlsplit(url).hostname if url else None),
+            request.get("path"),
+            response.get("status"),
+            record.get("duration_ms"),
+            json.dumps(record, separators=(",", ":")),
+        )
 
     def used_bytes(self) -> int:
         """Bytes the rows take (the file keeps freed pages for reuse; it does not shrink)."""
