@@ -126,3 +126,15 @@ def test_a_shared_directory_without_the_sticky_bit_is_refused(tmp_path: Path) ->
     with pytest.raises(StoreError, match="not sticky"):
         StoreSink(shared / "store.db")
     assert not (shared / "store.db").exists()
+
+
+def test_query_of_a_store_of_another_user_says_whose_it_is(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    path = tmp_path / "store.db"
+    StoreSink(path).close()
+    os.chown(path, 65534, 65534)
+    with pytest.raises(StoreError, match="belongs to uid 65534 and is owner-only"):
+        connect(path, create=False)
+    with pytest.raises(StoreError, match="no store there"):
+        connect(tmp_path / "absent.db", create=False)

@@ -77,8 +77,20 @@ def _prepare(path: Path) -> None:
 def connect(path: Path, *, create: bool) -> sqlite3.Connection:
     """The store, in WAL mode (readers do not wait for the writer, nor it for them)."""
     path = Path(path)
-    if not create and not path.exists():
-        raise StoreError(f"{path}: no store there; start the sensor with --store {path} first")
+    if not create:
+        try:
+            owner = os.stat(path).st_uid
+        except FileNotFoundError:
+            raise StoreError(
+                f"{path}: no store there; start the sensor with --store {path} first"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read the store {path}: {exc}") from exc
+        if owner != os.geteuid():
+            raise StoreError(
+                f"{path} belongs to uid {owner} and is owner-only (it holds what programs "
+                "sent); run this command as that user (sudo)"
+            )
     try:
         if create and not path.parent.exists():  # /var/lib/flowtap on a fresh host
             safefile.private_directory(path.parent, what="store's directory")
