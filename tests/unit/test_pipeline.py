@@ -35,7 +35,9 @@ def test_a_fifo_nobody_reads_does_not_stop_the_other_sink(tmp_path: Path) -> Non
         stuck = JsonLinesSink(open_private(str(fifo)), owned=True)
         good_path = tmp_path / "good.jsonl"
         good = JsonLinesSink(open_private(str(good_path)), owned=True)
-        pipeline = Pipeline([("fifo", stuck), ("file", good)], capacity=CAPACITY, flush_s=1.0)
+        pipeline = Pipeline(
+            [("fifo", stuck), ("file", good)], capacity=CAPACITY, flush_s=1.0 * SCALE
+        )
         file_worker = pipeline.workers[1]
         for record in _records():
             # The pace of a consumer the file sink keeps up with (bounded wait): the
