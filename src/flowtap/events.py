@@ -77,6 +77,8 @@ class ConnClose:
     old_state: int
     established: bool
     open_emitted: bool
+    # Its open event was lost (ring buffer full): the open record is made from this one.
+    open_lost: bool = False
     # The first bytes the connection moved through a user buffer, and which way; b"" if none.
     sniff_flow: Flow | None = None
     sniff: bytes = b""
@@ -265,6 +267,7 @@ class EventDecoder:
             old_state=old_state,
             established=bool(f.integer("established")),
             open_emitted=bool(f.integer("open_emitted")),
+            open_lost=bool(f.integer("open_lost")),
             sniff_flow=flow,
             sniff=data,
         )

@@ -703,6 +703,8 @@ class Sensor:
             details = ", ".join(f"{k}={v}" for k, v in sorted(lost.items())) or "nothing lost"
             level = logging.WARNING if lost else logging.INFO
             log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
+            if words := describe_connections_lost(connections_lost(report)):
+                log.warning("%s%s", "exit summary: " if final else "", words)
         return report
 
     def _write_stats(self, drops: dict[str, int]) -> None:
@@ -716,7 +718,9 @@ class Sensor:
             "connections_closed": self.tracker.stats.closed,
             "connections_redirected": self.tracker.stats.redirected,
             "opens_synthesized": self.tracker.stats.opens_synthesized,
+            "opens_lost_made_at_close": self.tracker.stats.opens_lost,
             "filtered_in_userspace": self.tracker.stats.filtered,
+            "connections_lost": connections_lost(drops),
             "drops": drops,
         }
         if self.plan is not None:
@@ -852,6 +856,39 @@ class Sensor:
             except (OSError, ValueError) as exc:
                 log.error("the output was not closed cleanly: %s", exc)
         return report
+
+
+def connections_lost(drops: dict[str, int]) -> dict[str, int]:
+    """Whole connections the user lost, from the kernel's per-connection counts (an open
+    or close event that found the ring buffer full). The first two overlap the third."""
+    return {
+        "without_open_event": drops.get("conn_open_lost", 0),
+        "without_close_event": drops.get("conn_close_lost", 0),
+        "without_any_record": drops.get("conn_unreported", 0),
+    }
+
+
+def describe_connections_lost(lost: dict[str, int]) -> str | None:
+    """The exit summary's words for connections_lost; None when nothing was lost."""
+    if not any(lost.values()):
+        return None
+    parts = []
+    if n := lost["without_any_record"]:
+        parts.append(f"{n} have no record at all (neither open nor close)")
+    if n := lost["without_open_event"]:
+        parts.append(
+            f"{n} lost their open event (the open record is written at their close; "
+            "their HTTP is not recorded)"
+        )
+    if n := lost["without_close_event"]:
+        parts.append(
+            f"{n} lost their close event (the close record says status lost, without byte counts)"
+        )
+    return (
+        "connections lost because the sensor fell behind (the ring buffer was full): "
+        + "; ".join(parts)
+        + ". Raise ring_buffer_bytes, or trace fewer processes"
+    )
 
 
 def raise_open_files_limit() -> None:

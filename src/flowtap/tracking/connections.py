@@ -43,6 +43,7 @@ class TrackerStats:
     opened: int = 0
     closed: int = 0
     opens_synthesized: int = 0
+    opens_lost: int = 0  # of those, the kernel's open event was lost (not a failed handshake)
     late_events: int = 0
     evicted: int = 0
     filtered: int = 0
@@ -102,6 +103,7 @@ class ConnectionTracker:
             else:
                 # Never saw the open: the handshake failed, or its event was lost.
                 self.stats.opens_synthesized += 1
+                self.stats.opens_lost += event.open_lost
                 if entry.visible and entry.opened is not None:
                     self._emit(entry.opened)
         self._remember_closed(conn.conn_id)
