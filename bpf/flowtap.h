@@ -209,8 +209,18 @@ struct ft_data_event {
 	__u32 flow; /* enum ft_flow */
 	__u32 length; /* bytes valid in data */
 	__u32 source; /* enum ft_source: positions count per source */
-	__u32 pad;
+	__u32 skipped; /* bytes at position not copied as userspace asked (length is 0) */
 	__u8 data[FT_DATA_LEN];
+};
+
+/*
+ * Value of the payload_skips map (key: conn_id), written by userspace: the bytes of each
+ * direction before these positions are not copied (a body past the capture limit); a call
+ * that ends at or before its mark sends a data event with only its length, in skipped.
+ */
+struct ft_payload_skip {
+	__u64 tx_until;
+	__u64 rx_until;
 };
 
 struct ft_exec_event {

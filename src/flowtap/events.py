@@ -94,6 +94,8 @@ class Data:
     position: int
     data: bytes
     source: Source = SOCKET_SOURCE
+    # Bytes at position not copied because userspace asked so (data is then empty).
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +191,7 @@ class EventDecoder:
         # Data events are sent at their real length: a fixed part, then `length` bytes.
         self._data_kind = kinds["FT_EVENT_DATA"]
         self._data_head = self._layouts[self._data_kind].head()
-        names = ("hdr.timestamp_ns", "conn_id", "position", "flow", "length", "source")
+        names = ("hdr.timestamp_ns", "conn_id", "position", "flow", "length", "source", "skipped")
         self._data_fields = tuple(self._data_head.int_fields[name] for name in names)
 
     def layout(self, kind_name: str) -> StructLayout:
@@ -322,7 +324,7 @@ class EventDecoder:
             raise DecodeError(f"data event of {len(data)} bytes is shorter than its header")
         # The busiest record: one unpack and fixed indexes, no per-field lookups.
         values = self._data_head.codec.unpack_from(data)
-        timestamp, conn_id, position, flow_value, length, source_value = (
+        timestamp, conn_id, position, flow_value, length, source_value, skipped = (
             values[i] for i in self._data_fields
         )
         if length > len(data) - fixed:
@@ -333,7 +335,9 @@ class EventDecoder:
         source = self._source.get(source_value)
         if source is None:
             raise DecodeError(f"unknown data source {source_value!r}")
-        return Data(timestamp, conn_id, flow, position, data[fixed : fixed + length], source)
+        return Data(
+            timestamp, conn_id, flow, position, data[fixed : fixed + length], source, skipped
+        )
 
     def _exit(self, f: Fields) -> Exit:
         return Exit(f.integer("hdr.timestamp_ns"), self.task(f))

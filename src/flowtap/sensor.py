@@ -36,7 +36,7 @@ from flowtap.events import (
     Task,
 )
 from flowtap.loader import hooks
-from flowtap.loader.btf import Btf
+from flowtap.loader.btf import Btf, StructLayout
 from flowtap.loader.errors import BpfError
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
@@ -120,6 +120,7 @@ class Sensor:
             self._emit,
             self.tracker.visible_connection,
             self._http_options,
+            skip=self._skip_payload,
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
@@ -144,6 +145,8 @@ class Sensor:
         self._sink_failed_since_warning = 0
         self._sink_next_warning = 0.0
         self._counter_errors = 0  # failed reads of the kernel's counters
+        self._skip_layout: StructLayout | None = None
+        self.skip_errors = 0  # payload_skips not written: those bytes are copied after all
         self._ready_written = False
 
     # --- start-up -------------------------------------------------------------------
@@ -180,6 +183,7 @@ class Sensor:
             )
         self._obj = obj
         self._decoder = EventDecoder(btf)
+        self._skip_layout = btf.struct_layout("ft_payload_skip")
         counters = btf.enum_values("ft_counter")
         self._kernel_counter_names = {
             value: name.removeprefix("FT_CNT_").lower()
@@ -605,8 +609,31 @@ class Sensor:
             return
         tls.on_exec(event.task.pid)
 
-    def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:
-        self.payloads.on_close(conn_id, timestamp_ns)
+    def _skip_payload(self, conn_id: int, tx_until: int, rx_until: int) -> None:
+        """The parser keeps none of a connection's socket bytes before these positions:
+        the kernel sends their length only. (0, 0): the connection is over."""
+        if self._obj is None or self._skip_layout is None:
+            return
+        skips = self._obj.map("payload_skips")
+        key = struct.pack("<Q", conn_id)
+        try:
+            if tx_until or rx_until:
+                value = self._skip_layout.pack({"tx_until": tx_until, "rx_until": rx_until})
+                skips.update(key, value)
+            else:
+                skips.delete(key)
+        except BpfError as exc:
+            # Harmless: the bytes are copied as before.
+            self.skip_errors += 1
+            log.debug("payload skip of connection %d not written: %s", conn_id, exc)
+
+    def _connection_ended(self, event: ConnClose) -> None:
+        self.payloads.on_close(
+            event.conn.conn_id,
+            event.timestamp_ns,
+            sent=event.bytes_sent,
+            received=event.bytes_received,
+        )
 
     def _emit(self, record: Record) -> None:
         try:
@@ -719,6 +746,11 @@ class Sensor:
             "connections_redirected": self.tracker.stats.redirected,
             "opens_synthesized": self.tracker.stats.opens_synthesized,
             "opens_lost_made_at_close": self.tracker.stats.opens_lost,
+            # Socket and TLS payload the kernel copied, body bytes past the capture limit
+            # it only counted (userspace asked), and bytes lost in gaps.
+            "payload_bytes_copied": self.payloads.stats.bytes,
+            "payload_bytes_skipped": self.payloads.stats.skipped_bytes,
+            "payload_bytes_lost": self.payloads.stats.gap_bytes,
             "filtered_in_userspace": self.tracker.stats.filtered,
             "connections_lost": connections_lost(drops),
             "drops": drops,

@@ -255,6 +255,25 @@ class Http1Parser:
                 self._emit(entry)
         return self._take()
 
+    def skippable(self, side: Side) -> int:
+        """How many of ``side``'s next bytes the records would not keep: the rest of a
+        body that holds ``max_body`` bytes already (they may then come as a gap, and
+        body sizes stay exact). 0 when the next bytes matter or their framing is unknown."""
+        st = self._streams[side]
+        if self._failed is not None or self._closed or st.stopped is not None or st.ignore:
+            return 0
+        if st.in_headers or st.in_trailer or st.held is not None or st.reset_pending:
+            return 0
+        entry = self._cur_req if side == "client" else self._cur_resp
+        message = None
+        if entry is not None:
+            message = entry.request if side == "client" else entry.response
+        if message is not None and len(message.body.data) < self.max_body and not st.body_hole:
+            return 0
+        if st.chunked:
+            return max(st.chunk_left - 2, 0)  # the chunk's CRLF must be seen
+        return st.content_left or 0
+
     def _skippable(self, st: _Stream, missing: int) -> bool:
         if st.in_headers or st.in_trailer or st.held is not None or st.reset_pending:
             return False

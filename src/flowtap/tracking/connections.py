@@ -59,7 +59,7 @@ class ConnectionTracker:
         *,
         accept_process: Callable[[ProcessInfo], bool] = lambda _info: True,
         clock: WallClock | None = None,
-        on_ended: Callable[[int, int], None] = lambda _conn_id, _timestamp_ns: None,
+        on_ended: Callable[[ConnClose], None] = lambda _event: None,
     ) -> None:
         self._registry = registry
         self._emit = emit
@@ -110,7 +110,7 @@ class ConnectionTracker:
         self.stats.closed += 1
         if not entry.visible or entry.opened is None:
             return
-        self._on_ended(conn.conn_id, event.timestamp_ns)  # its transactions come first
+        self._on_ended(event)  # its transactions come first
         error = errno_name(event.sock_error)
         first_tx = event.sniff if event.sniff_flow == "tx" else None
         first_rx = event.sniff if event.sniff_flow == "rx" else None
