@@ -185,3 +185,47 @@ def test_large_upload_past_the_body_cap_is_counted_not_copied(
     )
     assert accounted == moved, stats
     assert stats["payload_bytes_skipped"] > 0, stats
+
+
+# An HTTP/1.0-style server: one response whose body ends when the connection does.
+UNTIL_CLOSE_SERVER = r"""
+import json, os, signal, socket, sys
+signal.alarm(round(30 * float(os.environ.get("FLOWTAP_TEST_TIMEOUT_SCALE", "1"))))
+size = int(sys.argv[1])
+with socket.create_server(("127.0.0.1", 0)) as listener:
+    print(json.dumps({"event": "listening", "pid": os.getpid(),
+                      "port": listener.getsockname()[1]}), flush=True)
+    conn, _ = listener.accept()
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+        conn.sendall(bytes(i % 251 for i in range(size)))
+"""
+
+
+def test_body_that_ends_at_close_past_the_cap_is_counted_not_copied(
+    e2e: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOWTAP_RING_BUFFER_BYTES", str(64 << 20))  # as above
+    size = 20 << 20
+    script = tmp_path / "server.py"
+    script.write_text(UNTIL_CLOSE_SERVER)
+    server = e2e.spawn([PYTHON, str(script), str(size)], cgroup=None, stem="server")
+    port = int(server.wait_message("listening")["port"])
+    extra = ["--direction", "egress", "--capture-level", "full", "--max-body-bytes", "1024"]
+    sensor = e2e.sensor(extra=extra)
+    argv = [CURL, "-sS", "--noproxy", "*", "-o", "/dev/null", f"http://127.0.0.1:{port}/all"]
+    curl = e2e.spawn(argv, cgroup=e2e.cgroup, stem="curl")
+    curl.finish()
+    sensor.wait_for(lambda _r: len(sensor.http_records()) >= 1, what="an http record")
+    stats = sensor.stop()
+    (record,) = sensor.http_records()
+
+    assert record["error"] is None, record
+    response = record["response"]
+    assert (response["status"], response["body_size"]) == (200, size)
+    assert base64.b64decode(response["body"]) == bytes(i % 251 for i in range(1024))
+    assert {name: n for name, n in stats["drops"].items() if n} == {}, stats
+    assert stats["payload_bytes_skipped"] > 0, stats
