@@ -610,8 +610,9 @@ class Sensor:
         tls.on_exec(event.task.pid)
 
     def _skip_payload(self, conn_id: int, tx_until: int, rx_until: int) -> None:
-        """The parser keeps none of a connection's socket bytes before these positions:
-        the kernel sends their length only. (0, 0): the connection is over."""
+        """The parser keeps none of a connection's bytes before these positions (of the
+        socket or of the TLS plaintext, whichever carries its HTTP): the kernel sends
+        their length only. (0, 0): the connection is over."""
         if self._obj is None or self._skip_layout is None:
             return
         skips = self._obj.map("payload_skips")
@@ -751,6 +752,7 @@ class Sensor:
             "payload_bytes_copied": self.payloads.stats.bytes,
             "payload_bytes_skipped": self.payloads.stats.skipped_bytes,
             "payload_bytes_lost": self.payloads.stats.gap_bytes,
+            "payload_skip_errors": self.skip_errors,  # those bodies were copied after all
             "filtered_in_userspace": self.tracker.stats.filtered,
             "connections_lost": connections_lost(drops),
             "drops": drops,

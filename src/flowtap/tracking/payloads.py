@@ -75,7 +75,7 @@ class _Stream:
     next_tx: int = 0
     next_rx: int = 0
     failed: bool = False
-    # Positions before which the kernel was asked not to copy (socket bytes only).
+    # Positions before which the kernel was asked not to copy (this stream's positions).
     skip_tx: int = 0
     skip_rx: int = 0
 
