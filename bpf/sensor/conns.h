@@ -171,8 +171,12 @@ static __always_inline void emit_open(struct ft_conn_state *state)
 
 	state->open_emitted = 1;
 	e = reserve(sizeof(*e), FT_EVENT_CONN_OPEN);
-	if (!e)
+	if (!e) {
+		/* Counted as a connection: its close event says so, userspace makes the open. */
+		state->open_lost = 1;
+		count(FT_CNT_CONN_OPEN_LOST);
 		return;
+	}
 	e->task = state->task;
 	e->conn = state->conn;
 	submit(e, sizeof(*e));
@@ -184,8 +188,13 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	struct ft_conn_close_event *e;
 
 	e = reserve(sizeof(*e), FT_EVENT_CONN_CLOSE);
-	if (!e)
+	if (!e) {
+		count(FT_CNT_CONN_CLOSE_LOST);
+		/* Nothing of it reached userspace: the connection vanished but for this count. */
+		if (!state->open_emitted || state->open_lost)
+			count(FT_CNT_CONN_UNREPORTED);
 		return;
+	}
 	if (state->closed) {
 		e->hdr.timestamp_ns = state->close_ns;
 		e->sock_error = state->sock_error;
@@ -200,7 +209,7 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->bytes_received = state->bytes_received;
 	e->established = state->established;
 	e->open_emitted = state->open_emitted;
-	e->pad = 0;
+	e->open_lost = state->open_lost;
 	/* A capture another CPU has claimed but not finished counts as none. */
 	e->sniff.flow = state->sniff.flow == FT_SNIFF_CLAIMED ? 0 : state->sniff.flow;
 	e->sniff.length = e->sniff.flow ? state->sniff.length : 0;

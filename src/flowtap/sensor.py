@@ -37,7 +37,7 @@ from flowtap.events import (
     Task,
 )
 from flowtap.loader import hooks
-from flowtap.loader.btf import Btf
+from flowtap.loader.btf import Btf, StructLayout
 from flowtap.loader.errors import BpfError
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
@@ -138,6 +138,7 @@ class Sensor:
             self.tracker.visible_connection,
             self._http_options,
             policy=self._policy,
+            skip=self._skip_payload,
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
@@ -166,6 +167,8 @@ class Sensor:
         self._sink_failed_since_warning = 0
         self._sink_next_warning = 0.0
         self._counter_errors = 0  # failed reads of the kernel's counters
+        self._skip_layout: StructLayout | None = None
+        self.skip_errors = 0  # payload_skips not written: those bytes are copied after all
         self._ready_written = False
 
     # --- start-up -------------------------------------------------------------------
@@ -202,6 +205,7 @@ class Sensor:
             )
         self._obj = obj
         self._decoder = EventDecoder(btf)
+        self._skip_layout = btf.struct_layout("ft_payload_skip")
         counters = btf.enum_values("ft_counter")
         self._kernel_counter_names = {
             value: name.removeprefix("FT_CNT_").lower()
@@ -686,8 +690,32 @@ class Sensor:
             return
         tls.on_exec(event.task.pid)
 
-    def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:
-        self.payloads.on_close(conn_id, timestamp_ns)
+    def _skip_payload(self, conn_id: int, tx_until: int, rx_until: int) -> None:
+        """The parser keeps none of a connection's bytes before these positions (of the
+        socket or of the TLS plaintext, whichever carries its HTTP): the kernel sends
+        their length only. (0, 0): the connection is over."""
+        if self._obj is None or self._skip_layout is None:
+            return
+        skips = self._obj.map("payload_skips")
+        key = struct.pack("<Q", conn_id)
+        try:
+            if tx_until or rx_until:
+                value = self._skip_layout.pack({"tx_until": tx_until, "rx_until": rx_until})
+                skips.update(key, value)
+            else:
+                skips.delete(key)
+        except BpfError as exc:
+            # Harmless: the bytes are copied as before.
+            self.skip_errors += 1
+            log.debug("payload skip of connection %d not written: %s", conn_id, exc)
+
+    def _connection_ended(self, event: ConnClose) -> None:
+        self.payloads.on_close(
+            event.conn.conn_id,
+            event.timestamp_ns,
+            sent=event.bytes_sent,
+            received=event.bytes_received,
+        )
 
     def _emit(self, record: Record) -> None:
         try:
@@ -784,6 +812,8 @@ class Sensor:
             details = ", ".join(f"{k}={v}" for k, v in sorted(lost.items())) or "nothing lost"
             level = logging.WARNING if lost else logging.INFO
             log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
+            if words := describe_connections_lost(connections_lost(report)):
+                log.warning("%s%s", "exit summary: " if final else "", words)
         return report
 
     def _write_stats(self, drops: dict[str, int]) -> None:
@@ -797,7 +827,15 @@ class Sensor:
             "connections_closed": self.tracker.stats.closed,
             "connections_redirected": self.tracker.stats.redirected,
             "opens_synthesized": self.tracker.stats.opens_synthesized,
+            "opens_lost_made_at_close": self.tracker.stats.opens_lost,
+            # Socket and TLS payload the kernel copied, body bytes past the capture limit
+            # it only counted (userspace asked), and bytes lost in gaps.
+            "payload_bytes_copied": self.payloads.stats.bytes,
+            "payload_bytes_skipped": self.payloads.stats.skipped_bytes,
+            "payload_bytes_lost": self.payloads.stats.gap_bytes,
+            "payload_skip_errors": self.skip_errors,  # those bodies were copied after all
             "filtered_in_userspace": self.tracker.stats.filtered,
+            "connections_lost": connections_lost(drops),
             "drops": drops,
         }
         if self.config.http_rules or self.config.http_endpoints:  # what each rule chose
@@ -940,6 +978,39 @@ class Sensor:
             except (OSError, ValueError) as exc:
                 log.error("the output was not closed cleanly: %s", exc)
         return report
+
+
+def connections_lost(drops: dict[str, int]) -> dict[str, int]:
+    """Whole connections the user lost, from the kernel's per-connection counts (an open
+    or close event that found the ring buffer full). The first two overlap the third."""
+    return {
+        "without_open_event": drops.get("conn_open_lost", 0),
+        "without_close_event": drops.get("conn_close_lost", 0),
+        "without_any_record": drops.get("conn_unreported", 0),
+    }
+
+
+def describe_connections_lost(lost: dict[str, int]) -> str | None:
+    """The exit summary's words for connections_lost; None when nothing was lost."""
+    if not any(lost.values()):
+        return None
+    parts = []
+    if n := lost["without_any_record"]:
+        parts.append(f"{n} have no record at all (neither open nor close)")
+    if n := lost["without_open_event"]:
+        parts.append(
+            f"{n} lost their open event (the open record is written at their close; "
+            "their HTTP is not recorded)"
+        )
+    if n := lost["without_close_event"]:
+        parts.append(
+            f"{n} lost their close event (the close record says status lost, without byte counts)"
+        )
+    return (
+        "connections lost because the sensor fell behind (the ring buffer was full): "
+        + "; ".join(parts)
+        + ". Raise ring_buffer_bytes, or trace fewer processes"
+    )
 
 
 def raise_open_files_limit() -> None:

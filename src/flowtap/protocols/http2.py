@@ -204,6 +204,10 @@ class Http2Parser:
             self._fail(f"internal: {type(exc).__name__}: {exc}", out)
         return out
 
+    def skippable(self, side: Side) -> int:
+        """Every frame header matters (HPACK, stream state): nothing may be skipped."""
+        return 0
+
     def gap(self, side: Side, missing: int) -> list[Transaction]:
         """``missing`` bytes of ``side`` were lost: HPACK state is unknown, give up."""
         if self._failed is not None or missing <= 0:
