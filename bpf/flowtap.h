@@ -31,6 +31,13 @@ enum ft_direction {
 	FT_DIR_INGRESS = 2,
 };
 
+/* --direction egress-internal / egress-external: outbound connections by their peer. */
+enum ft_egress_scope {
+	FT_EGRESS_ALL = 0,
+	FT_EGRESS_INTERNAL = 1, /* private, loopback, link-local, CGNAT peers only */
+	FT_EGRESS_EXTERNAL = 2, /* every other peer */
+};
+
 enum ft_flow {
 	FT_FLOW_TX = 1,
 	FT_FLOW_RX = 2,
@@ -73,7 +80,8 @@ struct ft_config {
 	__u8 trace_ingress;
 	__u8 include_loopback;
 	__u8 capture_payload; /* copy HTTP connections' bytes for the parsers */
-	__u8 pad[2];
+	__u8 egress_scope; /* enum ft_egress_scope: which outbound peers (--direction) */
+	__u8 pad;
 	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
 	__u32 payload_limit_bytes; /* no payload copied while this much is waiting */
 	__u8 notify_forks; /* send fork events of traced processes (per-process TLS probes) */

@@ -8,6 +8,7 @@
 
 #include "compat.h"
 #include "filters.h"
+#include "scope.h"
 
 #define FT_SNIFF_CLAIMED 0xff /* sniff.flow while a capture is in progress */
 
@@ -152,6 +153,8 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 	__u64 key = (__u64)sk;
 
 	if (!cfg.include_loopback && is_loopback(&state->conn))
+		return NULL;
+	if (direction == FT_DIR_EGRESS && !egress_in_scope(&state->conn))
 		return NULL;
 	state->conn.conn_id = new_conn_id(hook);
 	state->conn.start_ns = bpf_ktime_get_ns();

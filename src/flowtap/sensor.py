@@ -56,6 +56,7 @@ from flowtap.tracking.exe_filters import filter_matcher
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
+from flowtap.tracking.scope import EGRESS_SCOPES, egress_in_scope
 
 if TYPE_CHECKING:
     from flowtap.egress.controller import EgressController
@@ -312,9 +313,10 @@ class Sensor:
                 "self_tgid": os.getpid(),
                 "filter_pids": int(bool(cfg.pids)),
                 "filter_cgroup": int(cfg.cgroup is not None),
-                "trace_egress": int(cfg.direction in ("egress", "all")),
+                "trace_egress": int(cfg.direction.startswith("egress") or cfg.direction == "all"),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
+                "egress_scope": EGRESS_SCOPES[cfg.direction],
                 "capture_payload": int(self._kernel_copies_payload),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
                 "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
@@ -514,7 +516,7 @@ class Sensor:
                 self.egress_unattributed += 1
                 continue
             process, in_scope = client
-            if not in_scope:
+            if not in_scope or not egress_in_scope(self.config.direction, ctx.destination[0]):
                 continue
             if isinstance(report, ConnectionEvent):
                 self._emit(egress_connection_record(report, process, self._clock))

@@ -107,9 +107,10 @@ OPTIONS: tuple[Option, ...] = (
         "direction",
         "str",
         "all",
-        "which connections: egress, ingress or all",
+        "which connections: egress, ingress or all; egress-internal or egress-external: "
+        "outbound to private, loopback, link-local and CGNAT peers only, or to the others",
         flag="--direction",
-        choices=("egress", "ingress", "all"),
+        choices=("egress", "ingress", "all", "egress-internal", "egress-external"),
         group=_F,
     ),
     Option(
