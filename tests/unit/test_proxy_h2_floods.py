@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
+from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -55,6 +57,7 @@ class H2Upstream:
     """A cleartext HTTP/2 server (h2 state machine): answers GET /hi with 200 "h2 says
     hi", leaves other requests unanswered, counts the resets it received."""
 
+    table_size: int | None = None  # SETTINGS_HEADER_TABLE_SIZE to advertise
     resets: int = 0
     done: int = 0  # connections that ended
     server: asyncio.Server | None = None
@@ -75,6 +78,12 @@ class H2Upstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         conn = h2.connection.H2Connection(config)
+        if self.table_size is not None:
+            conn.local_settings = h2.settings.Settings(
+                client=False, initial_values={SettingCodes.HEADER_TABLE_SIZE: self.table_size}
+            )
+            # Advertised as the initial value: h2 applies it to its decoder on no ACK.
+            conn.decoder.max_allowed_table_size = self.table_size
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         self.writers.add(writer)
@@ -346,5 +355,58 @@ def test_flood_inside_intercepted_tls(ca: CertificateAuthority, pki: UpstreamPki
         assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0xB
         assert counters["h2_flood_closed"] == 1
         assert closed.outcome == "intercepted" and closed.context.alpn == "h2"
+
+    run(main(), TIMEOUT)
+
+
+def test_hpack_table_bomb_stops_the_record_not_the_connection(ca: CertificateAuthority) -> None:
+    """Issue 15, item 7, through the proxy: the upstream allows a 4 GiB HPACK table, the
+    client's encoder uses it. The proxy's parser stops at its cap (counted as
+    http2_header_limit, no memory taken), the connection goes on and is answered."""
+
+    async def main() -> None:
+        upstream = await H2Upstream(table_size=2**32 - 1).start()
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
+            writer.write(PREFACE + SettingsFrame(0).serialize())
+            received = bytearray()
+            while not any(
+                isinstance(f, SettingsFrame) and "ACK" not in f.flags
+                for f in frames(bytes(received))
+            ):
+                chunk = await reader.read(65536)
+                assert chunk, "closed before the server's SETTINGS"
+                received += chunk
+            encoder = Encoder()
+            encoder.header_table_size = 2**32 - 1
+            wire = [SettingsFrame(0, flags=["ACK"]).serialize()]
+            for index in range(50):  # each block adds a 4 KB entry to the table
+                block = encoder.encode([*REQUEST, (":path", ANSWERED), (f"x-{index}", "b" * 4000)])
+                flags = ["END_STREAM", "END_HEADERS"]
+                wire.append(HeadersFrame(2 * index + 1, block, flags=flags).serialize())
+            writer.write(b"".join(wire))
+            answered: set[int] = set()
+            while len(answered) < 50:
+                chunk = await reader.read(65536)
+                assert chunk, "closed before the answers"
+                received += chunk
+                answered = {
+                    f.stream_id
+                    for f in frames(bytes(received))
+                    if isinstance(f, DataFrame) and "END_STREAM" in f.flags
+                }
+            writer.close()
+            await recorder.wait_closes(1, TIMEOUT)
+            assert await good_request(transparent_port(proxy)) == (b"200", b"h2 says hi")
+            await recorder.wait_closes(2, TIMEOUT)
+            counters = proxy.counters()
+        await upstream.close()
+        assert (counters["http2_header_limit"], counters["parser_errors"]) == (1, 1)
+        assert counters["h2_flood_closed"] == 0
+        # Only the good client's request made a record: the bomb's were not parsed.
+        ((tx, _),) = recorder.transactions
+        assert tx.request is not None and tx.request.target == ANSWERED
+        assert tx.response is not None and bytes(tx.response.body.data) == b"h2 says hi"
 
     run(main(), TIMEOUT)
