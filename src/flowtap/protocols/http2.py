@@ -22,8 +22,9 @@ buffered per direction, bodies kept up to ``max_body`` per message, header lists
 ``max_header_list`` per block, ``max_streams`` streams.
 
 Header memory is capped too (an HPACK table bomb: a peer advertising
-SETTINGS_HEADER_TABLE_SIZE 2^32-1, then thousands of header blocks): each decoder's dynamic
-table at ``max_table_size`` whatever the peer advertised, the decoded headers held by open
+SETTINGS_HEADER_TABLE_SIZE 2^32-1, then thousands of header blocks): what each decoder's
+dynamic table holds at ``max_table_size`` whatever the peer advertised (checked after each
+block, so by at most one capped block more), the decoded headers held by open
 streams at ``max_header_bytes`` per connection, and both together at a per-process
 ``HeaderBudget``. Over a cap the parser gives up on the connection with ``header_limit``
 set (the caller counts it), never more memory.
@@ -40,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hpack import Decoder, HPACKError
-from hpack.exceptions import InvalidTableSizeError, OversizedHeaderListError
+from hpack.exceptions import OversizedHeaderListError
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import (
     ContinuationFrame,
@@ -82,7 +83,6 @@ _MAX_INFORMATIONAL = 32
 _MAX_PENDING_SETTINGS = 16
 _MAX_AWAITING_REQUEST = 64  # responses held for a request not seen yet
 _HTTP2_VERSION = "2"
-_DEFAULT_TABLE = 4096  # SETTINGS_HEADER_TABLE_SIZE until a peer says otherwise
 _ENTRY_OVERHEAD = 32  # RFC 7541 §4.1: what one header field costs besides its bytes
 
 _ERROR_CODES = {
@@ -213,10 +213,8 @@ class Http2Parser:
         self._budget = budget if budget is not None else PROCESS_HEADER_BUDGET
         self._charged = 0  # what this parser holds of the budget
         self._held = 0  # decoded header bytes held by open streams
-        # Dynamic table size each decoder may reach, as charged; True once a peer
-        # advertised more than the cap (its encoder may then exceed it: a header limit).
+        # Bytes in each decoder's dynamic table, as charged to the budget.
         self._table_charge: dict[Side, int] = {"client": 0, "server": 0}
-        self._table_clamped: dict[Side, bool] = {"client": False, "server": False}
         self._reset_window = max(0, reset_window_ns)
         self._resets: _ResetSummary | None = None
         self._header_limit = False
@@ -389,19 +387,22 @@ class Http2Parser:
             stream.header_bytes = 0
         return stream
 
-    def _set_table(self, side: Side, size: int) -> None:
-        """The dynamic table the decoder of ``side`` may use: at most the cap."""
-        if size > self._max_table:
-            self._table_clamped[side] = True
-            size = self._max_table
-        charge = max(0, size - _DEFAULT_TABLE)
-        delta = charge - self._table_charge[side]
+    def _charge_table(self, side: Side) -> None:
+        """What the decoder of ``side`` holds in its dynamic table, checked against the cap.
+
+        The table may be *allowed* to grow as large as the peer advertised (clients such as
+        python-h2 announce a 4 GiB table as soon as a server offers one, then never fill
+        it): what is capped is what it holds, checked after each header block (so it
+        overshoots by at most one block, itself capped)."""
+        used: int = self._decoders[side].header_table._current_size
+        if used > self._max_table:
+            raise HeaderLimitError(f"dynamic table over the {self._max_table}-byte cap")
+        delta = used - self._table_charge[side]
         if delta > 0:
             self._charge(delta)
         elif delta < 0:
             self._uncharge(-delta)
-        self._table_charge[side] = charge
-        self._decoders[side].max_allowed_table_size = size
+        self._table_charge[side] = used
 
     # -- streams reset before any response ----------------------------------------------
 
@@ -534,7 +535,7 @@ class Http2Parser:
             if pending:
                 size = pending.popleft()
                 if size is not None:
-                    self._set_table(side, size)
+                    self._decoders[side].max_allowed_table_size = size
             return
         frame_size = frame.settings.get(SettingsFrame.MAX_FRAME_SIZE)
         if frame_size is not None and frame_size > self._max_frame[peer]:
@@ -545,10 +546,8 @@ class Http2Parser:
         while len(pending) > _MAX_PENDING_SETTINGS:
             pending.popleft()
         decoder = self._decoders[peer]  # decodes what the peer's encoder produces
-        if size is not None and min(size, self._max_table) > decoder.max_allowed_table_size:
-            self._set_table(peer, size)
-        elif size is not None and size > self._max_table:
-            self._table_clamped[peer] = True
+        if size is not None and size > decoder.max_allowed_table_size:
+            decoder.max_allowed_table_size = size
 
     def _goaway(self, side: Side, frame: GoAwayFrame, ts: int, out: list[Transaction]) -> None:
         name = error_code_name(frame.error_code)
@@ -571,12 +570,7 @@ class Http2Parser:
             raw = self._decoders[side].decode(bytes(block.fragments), raw=True)
         except OversizedHeaderListError as exc:
             raise HeaderLimitError("header block too large") from exc
-        except InvalidTableSizeError as exc:
-            if self._table_clamped[side]:
-                raise HeaderLimitError(
-                    f"dynamic table over the {self._max_table}-byte cap"
-                ) from exc
-            raise
+        self._charge_table(side)
         fields = [(_text(bytes(name)).lower(), _text(bytes(value))) for name, value in raw]
         if block.push:
             return

@@ -44,6 +44,7 @@ _GOAWAY = 0x7
 # After the GOAWAY: how long the client's further bytes are read and dropped, and how long
 # the upstream may take to complete the frame the client is in the middle of.
 _LINGER = 1.0
+_LINGER_BYTES = 1 << 20  # ...and at most this much of it (reading costs CPU too)
 
 
 @dataclass(frozen=True)
@@ -334,8 +335,9 @@ async def _goaway(client: Channel, upstream: Channel, guard: H2Guard, tap_down: 
         # Read (and drop) what the client still sends: closing with unread bytes would
         # reset the connection, and the GOAWAY could be lost with it.
         async with asyncio.timeout_at(deadline + _LINGER):
-            while True:
-                client.take(len(client.buf))
+            dropped = 0
+            while dropped < _LINGER_BYTES:
+                dropped += len(client.take(len(client.buf)))
                 if not await client.fill():
                     break
     except (TimeoutError, ChannelClosedError, OSError):
