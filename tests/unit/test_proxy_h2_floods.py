@@ -6,6 +6,7 @@ not one per stream; a good client on another connection gets its exact response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -412,5 +413,33 @@ def test_hpack_table_bomb_stops_the_record_not_the_connection(ca: CertificateAut
         ((tx, _),) = [(t, c) for t, c in recorder.transactions if c.connection_id != bomb_id]
         assert tx.request is not None and tx.request.target == ANSWERED
         assert tx.response is not None and bytes(tx.response.body.data) == b"h2 says hi"
+
+    run(main(), TIMEOUT)
+
+
+def test_flood_after_the_server_spoke_first(ca: CertificateAuthority) -> None:
+    """An HTTP/2 server sends its SETTINGS on accept: a client that waits for them before
+    its preface finds the proxy relaying as for a server-first protocol. The guard still
+    applies once the client's first bytes are the preface."""
+
+    async def main() -> None:
+        upstream = await H2Upstream().start()
+        recorder = Recorder()
+        async with proxied(ca, (LOCALHOST, upstream.port), recorder) as proxy:
+            reader, writer = await asyncio.open_connection(LOCALHOST, transparent_port(proxy))
+            first = await reader.read(65536)
+            assert isinstance(frames(first)[0], SettingsFrame)  # the server spoke first
+            writer.write(flood("ping", 1000))
+            received = bytearray(first)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(65536):
+                    received += chunk
+            writer.close()
+            await recorder.wait_closes(1, TIMEOUT)
+            counters = proxy.counters()
+        await upstream.close()
+        goaway = frames(bytes(received))[-1]
+        assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0xB
+        assert (counters["server_first"], counters["h2_flood_closed"]) == (1, 1)
 
     run(main(), TIMEOUT)

@@ -106,8 +106,12 @@ class H2Guard:
     """Frame-rate limits on one connection. ``client`` says how much of a chunk the client
     sent may be relayed; ``tripped`` says why the rest may not."""
 
-    def __init__(self, limits: FloodLimits, now: float) -> None:
+    def __init__(self, limits: FloodLimits, now: float, *, sniff: bool = False) -> None:
         self.limits = limits
+        # sniff: the connection is HTTP/2 only if the client's first bytes are the preface
+        # (a server that spoke first left the proxy undecided); else the guard stands aside.
+        self._sniffed = 0 if sniff else len(PREFACE)
+        self.disabled = False
         self._buckets = {
             _SETTINGS: _Bucket(limits.settings, now),
             _PING: _Bucket(limits.ping, now),
@@ -134,6 +138,8 @@ class H2Guard:
 
     def server(self, data: bytes) -> None:
         """Bytes relayed to the client: only their frame boundaries are followed."""
+        if self.disabled:
+            return
         cur = self._server
         pos, end = 0, len(data)
         while pos < end:
@@ -154,6 +160,13 @@ class H2Guard:
         them, or those before the first frame over a limit (``tripped`` then says why)."""
         if self.tripped is not None:
             return 0
+        if self._sniffed < len(PREFACE):
+            have = min(len(data), len(PREFACE) - self._sniffed)
+            if data[:have] != PREFACE[self._sniffed : self._sniffed + have]:
+                self.disabled = True
+            self._sniffed += have
+        if self.disabled:
+            return len(data)
         cur = self._client
         pos, end = 0, len(data)
         if cur.skip:
@@ -241,11 +254,13 @@ async def relay_h2(
     idle_timeout: float,
     stats: ProxyStats,
     limits: FloodLimits | None = None,
+    sniff: bool = False,
 ) -> tuple[bool, str | None]:
-    """relay.relay for HTTP/2, with the flood guard on the client's frames. Returns (False
-    when closed for being idle, why the client was sent GOAWAY ENHANCE_YOUR_CALM or None)."""
+    """relay.relay for HTTP/2, with the flood guard on the client's frames (with ``sniff``,
+    only if the client's first bytes are the HTTP/2 preface). Returns (False when closed for
+    being idle, why the client was sent GOAWAY ENHANCE_YOUR_CALM or None)."""
     loop = asyncio.get_running_loop()
-    guard = H2Guard(limits or FloodLimits(), loop.time())
+    guard = H2Guard(limits or FloodLimits(), loop.time(), sniff=sniff)
     activity = [loop.time()]
 
     async def up() -> None:

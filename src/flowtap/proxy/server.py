@@ -587,7 +587,8 @@ class EgressProxy:
             result.error = f"upstream {host}:{port}: {describe_error(exc)}"
             return
         client = await accept_channel(sock)
-        await self._relay(client, upstream, result, capture, h2=ctx.l7_protocol == "http2")
+        # Not known to be HTTP/2 (the server spoke first): guarded if the client's bytes are.
+        await self._relay(client, upstream, result, capture, h2=ctx.l7_protocol == "http2" or None)
         result.outcome = outcome
 
     async def _relay(
@@ -597,7 +598,7 @@ class EgressProxy:
         result: _Result,
         capture: Capture | None,
         *,
-        h2: bool = False,
+        h2: bool | None = False,  # None: if the client's first bytes are the h2 preface
     ) -> None:
         def up(data: bytes) -> None:
             result.from_client += len(data)
@@ -611,9 +612,9 @@ class EgressProxy:
 
         idle = self.config.limits.relay_idle_timeout
         try:
-            if h2:  # with the flood guard (h2guard.py): GOAWAY for an abusive client
+            if h2 is not False:  # with the flood guard (h2guard.py): GOAWAY for abusers
                 finished, flood = await relay_h2(
-                    client, upstream, up, down, idle_timeout=idle, stats=self.stats
+                    client, upstream, up, down, idle_timeout=idle, stats=self.stats, sniff=not h2
                 )
                 result.error = flood or result.error
             else:
