@@ -202,3 +202,16 @@ def test_reset_after_the_response_began_keeps_its_record() -> None:
     (tx,) = parser.feed("client", RstStreamFrame(1, error_code=0x8).serialize(), 12)
     assert (tx.count, tx.error) == (1, "reset: CANCEL")
     assert tx.response is not None and tx.response.status == 200
+
+
+def test_huge_headers_frame_refused_before_it_is_buffered() -> None:
+    """A server allowing 16 MiB frames: a HEADERS frame announcing 16 MiB is refused from
+    its 9-byte header, not after 16 MiB were buffered."""
+    parser = Http2Parser()
+    assert parser.feed("client", PREFACE + settings(), 1) == []
+    big_frames = SettingsFrame(0, settings={SettingsFrame.MAX_FRAME_SIZE: (1 << 24) - 1})
+    parser.feed("server", big_frames.serialize() + settings(ack=True), 2)
+    length = (1 << 24) - 1
+    header = length.to_bytes(3, "big") + bytes((0x1, 0x4)) + (1).to_bytes(4, "big")
+    assert parser.feed("client", header + b"\0" * 1000, 3) == []
+    assert parser.header_limit and parser.failed == "header block too large"

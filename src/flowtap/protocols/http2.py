@@ -83,6 +83,7 @@ _MAX_INFORMATIONAL = 32
 _MAX_PENDING_SETTINGS = 16
 _MAX_AWAITING_REQUEST = 64  # responses held for a request not seen yet
 _HTTP2_VERSION = "2"
+_MAX_BLOCK_FRAMING = 1 + 255 + 5  # pad length, padding, priority fields of a HEADERS frame
 _ENTRY_OVERHEAD = 32  # RFC 7541 §4.1: what one header field costs besides its bytes
 
 _ERROR_CODES = {
@@ -456,6 +457,12 @@ class Http2Parser:
             )
             if length > self._max_frame[side]:
                 raise ParseError(f"frame too large: {length} > {self._max_frame[side]}")
+            if (
+                isinstance(frame, HeadersFrame | PushPromiseFrame | ContinuationFrame)
+                and length > self._max_header_list + _MAX_BLOCK_FRAMING
+            ):
+                # Refused before it is buffered: a peer may allow frames of 16 MiB.
+                raise HeaderLimitError("header block too large")
             if self._settings_pending[side]:
                 if not isinstance(frame, SettingsFrame) or "ACK" in frame.flags:
                     raise ParseError("first frame is not SETTINGS")
