@@ -205,22 +205,6 @@ class H2Guard:
                 _PRIORITY: ("PRIORITY", self.limits.priority),
             }[kind]
             return f"{rate[0]} frames over {rate[1].burst} at once or {rate[1].per_second:g}/s"
-        if kind == _HEADERS:
-            stream_id = struct.unpack(">I", header[5:9])[0] & 0x7FFFFFFF
-            self.highest_stream = max(self.highest_stream, stream_id)
-            self._block_bytes = length
-            self._continuations = 0
-        elif kind == _CONTINUATION:
-            self._block_bytes += length
-            self._continuations += 1
-            if (
-                self._block_bytes > self.limits.max_header_block
-                or self._continuations > self.limits.max_continuations
-            ):
-                return (
-                    f"header block over {self.limits.max_header_block} bytes or "
-                    f"{self.limits.max_continuations} CONTINUATION frames"
-                )
         empty = length == 0 and (
             (kind == _DATA and not flags & _END_STREAM)
             or (kind in (_HEADERS, _CONTINUATION) and not flags & _END_HEADERS)
@@ -230,6 +214,23 @@ class H2Guard:
                 f"empty frames over {self.limits.empty.burst} at once "
                 f"or {self.limits.empty.per_second:g}/s"
             )
+        if kind == _HEADERS:
+            self._block_bytes = length
+            self._continuations = 0
+        elif kind == _CONTINUATION:
+            self._block_bytes += length
+            self._continuations += 1
+        if kind in (_HEADERS, _CONTINUATION) and (
+            self._block_bytes > self.limits.max_header_block
+            or self._continuations > self.limits.max_continuations
+        ):
+            return (
+                f"header block over {self.limits.max_header_block} bytes or "
+                f"{self.limits.max_continuations} CONTINUATION frames"
+            )
+        if kind == _HEADERS:  # relayed: the upstream may act on this stream
+            stream_id = struct.unpack(">I", header[5:9])[0] & 0x7FFFFFFF
+            self.highest_stream = max(self.highest_stream, stream_id)
         return None
 
     def goaway(self) -> bytes:
