@@ -37,6 +37,7 @@ connection ends or ``reset_window_ns`` after the first of them.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -112,20 +113,25 @@ class HeaderBudget:
     """Header memory (dynamic tables and headers held by open streams) of all the parsers
     of a process: one connection cannot take what the others need."""
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("_lock", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        # The sensor's parsers and the proxy's (its own thread) share it: a lost update
+        # would leak budget for good.
+        self._lock = threading.Lock()
 
     def take(self, size: int) -> bool:
-        if self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
 
     def give(self, size: int) -> None:
-        self.used = max(0, self.used - size)
+        with self._lock:
+            self.used = max(0, self.used - size)
 
 
 # Shared by every parser of the process (sensor and proxy) unless one is given.
@@ -395,7 +401,10 @@ class Http2Parser:
         python-h2 announce a 4 GiB table as soon as a server offers one, then never fill
         it): what is capped is what it holds, checked after each header block (so it
         overshoots by at most one block, itself capped)."""
-        used: int = self._decoders[side].header_table._current_size
+        table = self._decoders[side].header_table
+        used: int | None = getattr(table, "_current_size", None)  # hpack 4's running total
+        if used is None:  # another hpack: count the entries (RFC 7541 §4.1)
+            used = sum(len(n) + len(v) + _ENTRY_OVERHEAD for n, v in table.dynamic_entries)
         if used > self._max_table:
             raise HeaderLimitError(f"dynamic table over the {self._max_table}-byte cap")
         delta = used - self._table_charge[side]
