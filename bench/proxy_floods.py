@@ -55,6 +55,7 @@ from flowtap.records.connection import WallClock
 from flowtap.records.http import HttpRecordOptions
 
 HUGE_TABLE = 2**32 - 1
+GOOD_SOURCE = "127.0.0.2"  # the good client's address: the proxy sends it to its own upstream
 KINDS = ("settings", "ping", "rapid-reset", "hpack-table", "hpack-held")
 REQUEST = [(":method", "GET"), (":scheme", "http"), (":authority", "up.test")]
 
@@ -131,10 +132,8 @@ def serve_upstream(port: int) -> int:
 # -- proxy ------------------------------------------------------------------------------
 
 
-def serve_proxy(
-    port: int, upstream_port: int, good_upstream_port: int, good_port: int, counters_file: Path
-) -> int:
-    """The proxy; connections from local port ``good_port`` (the good client) go to their
+def serve_proxy(port: int, upstream_port: int, good_upstream_port: int, counters_file: Path) -> int:
+    """The proxy; connections from GOOD_SOURCE (the good client's address) go to their
     own upstream process, so that what is measured is the proxy, not a shared upstream
     busy decoding the attacker's headers."""
 
@@ -156,7 +155,7 @@ def serve_proxy(
             on_transaction=on_transaction,
             original_destination=lambda sock: (
                 "127.0.0.1",
-                good_upstream_port if sock.getpeername()[1] == good_port else upstream_port,
+                good_upstream_port if sock.getpeername()[0] == GOOD_SOURCE else upstream_port,
             ),
         )
         stop = asyncio.Event()
@@ -266,11 +265,11 @@ def attack(kind: str, port: int, seconds: float) -> int:
 class GoodClient:
     """One HTTP/2 connection, GET /hi one after the other; latencies in seconds."""
 
-    def __init__(self, port: int, source_port: int) -> None:
+    def __init__(self, port: int) -> None:
         self.port = port
-        self.source_port = source_port
         self.latencies: list[float] = []
         self.errors = 0
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -290,8 +289,7 @@ class GoodClient:
         while not self._stop.is_set():
             try:
                 with socket.socket() as sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("127.0.0.1", self.source_port))
+                    sock.bind((GOOD_SOURCE, 0))
                     sock.settimeout(10)
                     sock.connect(("127.0.0.1", self.port))
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -320,8 +318,9 @@ class GoodClient:
                             raise ConnectionError(f"wrong body {body!r}")
                         self.latencies.append(time.perf_counter() - started)
                         time.sleep(0.005)
-            except (OSError, ConnectionError, Exception):
+            except Exception as exc:  # counted, the last one said at the end
                 self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 time.sleep(0.05)
 
 
@@ -363,7 +362,6 @@ def measure(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="flowtap-floods-"))
     counters_file = work / "counters.json"
     upstream_port, good_upstream_port, proxy_port = _free_port(), _free_port(), _free_port()
-    good_port = _free_port()
     facts = host_facts()
     phases: list[dict[str, Any]] = []
     with (
@@ -376,7 +374,6 @@ def measure(args: argparse.Namespace) -> int:
                 str(proxy_port),
                 str(upstream_port),
                 str(good_upstream_port),
-                str(good_port),
                 str(counters_file),
             ],
             work / "proxy.log",
@@ -385,7 +382,7 @@ def measure(args: argparse.Namespace) -> int:
         _wait_port(upstream_port, upstream)
         _wait_port(good_upstream_port, good)
         _wait_port(proxy_port, proxy)
-        client = GoodClient(proxy_port, good_port)
+        client = GoodClient(proxy_port)
         client.start()
         time.sleep(1.0)  # warm up
         client.take()
@@ -464,6 +461,8 @@ def measure(args: argparse.Namespace) -> int:
             rows,
         )
     )
+    if client.last_error:
+        print(f"good client's last error: {client.last_error}")
     print(f"\nproxy RSS: {baseline_rss / 1024:.1f} MiB after warm-up, VmHWM {hwm / 1024:.1f} MiB")
     command = command_line("bench.proxy_floods")
     path = write_results(
@@ -490,7 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     px.add_argument("port", type=int)
     px.add_argument("upstream_port", type=int)
     px.add_argument("good_upstream_port", type=int)
-    px.add_argument("good_port", type=int)
     px.add_argument("counters_file", type=Path)
     at = sub.add_parser("attack")
     at.add_argument("kind", choices=KINDS)
@@ -508,7 +506,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.port,
                 args.upstream_port,
                 args.good_upstream_port,
-                args.good_port,
                 args.counters_file,
             )
         if args.command == "attack":
