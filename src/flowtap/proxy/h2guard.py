@@ -315,7 +315,8 @@ async def relay_h2(
         try:
             if guard.tripped is not None:
                 stats.h2_flood_closed += 1
-                log.info("HTTP/2 client closed with GOAWAY ENHANCE_YOUR_CALM: %s", guard.tripped)
+                # Counted (and in the close record): a log line each would be a flood too.
+                log.debug("HTTP/2 client sent GOAWAY ENHANCE_YOUR_CALM: %s", guard.tripped)
                 await _goaway(client, upstream, guard, tap_down)
         finally:
             client.close()
