@@ -70,7 +70,14 @@ _EGRESS_BATCH = 10_000
 # The proxy's counters of what it lost, in the drop report (a failed upstream or client
 # handshake is not lost: its connection record says so, and a 502 is a transaction; a
 # connection closed over the proxy's connection limit has no record at all).
-_EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination", "refused_over_limit")
+_EGRESS_DROPS = (
+    "parser_errors",
+    "callback_errors",
+    "refused_no_destination",
+    "refused_over_limit",
+    "http2_header_limit",
+    "h2_flood_closed",
+)
 # The exec classes are written this often when they changed (and at stop).
 # How often the exec classes are saved and the probes of deleted files that no process
 # runs any more are removed (tls/attach.py).
@@ -794,6 +801,7 @@ class Sensor:
         report["closes_lost"] = self.tracker.stats.lost
         report["payload_gaps"] = self.payloads.stats.gaps
         report["http_parser_errors"] = self.payloads.stats.parser_errors
+        report["http2_header_limit"] = self.payloads.stats.http2_header_limit
         if self.config.egress:
             report["egress_unattributed"] = self.egress_unattributed
             proxy = self.egress.counters() if self.egress else self._egress_counters

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame, RstStreamFrame, SettingsFrame
 
 from flowtap.events import Conn, Data, Endpoint, Flow
+from flowtap.protocols.http2 import PREFACE
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
 from flowtap.tracking.payloads import PayloadTracker
@@ -259,3 +262,47 @@ def test_bytes_lost_at_the_end_are_a_gap_the_close_reveals() -> None:
     assert record["error"] is None
     assert record["request"]["body_size"] == 300_000
     assert (payloads.stats.gaps, payloads.stats.gap_bytes) == (1, 296_000)
+
+
+def _h2_client_bytes(blocks: list[bytes]) -> bytes:
+    return PREFACE + SettingsFrame(0).serialize() + b"".join(blocks)
+
+
+def test_sensor_sums_up_a_rapid_reset_and_counts_a_header_bomb() -> None:
+    """The sensor's path (PayloadTracker): 300 streams opened and reset make one record
+    with ``streams`` 300; a table bomb on the same kind of connection is counted as
+    http2_header_limit (and as a parser error)."""
+    request = [(":method", "GET"), (":path", "/x"), (":scheme", "https"), (":authority", "a")]
+    records: list[Record] = []
+    payloads = tracker(records)
+    encoder = Encoder()
+    frames: list[bytes] = []
+    for index in range(300):
+        block = encoder.encode(request)
+        frames.append(HeadersFrame(2 * index + 1, block, flags=["END_HEADERS"]).serialize())
+        frames.append(RstStreamFrame(2 * index + 1, error_code=0x8).serialize())
+    client = _h2_client_bytes(frames)
+    payloads.on_data(data("rx", 0, SettingsFrame(0).serialize()))
+    payloads.on_data(data("tx", 0, client))
+    assert records == []
+    payloads.on_close(1, 2_000)
+    (record,) = records
+    assert (record["streams"], record["stream_id"], record["error"]) == (300, 1, "reset: CANCEL")
+    assert record["request"]["path"] == "/x"
+    assert payloads.stats.http2_header_limit == 0
+
+    records.clear()
+    bomb = tracker(records)
+    table = SettingsFrame(0, settings={SettingsFrame.HEADER_TABLE_SIZE: 2**32 - 1})
+    bomb.on_data(data("rx", 0, table.serialize()))
+    encoder = Encoder()
+    encoder.header_table_size = 2**32 - 1
+    blocks = [
+        HeadersFrame(
+            2 * i + 1, encoder.encode([*request, (f"x-{i}", "v" * 4000)]), flags=["END_HEADERS"]
+        ).serialize()
+        for i in range(100)
+    ]
+    bomb.on_data(data("tx", 0, _h2_client_bytes(blocks)))
+    assert (bomb.stats.http2_header_limit, bomb.stats.parser_errors) == (1, 1)
+    assert {r["error"] for r in records} == {"dynamic table over the 65536-byte cap"}

@@ -63,6 +63,7 @@ class PayloadStats:
     gaps: int = 0
     gap_bytes: int = 0
     parser_errors: int = 0
+    http2_header_limit: int = 0  # of parser_errors: an HTTP/2 header cap was hit
     transactions: int = 0
     unknown_connection: int = 0
     evicted: int = 0
@@ -226,6 +227,8 @@ class PayloadTracker:
         if stream.parser is not None and stream.parser.failed and not stream.failed:
             stream.failed = True
             self.stats.parser_errors += 1
+            if isinstance(stream.parser, Http2Parser) and stream.parser.header_limit:
+                self.stats.http2_header_limit += 1
             log.debug(
                 "connection %d: parser gave up: %s",
                 stream.ctx.connection_id,
