@@ -15,6 +15,9 @@ from typing import IO
 
 from flowtap import __version__, preflight, safefile
 from flowtap.config import ConfigError, SensorConfig
+from flowtap.httpd.endpoints import Endpoints, counting
+from flowtap.httpd.listen import parse_listen
+from flowtap.httpd.traffic import TrafficCounter
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
@@ -131,7 +134,7 @@ def config_from_args(
 
 def run(args: argparse.Namespace) -> int:
     try:
-        values, _origins = resolve(args, os.environ)
+        values, origins = resolve(args, os.environ)
     except SettingError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -183,8 +186,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"flowtap: cannot open the output file: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    sensor = Sensor(config, sink)
+    traffic = TrafficCounter()
+    sensor = Sensor(config, counting(sink, traffic) if values["httpd_listen"] != "off" else sink)
     sensor.config_watcher = watcher
+    try:
+        endpoints = start_endpoints(sensor, traffic, values["httpd_listen"], origins)
+    except OSError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def finish() -> None:
+        # The endpoints first: they read the kernel's maps, which stop() closes.
+        if endpoints is not None:
+            endpoints.stop()
+        sensor.stop()
+
     pid_file = config.egress_state_dir / reload.PID_FILE
     try:
         sensor.start()
@@ -192,15 +208,39 @@ def run(args: argparse.Namespace) -> int:
         sensor.run(stop)
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
-        sensor.stop()
+        finish()
         return EXIT_USAGE if exc.errno_value is None else EXIT_FAILED
     except BaseException:
-        sensor.stop()
+        finish()
         raise
     finally:
         safefile.remove(pid_file)
-    sensor.stop()
+    finish()
     return EXIT_OK
+
+
+def start_endpoints(
+    sensor: Sensor, traffic: TrafficCounter, listen: str, origins: Mapping[str, str]
+) -> Endpoints | None:
+    """--httpd-listen, before the sensor attaches (so /readyz says it is not ready yet).
+    The default port taken (another flowtap, another program) leaves the sensor running
+    without endpoints; a port the user asked for that cannot be had is an error."""
+    address = parse_listen(listen)
+    if address is None:
+        return None
+    try:
+        endpoints = Endpoints(sensor, traffic, address)
+    except OSError as exc:
+        message = (
+            f"cannot serve the endpoints on {listen}: {exc.strerror or exc}; choose another "
+            "address with --httpd-listen IP:PORT, or --httpd-listen off"
+        )
+        if "httpd_listen" in origins:
+            raise OSError(message) from exc
+        log.warning("%s (running without /healthz, /readyz and /metrics)", message)
+        return None
+    endpoints.start()
+    return endpoints
 
 
 def _write_pid_file(state_dir: Path, pid_file: Path) -> None:

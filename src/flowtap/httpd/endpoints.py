@@ -1,0 +1,53 @@
+"""The endpoints of one sensor: which path answers what, and their start and stop."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from flowtap.httpd.health import Health
+from flowtap.httpd.metrics import Metrics
+from flowtap.httpd.server import EndpointServer, Response
+from flowtap.httpd.traffic import CountingSink, TrafficCounter
+from flowtap.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from flowtap.sensor import Sensor
+
+log = logging.getLogger("flowtap")
+
+
+class Endpoints:
+    def __init__(self, sensor: Sensor, traffic: TrafficCounter, address: tuple[str, int]) -> None:
+        self.health = Health(sensor)
+        self.metrics = Metrics(sensor, self.health, traffic)
+        self.server = EndpointServer(address, self._route, tick=self._tick)
+        self._sensor = sensor
+
+    def _route(self, path: str) -> Response:
+        if path == "/healthz":
+            return self.health.healthz()
+        if path == "/readyz":
+            return self.health.readyz()
+        if path == "/metrics":
+            return self.metrics.response()
+        body = b"not found: the endpoints are /healthz, /readyz and /metrics\n"
+        return Response(404, "text/plain; charset=utf-8", body)
+
+    def _tick(self) -> None:
+        if self._sensor.attached:  # the counters exist once the programs are loaded
+            self.health.sample()
+
+    def start(self) -> None:
+        self.server.start()
+        host, port = self.server.address
+        shown = f"[{host}]" if ":" in host else host
+        log.info("endpoints on http://%s:%d (/healthz, /readyz, /metrics)", shown, port)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def counting(sink: Sink, traffic: TrafficCounter) -> Sink:
+    """The sink the sensor writes to, with its records counted for /metrics."""
+    return CountingSink(sink, traffic)
