@@ -119,7 +119,12 @@ class EndpointServer:
             self.refused += 1
             with contextlib.suppress(OSError):
                 client.setblocking(False)
+                # What already arrived is read (closing with unread data would reset
+                # the connection before the client reads the answer).
+                client.recv(MAX_REQUEST_BYTES)
+            with contextlib.suppress(OSError):
                 client.send(_encode(_text(503, "too many connections to the endpoints"), False))
+                client.shutdown(socket.SHUT_WR)
             client.close()
             return
         try:
