@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowtap.httpd.health import DROP_WINDOW_S, RING_DROPS
 from flowtap.httpd.server import MAX_CONNECTIONS, MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S
 
 from .helpers import READY_TIMEOUT_S, RECORD_TIMEOUT_S, TIMEOUT_SCALE, Lab, wait_until
@@ -65,9 +66,15 @@ def read_all(sock: socket.socket, timeout: float) -> bytes:
 
 
 def start_polled(e2e: Lab, port: int) -> tuple[Any, list[tuple[int, dict[str, Any]]]]:
+    return start_polled_with(e2e, port, [])
+
+
+def start_polled_with(
+    e2e: Lab, port: int, extra: list[str]
+) -> tuple[Any, list[tuple[int, dict[str, Any]]]]:
     """Starts the sensor and polls /readyz from that moment until it answers 200: the
     answers seen, in order (a refused connection is not an answer)."""
-    sensor = e2e.sensor(extra=["--httpd-listen", f"127.0.0.1:{port}"], wait=False)
+    sensor = e2e.sensor(extra=["--httpd-listen", f"127.0.0.1:{port}", *extra], wait=False)
     seen: list[tuple[int, dict[str, Any]]] = []
 
     def ready() -> bool:
@@ -207,5 +214,41 @@ def test_bad_clients_do_not_delay_a_scrape(e2e: Lab) -> None:
             return False
 
     wait_until(scraped, CLIENT_TIMEOUT_S, "a scrape after the idle connections closed")
+    assert sensor.popen.poll() is None
+    sensor.stop()
+
+
+def test_not_ready_while_the_ring_buffer_overflows(e2e: Lab) -> None:
+    """A ring buffer of one page and a 4 MiB response captured in full: the kernel sheds
+    payload it cannot fit, so /readyz says the consumer is not keeping up, until a whole
+    window passes without a drop."""
+    port = free_port()
+    config = e2e.workdir / "small-ring.yaml"
+    config.write_text("flowtap:\n  ring_buffer_bytes: 4096\n  capture_level: full\n")
+    server = e2e.server(mode="http", reply=4 << 20)
+    sensor, _seen = start_polled_with(e2e, port, ["--config", str(config)])
+    curl = e2e.curl(f"http://127.0.0.1:{server.port}/big")
+    curl.finish()
+    server.peer.wait_message("served")
+
+    def drops() -> float:
+        _status, body = get(f"http://127.0.0.1:{port}/metrics")
+        metrics = samples(body.decode())
+        return sum(metrics[("flowtap_drops_total", (("cause", cause),))] for cause in RING_DROPS)
+
+    assert drops() > 0  # what /readyz answers from: the kernel's own counters
+    status, body = get(f"http://127.0.0.1:{port}/readyz")
+    answer = json.loads(body)
+    assert status == 503, answer
+    assert answer["reason"].startswith("not keeping up"), answer
+    assert answer["ring_drops_in_window"] > 0
+    not_ready_at = time.monotonic()
+
+    # Nothing more is lost: ready again once the window has passed.
+    def ready() -> bool:
+        return get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+
+    wait_until(ready, DROP_WINDOW_S + CLIENT_TIMEOUT_S, "/readyz 200 again", interval=0.1)
+    assert time.monotonic() - not_ready_at < DROP_WINDOW_S + CLIENT_TIMEOUT_S
     assert sensor.popen.poll() is None
     sensor.stop()
