@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from flowtap.httpd.health import Health
@@ -23,8 +24,18 @@ class Endpoints:
         self.metrics = Metrics(sensor, self.health, traffic)
         self.server = EndpointServer(address, self._route, tick=self._tick)
         self._sensor = sensor
+        # Held while an answer reads the sensor: stop() takes it, so no read is under
+        # way when the sensor closes its kernel objects (libbpf frees their memory).
+        self._reading = threading.Lock()
+        self._stopped = False
 
     def _route(self, path: str) -> Response:
+        with self._reading:
+            if self._stopped:
+                return Response(503, "text/plain; charset=utf-8", b"flowtap is stopping\n")
+            return self._answer(path)
+
+    def _answer(self, path: str) -> Response:
         if path == "/healthz":
             return self.health.healthz()
         if path == "/readyz":
@@ -35,8 +46,10 @@ class Endpoints:
         return Response(404, "text/plain; charset=utf-8", body)
 
     def _tick(self) -> None:
-        if self._sensor.attached:  # the counters exist once the programs are loaded
-            self.health.sample()
+        with self._reading:
+            # The counters exist once the programs are loaded.
+            if not self._stopped and self._sensor.attached:
+                self.health.sample()
 
     def start(self) -> None:
         self.server.start()
@@ -45,6 +58,9 @@ class Endpoints:
         log.info("endpoints on http://%s:%d (/healthz, /readyz, /metrics)", shown, port)
 
     def stop(self) -> None:
+        """Before the sensor stops: no request reads it from here on."""
+        with self._reading:
+            self._stopped = True
         self.server.stop()
 
 

@@ -75,6 +75,8 @@ class EndpointServer:
         self.address: tuple[str, int] = self._socket.getsockname()[:2]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stop = threading.Event()
+        # stop() wakes the accept loop at once, rather than at its next tick.
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._serve, name="flowtap-httpd", daemon=True)
         self.refused = 0  # connections over MAX_CONNECTIONS
         self.timed_out = 0  # clients that did not send a request head in time
@@ -84,13 +86,19 @@ class EndpointServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * TICK_S)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * TICK_S)
         self._socket.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _serve(self) -> None:
         next_tick = 0.0
         with selectors.DefaultSelector() as selector:
             selector.register(self._socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_tick:
@@ -98,6 +106,8 @@ class EndpointServer:
                     next_tick = now + TICK_S
                 if not selector.select(timeout=min(TICK_S, max(next_tick - now, 0.0))):
                     continue
+                if self._stop.is_set():
+                    return
                 try:
                     client, _peer = self._socket.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
