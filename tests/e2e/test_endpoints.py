@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -252,3 +253,40 @@ def test_not_ready_while_the_ring_buffer_overflows(e2e: Lab) -> None:
     assert time.monotonic() - not_ready_at < DROP_WINDOW_S + CLIENT_TIMEOUT_S
     assert sensor.popen.poll() is None
     sensor.stop()
+
+
+def test_a_taken_port_given_is_an_error_and_off_serves_nothing(e2e: Lab) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        sensor = e2e.sensor(extra=["--httpd-listen", f"127.0.0.1:{port}"], wait=False)
+        assert sensor.popen.wait(CLIENT_TIMEOUT_S) == 2
+    assert (
+        f"flowtap: cannot serve the endpoints on 127.0.0.1:{port}: Address already in use; "
+        "choose another address with --httpd-listen IP:PORT, or --httpd-listen off"
+    ) in sensor.stderr()
+
+    sensor = e2e.sensor(extra=["--httpd-listen", "off"])
+    assert "endpoints on" not in sensor.stderr()
+    listening = {int(line.split()[1].split(":")[1], 16) for line in _tcp_listeners(sensor.pid)}
+    assert not listening, listening
+    sensor.stop()
+
+
+def _tcp_listeners(pid: int) -> list[str]:
+    """The listening TCP sockets (state 0A) among those the process holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    lines = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as stream:
+            for line in stream.read().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    lines.append(line)
+    return lines

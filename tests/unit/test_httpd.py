@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
+from flowtap.cli import start_endpoints
 from flowtap.httpd.listen import parse_listen
 from flowtap.httpd.traffic import OTHER, TrafficCounter
 from flowtap.settings.options import BY_NAME, SettingError, parse_text
@@ -54,3 +57,16 @@ def test_labels_are_bounded() -> None:
         ("POST", "none", "b"): 1,
     }
     assert (snap.bytes_sent, snap.bytes_received) == (3, 4)
+
+
+def test_default_port_taken_runs_without_endpoints(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        # The default: a warning, and the sensor goes on.
+        assert start_endpoints(None, TrafficCounter(), listen, {}) is None  # type: ignore[arg-type]
+        assert "running without /healthz, /readyz and /metrics" in caplog.text
+        # Asked for: an error that says what to do.
+        with pytest.raises(OSError, match="choose another address with --httpd-listen"):
+            start_endpoints(None, TrafficCounter(), listen, {"httpd_listen": "--httpd-listen"})  # type: ignore[arg-type]
