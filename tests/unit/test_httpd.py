@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from flowtap.cli import start_endpoints
+from flowtap.httpd.health import Health
 from flowtap.httpd.listen import parse_listen
 from flowtap.httpd.traffic import OTHER, TrafficCounter
 from flowtap.settings.options import BY_NAME, SettingError, parse_text
@@ -70,3 +71,23 @@ def test_default_port_taken_runs_without_endpoints(caplog: pytest.LogCaptureFixt
         # Asked for: an error that says what to do.
         with pytest.raises(OSError, match="choose another address with --httpd-listen"):
             start_endpoints(None, TrafficCounter(), listen, {"httpd_listen": "--httpd-listen"})  # type: ignore[arg-type]
+
+
+class _Counters:
+    """The one thing Health.sample reads of a sensor: its kernel counters."""
+
+    def __init__(self) -> None:
+        self.ringbuf_full = 0
+
+    def kernel_counters(self) -> dict[str, int]:
+        return {"ringbuf_full": self.ringbuf_full, "payload_shed": 0}
+
+
+def test_readiness_history_is_bounded() -> None:
+    counters = _Counters()
+    health = Health(counters)  # type: ignore[arg-type]
+    for _ in range(10_000):  # a client asking /readyz in a loop
+        assert health.sample() == 0
+    assert len(health._history) == 1
+    counters.ringbuf_full = 7
+    assert health.sample() == 7  # growth since the window's oldest sample
