@@ -15,8 +15,7 @@ from typing import IO
 
 from flowtap import __version__, preflight, safefile
 from flowtap.config import ConfigError, SensorConfig
-from flowtap.httpd.endpoints import Endpoints, counting
-from flowtap.httpd.listen import parse_listen
+from flowtap.httpd.endpoints import counting, start_endpoints
 from flowtap.httpd.traffic import TrafficCounter
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
@@ -217,30 +216,6 @@ def run(args: argparse.Namespace) -> int:
         safefile.remove(pid_file)
     finish()
     return EXIT_OK
-
-
-def start_endpoints(
-    sensor: Sensor, traffic: TrafficCounter, listen: str, origins: Mapping[str, str]
-) -> Endpoints | None:
-    """--httpd-listen, before the sensor attaches (so /readyz says it is not ready yet).
-    The default port taken (another flowtap, another program) leaves the sensor running
-    without endpoints; a port the user asked for that cannot be had is an error."""
-    address = parse_listen(listen)
-    if address is None:
-        return None
-    try:
-        endpoints = Endpoints(sensor, traffic, address)
-    except OSError as exc:
-        message = (
-            f"cannot serve the endpoints on {listen}: {exc.strerror or exc}; choose another "
-            "address with --httpd-listen IP:PORT, or --httpd-listen off"
-        )
-        if "httpd_listen" in origins:
-            raise OSError(message) from exc
-        log.warning("%s (running without /healthz, /readyz and /metrics)", message)
-        return None
-    endpoints.start()
-    return endpoints
 
 
 def _write_pid_file(state_dir: Path, pid_file: Path) -> None:

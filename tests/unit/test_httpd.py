@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from flowtap.cli import start_endpoints
+from flowtap.httpd.endpoints import start_endpoints
 from flowtap.httpd.health import Health
 from flowtap.httpd.listen import parse_listen
 from flowtap.httpd.traffic import OTHER, TrafficCounter
@@ -28,6 +28,7 @@ def test_listen_setting_default_is_loopback() -> None:
     assert option.default == "127.0.0.1:10001"
     assert option.flag == "--httpd-listen"
     assert parse_text(option, "off") == "off"
+    assert parse_text(option, " Off") == "off"
     with pytest.raises(SettingError, match="not an IP address"):
         parse_text(option, "example.com:1")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from flowtap.httpd.health import Health
+from flowtap.httpd.listen import parse_listen
 from flowtap.httpd.metrics import Metrics
 from flowtap.httpd.server import EndpointServer, Response
 from flowtap.httpd.traffic import CountingSink, TrafficCounter
@@ -67,3 +69,27 @@ class Endpoints:
 def counting(sink: Sink, traffic: TrafficCounter) -> Sink:
     """The sink the sensor writes to, with its records counted for /metrics."""
     return CountingSink(sink, traffic)
+
+
+def start_endpoints(
+    sensor: Sensor, traffic: TrafficCounter, listen: str, origins: Mapping[str, str]
+) -> Endpoints | None:
+    """--httpd-listen, before the sensor attaches (so /readyz says it is not ready yet).
+    The default port taken (another flowtap, another program) leaves the sensor running
+    without endpoints; a port the user asked for that cannot be had is an error."""
+    address = parse_listen(listen)
+    if address is None:
+        return None
+    try:
+        endpoints = Endpoints(sensor, traffic, address)
+    except OSError as exc:
+        message = (
+            f"cannot serve the endpoints on {listen}: {exc.strerror or exc}; choose another "
+            "address with --httpd-listen IP:PORT, or --httpd-listen off"
+        )
+        if "httpd_listen" in origins:
+            raise OSError(message) from exc
+        log.warning("%s (running without /healthz, /readyz and /metrics)", message)
+        return None
+    endpoints.start()
+    return endpoints

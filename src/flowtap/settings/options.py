@@ -395,10 +395,10 @@ def _scalar(option: Option, text: str) -> Any:
         return number
     if kind == "listen":
         try:
-            parse_listen(text)
+            address = parse_listen(text)
         except ValueError as exc:
             raise SettingError(str(exc)) from None
-        return text.strip()
+        return "off" if address is None else text.strip()
     if kind == "path":
         if not text:
             raise SettingError("an empty path")
