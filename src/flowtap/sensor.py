@@ -178,6 +178,14 @@ class Sensor:
         self._skip_layout: StructLayout | None = None
         self.skip_errors = 0  # payload_skips not written: those bytes are copied after all
         self._ready_written = False
+        # For the endpoints (flowtap.httpd), read on their threads: start() done, and
+        # when the consumer loop last turned (monotonic seconds).
+        self.attached = False
+        self.loop_at: float | None = None
+
+    @property
+    def programs_attached(self) -> int:
+        return len(self._links)
 
     # --- start-up -------------------------------------------------------------------
 
@@ -242,6 +250,7 @@ class Sensor:
         if self.config.egress:
             self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
+        self.attached = True
         if self.config.ready_file is not None:
             try:
                 safefile.replace(self.config.ready_file, f"{os.getpid()}\n".encode())
@@ -549,6 +558,7 @@ class Sensor:
         next_save = time.monotonic() + _CACHE_SAVE_S
         self._stopping = stop
         while not stop.is_set():
+            self.loop_at = time.monotonic()
             if self.config_watcher is not None and (new := self.config_watcher.poll()):
                 self.reconfigure(new)
             if self._ring.consume() == 0:
