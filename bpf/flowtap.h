@@ -31,6 +31,13 @@ enum ft_direction {
 	FT_DIR_INGRESS = 2,
 };
 
+/* --direction egress-internal / egress-external: outbound connections by their peer. */
+enum ft_egress_scope {
+	FT_EGRESS_ALL = 0,
+	FT_EGRESS_INTERNAL = 1, /* private, loopback, link-local, CGNAT peers only */
+	FT_EGRESS_EXTERNAL = 2, /* every other peer */
+};
+
 enum ft_flow {
 	FT_FLOW_TX = 1,
 	FT_FLOW_RX = 2,
@@ -57,7 +64,11 @@ enum ft_counter {
 	FT_CNT_PAYLOAD_SHED = 9, /* payload not copied: the ring buffer is kept for connections */
 	FT_CNT_GO_CONN_UNRESOLVED = 10, /* a Go tls.Conn not over a *net.TCPConn: not walked */
 	FT_CNT_STRATEGY_TABLE_FULL = 11, /* a QPOINT_STRATEGY not stored: process observed */
-	FT_CNT_MAX = 12,
+	/* Connections, not events: a connection whose open or close event found no room. */
+	FT_CNT_CONN_OPEN_LOST = 12, /* its open event was lost (open record made at close) */
+	FT_CNT_CONN_CLOSE_LOST = 13, /* its close event was lost (bytes and end unknown) */
+	FT_CNT_CONN_UNREPORTED = 14, /* close lost and no open delivered: no record at all */
+	FT_CNT_MAX = 15,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */
@@ -69,7 +80,8 @@ struct ft_config {
 	__u8 trace_ingress;
 	__u8 include_loopback;
 	__u8 capture_payload; /* copy HTTP connections' bytes for the parsers */
-	__u8 pad[2];
+	__u8 egress_scope; /* enum ft_egress_scope: which outbound peers (--direction) */
+	__u8 pad;
 	__u32 wakeup_bytes; /* wake the consumer once this much is waiting; it polls otherwise */
 	__u32 payload_limit_bytes; /* no payload copied while this much is waiting */
 	__u8 notify_forks; /* send fork events of traced processes (per-process TLS probes) */
@@ -141,7 +153,7 @@ struct ft_conn_close_event {
 	__u8 old_state; /* TCP state before CLOSE */
 	__u8 established; /* reached ESTABLISHED at least once */
 	__u8 open_emitted; /* an open event was sent before this one */
-	__u8 pad;
+	__u8 open_lost; /* ... but found the ring buffer full */
 	struct ft_sniff sniff;
 };
 
@@ -167,7 +179,7 @@ struct ft_conn_state {
 	__u8 listener_traced; /* ingress: the listener's owner passes the filters */
 	__u8 capture; /* its first bytes look like HTTP: copy its payload */
 	__u8 tls; /* TLS plaintext seen through the OpenSSL probes: ciphertext is not copied */
-	__u8 pad;
+	__u8 open_lost; /* its open event found the ring buffer full */
 	__u64 cookie; /* socket cookie: tells a reused struct sock from the one tracked */
 	__u32 datagrams_sent; /* UDP (DNS): queries and answers, to end the exchange */
 	__u32 datagrams_received;
@@ -205,8 +217,18 @@ struct ft_data_event {
 	__u32 flow; /* enum ft_flow */
 	__u32 length; /* bytes valid in data */
 	__u32 source; /* enum ft_source: positions count per source */
-	__u32 pad;
+	__u32 skipped; /* bytes at position not copied as userspace asked (length is 0) */
 	__u8 data[FT_DATA_LEN];
+};
+
+/*
+ * Value of the payload_skips map (key: conn_id), written by userspace: the bytes of each
+ * direction before these positions are not copied (a body past the capture limit); a call
+ * that ends at or before its mark sends a data event with only its length, in skipped.
+ */
+struct ft_payload_skip {
+	__u64 tx_until;
+	__u64 rx_until;
 };
 
 struct ft_exec_event {

@@ -8,6 +8,7 @@
 
 #include "compat.h"
 #include "filters.h"
+#include "scope.h"
 
 #define FT_SNIFF_CLAIMED 0xff /* sniff.flow while a capture is in progress */
 
@@ -153,6 +154,8 @@ static __always_inline struct ft_conn_state *track(const struct sock *sk, struct
 
 	if (!cfg.include_loopback && is_loopback(&state->conn))
 		return NULL;
+	if (direction == FT_DIR_EGRESS && !egress_in_scope(&state->conn))
+		return NULL;
 	state->conn.conn_id = new_conn_id(hook);
 	state->conn.start_ns = bpf_ktime_get_ns();
 	state->conn.protocol = protocol;
@@ -171,8 +174,12 @@ static __always_inline void emit_open(struct ft_conn_state *state)
 
 	state->open_emitted = 1;
 	e = reserve(sizeof(*e), FT_EVENT_CONN_OPEN);
-	if (!e)
+	if (!e) {
+		/* Counted as a connection: its close event says so, userspace makes the open. */
+		state->open_lost = 1;
+		count(FT_CNT_CONN_OPEN_LOST);
 		return;
+	}
 	e->task = state->task;
 	e->conn = state->conn;
 	submit(e, sizeof(*e));
@@ -184,8 +191,13 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	struct ft_conn_close_event *e;
 
 	e = reserve(sizeof(*e), FT_EVENT_CONN_CLOSE);
-	if (!e)
+	if (!e) {
+		count(FT_CNT_CONN_CLOSE_LOST);
+		/* Nothing of it reached userspace: the connection vanished but for this count. */
+		if (!state->open_emitted || state->open_lost)
+			count(FT_CNT_CONN_UNREPORTED);
 		return;
+	}
 	if (state->closed) {
 		e->hdr.timestamp_ns = state->close_ns;
 		e->sock_error = state->sock_error;
@@ -200,7 +212,7 @@ static __always_inline void emit_close(const struct sock *sk, struct ft_conn_sta
 	e->bytes_received = state->bytes_received;
 	e->established = state->established;
 	e->open_emitted = state->open_emitted;
-	e->pad = 0;
+	e->open_lost = state->open_lost;
 	/* A capture another CPU has claimed but not finished counts as none. */
 	e->sniff.flow = state->sniff.flow == FT_SNIFF_CLAIMED ? 0 : state->sniff.flow;
 	e->sniff.length = e->sniff.flow ? state->sniff.length : 0;

@@ -20,6 +20,7 @@ const struct ft_fork_event *anchor_fork __attribute__((unused));
 const struct ft_go_executable *anchor_go_executable __attribute__((unused));
 const struct ft_go_executable_key *anchor_go_executable_key __attribute__((unused));
 const struct ft_data_event *anchor_data __attribute__((unused));
+const struct ft_payload_skip *anchor_payload_skip __attribute__((unused));
 const struct ft_conn_state *anchor_state __attribute__((unused));
 const struct ft_listener *anchor_listener __attribute__((unused));
 const struct ft_listener_key *anchor_listener_key __attribute__((unused));

@@ -187,7 +187,7 @@ static __attribute__((unused)) long payload_step(__u64 index, struct payload_wal
 	e->flow = walk->flow;
 	e->length = n;
 	e->source = walk->source;
-	e->pad = 0;
+	e->skipped = 0;
 	bpf_ringbuf_submit(e, wakeup_flags(sizeof(*e)));
 	walk->position += n;
 	walk->left -= n;
@@ -226,6 +226,51 @@ static __always_inline void walk_payload(struct payload_walk *walk, __u32 steps,
 			break;
 }
 
+/* Where userspace's parser needs no more bytes (conn_id -> struct ft_payload_skip). */
+FT_SHARED struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct ft_payload_skip);
+} payload_skips SEC(".maps");
+
+/*
+ * A call whose bytes userspace asked not to copy (all of them before its mark): only their
+ * length goes out, so the parser counts them. A call that crosses the mark is copied whole.
+ * Positions are those of the source that carries the connection's HTTP: the socket's, or
+ * the TLS plaintext's (a TLS connection's socket bytes are not copied).
+ */
+static __always_inline bool skip_payload(struct ft_conn_state *state, __u32 flow,
+					 __u64 position, __u64 length, __u32 source)
+{
+	struct ft_payload_skip *skip = bpf_map_lookup_elem(&payload_skips, &state->conn.conn_id);
+	struct ft_data_event *e;
+	__u64 until;
+
+	if (!skip || length > 0xffffffff)
+		return false;
+	until = flow == FT_FLOW_TX ? skip->tx_until : skip->rx_until;
+	if (position + length > until)
+		return false;
+	/* Not shed with the payload: a few bytes keep the parser exact. */
+	e = bpf_ringbuf_reserve(&events, FT_DATA_HEAD, 0);
+	if (!e) {
+		count(FT_CNT_RINGBUF_FULL);
+		return true;
+	}
+	e->hdr.kind = FT_EVENT_DATA;
+	e->hdr.pad = 0;
+	e->hdr.timestamp_ns = bpf_ktime_get_ns();
+	e->conn_id = state->conn.conn_id;
+	e->position = position;
+	e->flow = flow;
+	e->length = 0;
+	e->source = source;
+	e->skipped = length;
+	bpf_ringbuf_submit(e, wakeup_flags(FT_DATA_HEAD));
+	return true;
+}
+
 /*
  * Copies what this call moved (ret bytes from position on) into data events, across the
  * call's buffers. What does not fit, or cannot be read, is left out: the next event's
@@ -243,6 +288,8 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 		.source = FT_SOURCE_SOCKET,
 	};
 
+	if (skip_payload(state, flow, position, ret, FT_SOURCE_SOCKET))
+		return;
 	if (!syscall_io(&walk.io))
 		return; /* sendfile, io_uring: userspace sees a gap by position */
 	walk.seg = walk.io.buf;

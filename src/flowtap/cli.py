@@ -15,6 +15,8 @@ from typing import IO
 
 from flowtap import __version__, preflight, safefile
 from flowtap.config import ConfigError, SensorConfig
+from flowtap.httpd.endpoints import start_endpoints
+from flowtap.httpd.traffic import TrafficCounter
 from flowtap.loader.errors import BpfError
 from flowtap.loader.system import require_root
 from flowtap.sensor import Sensor
@@ -149,7 +151,7 @@ def config_from_args(
 
 def run(args: argparse.Namespace) -> int:
     try:
-        values, _origins = resolve(args, os.environ)
+        values, origins = resolve(args, os.environ)
     except SettingError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -204,8 +206,23 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"flowtap: cannot open the output file: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    traffic = TrafficCounter()
+    if values["httpd_listen"] != "off":
+        sink.observe(traffic.count)
     sensor = Sensor(config, sink)
     sensor.config_watcher = watcher
+    try:
+        endpoints = start_endpoints(sensor, traffic, values["httpd_listen"], origins)
+    except OSError as exc:
+        print(f"flowtap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def finish() -> None:
+        # The endpoints first: they read the kernel's maps, which stop() closes.
+        if endpoints is not None:
+            endpoints.stop()
+        sensor.stop()
+
     pid_file = config.egress_state_dir / reload.PID_FILE
     try:
         sensor.start()
@@ -213,14 +230,14 @@ def run(args: argparse.Namespace) -> int:
         sensor.run(stop)
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
-        sensor.stop()
+        finish()
         return EXIT_USAGE if exc.errno_value is None else EXIT_FAILED
     except BaseException:
-        sensor.stop()
+        finish()
         raise
     finally:
         safefile.remove(pid_file)
-    sensor.stop()
+    finish()
     return EXIT_OK
 
 

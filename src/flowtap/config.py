@@ -17,7 +17,7 @@ from flowtap.settings.options import BY_NAME
 from flowtap.tls import plugins
 from flowtap.tracking.exe_filters import ExeFilter
 
-Direction = Literal["egress", "ingress", "all"]
+Direction = Literal["egress", "ingress", "all", "egress-internal", "egress-external"]
 Output = Literal["console", "json"]
 TlsAttach = Literal["file", "process"]
 

@@ -77,6 +77,8 @@ class ConnClose:
     old_state: int
     established: bool
     open_emitted: bool
+    # Its open event was lost (ring buffer full): the open record is made from this one.
+    open_lost: bool = False
     # The first bytes the connection moved through a user buffer, and which way; b"" if none.
     sniff_flow: Flow | None = None
     sniff: bytes = b""
@@ -92,6 +94,8 @@ class Data:
     position: int
     data: bytes
     source: Source = SOCKET_SOURCE
+    # Bytes at position not copied because userspace asked so (data is then empty).
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,7 @@ class EventDecoder:
         # Data events are sent at their real length: a fixed part, then `length` bytes.
         self._data_kind = kinds["FT_EVENT_DATA"]
         self._data_head = self._layouts[self._data_kind].head()
-        names = ("hdr.timestamp_ns", "conn_id", "position", "flow", "length", "source")
+        names = ("hdr.timestamp_ns", "conn_id", "position", "flow", "length", "source", "skipped")
         self._data_fields = tuple(self._data_head.int_fields[name] for name in names)
 
     def layout(self, kind_name: str) -> StructLayout:
@@ -265,6 +269,7 @@ class EventDecoder:
             old_state=old_state,
             established=bool(f.integer("established")),
             open_emitted=bool(f.integer("open_emitted")),
+            open_lost=bool(f.integer("open_lost")),
             sniff_flow=flow,
             sniff=data,
         )
@@ -319,7 +324,7 @@ class EventDecoder:
             raise DecodeError(f"data event of {len(data)} bytes is shorter than its header")
         # The busiest record: one unpack and fixed indexes, no per-field lookups.
         values = self._data_head.codec.unpack_from(data)
-        timestamp, conn_id, position, flow_value, length, source_value = (
+        timestamp, conn_id, position, flow_value, length, source_value, skipped = (
             values[i] for i in self._data_fields
         )
         if length > len(data) - fixed:
@@ -330,7 +335,9 @@ class EventDecoder:
         source = self._source.get(source_value)
         if source is None:
             raise DecodeError(f"unknown data source {source_value!r}")
-        return Data(timestamp, conn_id, flow, position, data[fixed : fixed + length], source)
+        return Data(
+            timestamp, conn_id, flow, position, data[fixed : fixed + length], source, skipped
+        )
 
     def _exit(self, f: Fields) -> Exit:
         return Exit(f.integer("hdr.timestamp_ns"), self.task(f))

@@ -37,7 +37,7 @@ from flowtap.events import (
     Task,
 )
 from flowtap.loader import hooks
-from flowtap.loader.btf import Btf
+from flowtap.loader.btf import Btf, StructLayout
 from flowtap.loader.errors import BpfError
 from flowtap.loader.features import KernelFeatures
 from flowtap.loader.libbpf import BpfLink, BpfMap, BpfObject, RingBuffer
@@ -57,6 +57,7 @@ from flowtap.tracking.exe_filters import filter_matcher
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry, in_cgroup
+from flowtap.tracking.scope import EGRESS_SCOPES, egress_in_scope
 
 if TYPE_CHECKING:
     from flowtap.egress.controller import EgressController
@@ -70,7 +71,14 @@ _EGRESS_BATCH = 10_000
 # The proxy's counters of what it lost, in the drop report (a failed upstream or client
 # handshake is not lost: its connection record says so, and a 502 is a transaction; a
 # connection closed over the proxy's connection limit has no record at all).
-_EGRESS_DROPS = ("parser_errors", "callback_errors", "refused_no_destination", "refused_over_limit")
+_EGRESS_DROPS = (
+    "parser_errors",
+    "callback_errors",
+    "refused_no_destination",
+    "refused_over_limit",
+    "http2_header_limit",
+    "h2_flood_closed",
+)
 # The exec classes are written this often when they changed (and at stop).
 # How often the exec classes are saved and the probes of deleted files that no process
 # runs any more are removed (tls/attach.py).
@@ -114,6 +122,7 @@ class Sensor:
         self.config = config
         # Records go through the pipeline: the consumer never waits for a destination.
         self._pipeline = sink if isinstance(sink, Pipeline) else Pipeline([("output", sink)])
+        self.pipeline = self._pipeline  # read by the endpoints (queue depths, per-sink counts)
         self._obj: BpfObject | None = None
         self._links: list[BpfLink] = []
         self._ring: RingBuffer | None = None
@@ -137,6 +146,7 @@ class Sensor:
             self.tracker.visible_connection,
             self._http_options,
             policy=self._policy,
+            skip=self._skip_payload,
         )
         self._decoder: EventDecoder | None = None
         self._kernel_counter_names: dict[int, str] = {}
@@ -162,7 +172,17 @@ class Sensor:
         self._rescan_asked: dict[int, float] = {}
         self._stats_reservation: safefile.Reservation | None = None
         self._counter_errors = 0  # failed reads of the kernel's counters
+        self._skip_layout: StructLayout | None = None
+        self.skip_errors = 0  # payload_skips not written: those bytes are copied after all
         self._ready_written = False
+        # For the endpoints (flowtap.httpd), read on their threads: start() done, and
+        # when the consumer loop last turned (monotonic seconds).
+        self.attached = False
+        self.loop_at: float | None = None
+
+    @property
+    def programs_attached(self) -> int:
+        return len(self._links)
 
     # --- start-up -------------------------------------------------------------------
 
@@ -198,6 +218,7 @@ class Sensor:
             )
         self._obj = obj
         self._decoder = EventDecoder(btf)
+        self._skip_layout = btf.struct_layout("ft_payload_skip")
         counters = btf.enum_values("ft_counter")
         self._kernel_counter_names = {
             value: name.removeprefix("FT_CNT_").lower()
@@ -226,6 +247,7 @@ class Sensor:
         if self.config.egress:
             self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
+        self.attached = True
         if self.config.ready_file is not None:
             try:
                 safefile.replace(self.config.ready_file, f"{os.getpid()}\n".encode())
@@ -304,9 +326,10 @@ class Sensor:
                 "self_tgid": os.getpid(),
                 "filter_pids": int(bool(cfg.pids)),
                 "filter_cgroup": int(cfg.cgroup is not None),
-                "trace_egress": int(cfg.direction in ("egress", "all")),
+                "trace_egress": int(cfg.direction.startswith("egress") or cfg.direction == "all"),
                 "trace_ingress": int(cfg.direction in ("ingress", "all")),
                 "include_loopback": int(cfg.include_loopback),
+                "egress_scope": EGRESS_SCOPES[cfg.direction],
                 "capture_payload": int(self._kernel_copies_payload),
                 "wakeup_bytes": min(cfg.ring_buffer_bytes // 8, _WAKEUP_BYTES),
                 "payload_limit_bytes": cfg.ring_buffer_bytes // 4 * 3,
@@ -506,7 +529,7 @@ class Sensor:
                 self.egress_unattributed += 1
                 continue
             process, in_scope = client
-            if not in_scope:
+            if not in_scope or not egress_in_scope(self.config.direction, ctx.destination[0]):
                 continue
             if isinstance(report, ConnectionEvent):
                 self._emit(egress_connection_record(report, process, self._clock))
@@ -532,6 +555,7 @@ class Sensor:
         next_save = time.monotonic() + _CACHE_SAVE_S
         self._stopping = stop
         while not stop.is_set():
+            self.loop_at = time.monotonic()
             if self.config_watcher is not None and (new := self.config_watcher.poll()):
                 self.reconfigure(new)
             if self._ring.consume() == 0:
@@ -682,8 +706,32 @@ class Sensor:
             return
         tls.on_exec(event.task.pid)
 
-    def _connection_ended(self, conn_id: int, timestamp_ns: int) -> None:
-        self.payloads.on_close(conn_id, timestamp_ns)
+    def _skip_payload(self, conn_id: int, tx_until: int, rx_until: int) -> None:
+        """The parser keeps none of a connection's bytes before these positions (of the
+        socket or of the TLS plaintext, whichever carries its HTTP): the kernel sends
+        their length only. (0, 0): the connection is over."""
+        if self._obj is None or self._skip_layout is None:
+            return
+        skips = self._obj.map("payload_skips")
+        key = struct.pack("<Q", conn_id)
+        try:
+            if tx_until or rx_until:
+                value = self._skip_layout.pack({"tx_until": tx_until, "rx_until": rx_until})
+                skips.update(key, value)
+            else:
+                skips.delete(key)
+        except BpfError as exc:
+            # Harmless: the bytes are copied as before.
+            self.skip_errors += 1
+            log.debug("payload skip of connection %d not written: %s", conn_id, exc)
+
+    def _connection_ended(self, event: ConnClose) -> None:
+        self.payloads.on_close(
+            event.conn.conn_id,
+            event.timestamp_ns,
+            sent=event.bytes_sent,
+            received=event.bytes_received,
+        )
 
     def _emit(self, record: Record) -> None:
         """To every sink's queue; never blocks (sinks/pipeline.py)."""
@@ -727,6 +775,7 @@ class Sensor:
         report["closes_lost"] = self.tracker.stats.lost
         report["payload_gaps"] = self.payloads.stats.gaps
         report["http_parser_errors"] = self.payloads.stats.parser_errors
+        report["http2_header_limit"] = self.payloads.stats.http2_header_limit
         if self.config.egress:
             report["egress_unattributed"] = self.egress_unattributed
             proxy = self.egress.counters() if self.egress else self._egress_counters
@@ -747,6 +796,8 @@ class Sensor:
             details = ", ".join(f"{k}={v}" for k, v in sorted(lost.items())) or "nothing lost"
             level = logging.WARNING if lost else logging.INFO
             log.log(level, "%s%s; %s", "exit summary: " if final else "", summary, details)
+            if words := describe_connections_lost(connections_lost(report)):
+                log.warning("%s%s", "exit summary: " if final else "", words)
         for name, count in self._pipeline.dropped().items():
             if count and (final or changed):
                 log.warning(
@@ -771,7 +822,15 @@ class Sensor:
             "connections_closed": self.tracker.stats.closed,
             "connections_redirected": self.tracker.stats.redirected,
             "opens_synthesized": self.tracker.stats.opens_synthesized,
+            "opens_lost_made_at_close": self.tracker.stats.opens_lost,
+            # Socket and TLS payload the kernel copied, body bytes past the capture limit
+            # it only counted (userspace asked), and bytes lost in gaps.
+            "payload_bytes_copied": self.payloads.stats.bytes,
+            "payload_bytes_skipped": self.payloads.stats.skipped_bytes,
+            "payload_bytes_lost": self.payloads.stats.gap_bytes,
+            "payload_skip_errors": self.skip_errors,  # those bodies were copied after all
             "filtered_in_userspace": self.tracker.stats.filtered,
+            "connections_lost": connections_lost(drops),
             "drops": drops,
             "sink_dropped": self._pipeline.dropped(),
             "sinks": {
@@ -917,6 +976,39 @@ class Sensor:
                 self._ready_written = False
             self._pipeline.close()
         return report
+
+
+def connections_lost(drops: dict[str, int]) -> dict[str, int]:
+    """Whole connections the user lost, from the kernel's per-connection counts (an open
+    or close event that found the ring buffer full). The first two overlap the third."""
+    return {
+        "without_open_event": drops.get("conn_open_lost", 0),
+        "without_close_event": drops.get("conn_close_lost", 0),
+        "without_any_record": drops.get("conn_unreported", 0),
+    }
+
+
+def describe_connections_lost(lost: dict[str, int]) -> str | None:
+    """The exit summary's words for connections_lost; None when nothing was lost."""
+    if not any(lost.values()):
+        return None
+    parts = []
+    if n := lost["without_any_record"]:
+        parts.append(f"{n} have no record at all (neither open nor close)")
+    if n := lost["without_open_event"]:
+        parts.append(
+            f"{n} lost their open event (the open record is written at their close; "
+            "their HTTP is not recorded)"
+        )
+    if n := lost["without_close_event"]:
+        parts.append(
+            f"{n} lost their close event (the close record says status lost, without byte counts)"
+        )
+    return (
+        "connections lost because the sensor fell behind (the ring buffer was full): "
+        + "; ".join(parts)
+        + ". Raise ring_buffer_bytes, or trace fewer processes"
+    )
 
 
 def raise_open_files_limit() -> None:

@@ -11,7 +11,8 @@ server  Binds HOST port 0, prints "listening" with the port, then serves CONNECT
         HTTP/1.1 response with a --reply byte body. Then prints "replied" (peer address,
         counts, tid), reads until the peer closes, closes, and prints "served" (with
         --reset-after FILE: waits for FILE and aborts the connection with a RST instead).
-        stall mode listens with backlog 0 and never accepts.
+        stall mode listens with backlog 0 and never accepts; close mode accepts each
+        connection and closes it at once (for many clients at a time), printing nothing.
 client  Connects (blocking connect() unless --how nonblock), sends --send bytes of
         pattern() the way --how says, reads exactly --expect bytes, then closes. Prints
         "connected" (local address, tid), "exchanged" (counts), "done". --how refused,
@@ -20,6 +21,9 @@ client  Connects (blocking connect() unless --how nonblock), sends --send bytes 
 parent  PARENT GO URL CHILD_ARGV...: starts CHILD_ARGV at once (a descendant that exists
         before the sensor does), waits for GO, then runs curl on URL; prints "child" and
         "curl" with their pids, then "done".
+holder  Opens --connections connections to PORT, all held open, printing "connected"
+        for each; waits for --hold FILE, closes them with --pause seconds between, and
+        prints "done".
 forker  Forks children at a steady pace until GO exists; then each child connects once
         to PORT and exits. Prints "forked" with each child's pid, then "done".
 """
@@ -126,6 +130,9 @@ def accept_plain(listener: socket.socket) -> tuple[socket.socket, tuple[str, int
 def serve(listener: socket.socket, args: argparse.Namespace) -> None:
     for _ in range(args.connections):
         conn, peer = accept_plain(listener) if args.plain_accept else listener.accept()
+        if args.mode == "close":
+            conn.close()
+            continue
         with conn:
             if args.mode == "http":
                 received, sent = http_exchange(conn, args.reply)
@@ -155,7 +162,7 @@ def server(args: argparse.Namespace) -> None:
             say("listening", port=listener.getsockname()[1])
             time.sleep(LIFETIME_S)
             return
-        listener.listen(16)
+        listener.listen(1024 if args.mode == "close" else 16)
         say("listening", port=listener.getsockname()[1])
         worker = threading.Thread(target=serve, args=(listener, args))
         worker.start()
@@ -314,6 +321,27 @@ def connection(args: argparse.Namespace) -> None:
     say("done")
 
 
+# --- holder --------------------------------------------------------------------------
+
+
+def holder(args: argparse.Namespace) -> None:
+    held: list[socket.socket] = []
+    try:
+        for _ in range(args.connections):
+            sock = socket.socket(family_of(args.host), socket.SOCK_STREAM)
+            held.append(sock)
+            sock.connect((args.host, args.port))
+            say("connected", local_port=sock.getsockname()[1])
+        wait_for_file(args.hold)
+        for sock in held:
+            sock.close()
+            time.sleep(args.pause)
+    finally:
+        for sock in held:
+            sock.close()
+    say("done")
+
+
 # --- parent --------------------------------------------------------------------------
 
 
@@ -359,7 +387,7 @@ def main() -> None:
     roles = parser.add_subparsers(dest="role", required=True)
     srv = roles.add_parser("server")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--mode", choices=("raw", "http", "stall"), default="raw")
+    srv.add_argument("--mode", choices=("raw", "http", "stall", "close"), default="raw")
     srv.add_argument("--read", type=int, default=0)
     srv.add_argument("--reply", type=int, default=0)
     srv.add_argument("--connections", type=int, default=1)
@@ -385,6 +413,12 @@ def main() -> None:
         help="send a TLS ClientHello (SNI flowtap.example), an HTTP/2 preface or a DNS "
         "query instead of --send bytes of pattern()",
     )
+    hld = roles.add_parser("holder")
+    hld.add_argument("--host", default="127.0.0.1")
+    hld.add_argument("--port", type=int, required=True)
+    hld.add_argument("--connections", type=int, required=True)
+    hld.add_argument("--hold", required=True)
+    hld.add_argument("--pause", type=float, default=0.0)
     par = roles.add_parser("parent")
     par.add_argument("go")
     par.add_argument("url")
@@ -395,7 +429,13 @@ def main() -> None:
     frk.add_argument("--interval", type=float, default=0.002)
     frk.add_argument("--max", type=int, default=1000)
     args = parser.parse_args()
-    roles_run = {"server": server, "client": client, "parent": parent, "forker": forker}
+    roles_run = {
+        "server": server,
+        "client": client,
+        "holder": holder,
+        "parent": parent,
+        "forker": forker,
+    }
     roles_run[args.role](args)
 
 

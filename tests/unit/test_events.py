@@ -150,7 +150,10 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_PAYLOAD_SHED": 9,
         "FT_CNT_GO_CONN_UNRESOLVED": 10,
         "FT_CNT_STRATEGY_TABLE_FULL": 11,
-        "FT_CNT_MAX": 12,
+        "FT_CNT_CONN_OPEN_LOST": 12,
+        "FT_CNT_CONN_CLOSE_LOST": 13,
+        "FT_CNT_CONN_UNREPORTED": 14,
+        "FT_CNT_MAX": 15,
     }
 
 
@@ -296,6 +299,7 @@ def test_close_all_fields(
             "old_state": 2,
             "established": 0,
             "open_emitted": 1,
+            "open_lost": 1,
         },
     )
 
@@ -317,6 +321,7 @@ def test_close_all_fields(
         old_state=2,
         established=False,
         open_emitted=True,
+        open_lost=True,
     )
 
 

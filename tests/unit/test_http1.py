@@ -602,3 +602,29 @@ def test_arbitrary_input_never_raises_and_stays_bounded(
     out += p.close(len(ops))
     _check_bounded(out)
     assert p.close(len(ops) + 1) == []
+
+
+def test_a_body_that_ends_at_close_can_be_skipped_and_stays_exact() -> None:
+    """No length, not chunked: the rest of the connection is that body. Past the cap it
+    may all be skipped (and a gap in it is stepped over); its size stays exact."""
+    p = Http1Parser(max_body=4)
+    p.feed("client", get("/stream"), 1)
+    assert p.skippable("server") == 0  # no response head yet
+    assert p.feed("server", b"HTTP/1.0 200 OK\r\nContent-Type: x\r\n\r\nabcdef", 2) == []
+    assert p.skippable("server") == 1 << 62
+    assert p.gap("server", 1000) == []
+    assert p.feed("server", b"tail", 3) == []
+    (tx,) = p.close(4)
+    assert tx.error is None and tx.response is not None
+    assert (bytes(tx.response.body.data), tx.response.body.size) == (b"abcd", 1010)
+
+
+def test_what_may_be_skipped_starts_past_the_cap() -> None:
+    p = Http1Parser(max_body=4)
+    head = b"POST /u HTTP/1.1\r\nContent-Length: 100\r\n\r\n"
+    p.feed("client", head + b"ab", 1)
+    assert p.skippable("client") == 0  # two of the four bytes kept so far
+    p.feed("client", b"cdef", 2)
+    assert p.skippable("client") == 94
+    p.feed("client", b"x" * 94 + get("/next")[:5], 3)
+    assert p.skippable("client") == 0  # a head in progress

@@ -77,6 +77,16 @@ def test_incomplete_transactions_validate(validator: Draft202012Validator) -> No
         assert [e.message for e in validator.iter_errors(record("full", tx))] == []
 
 
+def test_a_summary_of_reset_streams_validates(validator: Draft202012Validator) -> None:
+    tx = Transaction(transaction().request, None, stream_id=1, error="reset: CANCEL", count=500)
+    built = record("summary", tx)
+    assert built["streams"] == 500
+    assert [e.message for e in validator.iter_errors(built)] == []
+    assert "streams" not in record("summary", transaction())
+    built["streams"] = 1  # a summary stands for more than one stream
+    assert [e.message for e in validator.iter_errors(built)] != []
+
+
 def test_unknown_field_and_bad_values_fail(validator: Draft202012Validator) -> None:
     good = record("headers", transaction())
     for path, value in (

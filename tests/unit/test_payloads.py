@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame, RstStreamFrame, SettingsFrame
 
 from flowtap.events import Conn, Data, Endpoint, Flow
+from flowtap.protocols.http2 import PREFACE
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import HttpRecordOptions
 from flowtap.tracking.payloads import PayloadTracker
@@ -186,3 +189,120 @@ def test_junk_stops_the_parser_once() -> None:
 
     assert payloads.stats.parser_errors == 1
     assert records == []
+
+
+UPLOAD_HEAD = b"POST /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: 300000\r\n\r\n"
+
+
+def skipping_tracker(
+    records: list[Record], asked: list[tuple[int, int, int]], max_body: int = 1024
+) -> PayloadTracker:
+    def lookup(conn_id: int) -> tuple[Record, Conn] | None:
+        return ({"process": PROCESS}, conn()) if conn_id == 1 else None
+
+    options = HttpRecordOptions(level="full", max_body_bytes=max_body)
+    return PayloadTracker(
+        records.append,
+        lookup,
+        options,
+        clock=WallClock(),
+        skip=lambda *args: asked.append(args),
+    )
+
+
+def test_a_body_past_the_cap_is_skipped_by_the_kernel_and_counted() -> None:
+    """Once 1 KiB of a 300,000-byte body is kept, the kernel is asked once not to copy
+    the rest; its length-only events keep body_size exact and the request complete."""
+    records: list[Record] = []
+    asked: list[tuple[int, int, int]] = []
+    payloads = skipping_tracker(records, asked)
+    head = len(UPLOAD_HEAD)
+
+    payloads.on_data(data("tx", 0, UPLOAD_HEAD + b"a" * 4000))
+    payloads.on_data(data("tx", head + 4000, b"b" * 4000))  # copied before the ask arrived
+    payloads.on_data(Data(2_000, 1, "tx", head + 8000, b"", skipped=292_000))
+    payloads.on_data(data("rx", 0, RESPONSE))
+    payloads.on_close(1, 9_000, sent=head + 300_000, received=len(RESPONSE))
+
+    assert asked == [(1, head + 300_000, 0), (1, 0, 0)]  # the ask, then its removal
+    (record,) = records
+    assert record["error"] is None
+    assert record["request"]["body_size"] == 300_000
+    assert record["truncated"]["request_body"] is True
+    assert (payloads.stats.gaps, payloads.stats.skipped_bytes) == (0, 292_000)
+
+
+def test_short_bodies_are_not_worth_a_word_to_the_kernel() -> None:
+    records: list[Record] = []
+    asked: list[tuple[int, int, int]] = []
+    payloads = skipping_tracker(records, asked)
+    body = b"x" * 5000
+    head = b"POST /s HTTP/1.1\r\nHost: e\r\nContent-Length: 5000\r\n\r\n"
+
+    payloads.on_data(data("tx", 0, head + body))
+    payloads.on_data(data("rx", 0, RESPONSE))
+    payloads.on_close(1, 9_000, sent=len(head) + 5000, received=len(RESPONSE))
+
+    assert asked == []
+    assert records[0]["request"]["body_size"] == 5000
+
+
+def test_bytes_lost_at_the_end_are_a_gap_the_close_reveals() -> None:
+    """No later event shows a gap at the very end of a stream: the close's byte count
+    does, so the body's size stays exact and the request complete (the gap counted)."""
+    records: list[Record] = []
+    payloads = skipping_tracker(records, [])
+    head = len(UPLOAD_HEAD)
+
+    payloads.on_data(data("tx", 0, UPLOAD_HEAD + b"a" * 4000))
+    payloads.on_data(data("rx", 0, RESPONSE))
+    payloads.on_close(1, 9_000, sent=head + 300_000, received=len(RESPONSE))
+
+    (record,) = records
+    assert record["error"] is None
+    assert record["request"]["body_size"] == 300_000
+    assert (payloads.stats.gaps, payloads.stats.gap_bytes) == (1, 296_000)
+
+
+def _h2_client_bytes(blocks: list[bytes]) -> bytes:
+    return PREFACE + SettingsFrame(0).serialize() + b"".join(blocks)
+
+
+def test_sensor_sums_up_a_rapid_reset_and_counts_a_header_bomb() -> None:
+    """The sensor's path (PayloadTracker): 300 streams opened and reset make one record
+    with ``streams`` 300; a table bomb on the same kind of connection is counted as
+    http2_header_limit (and as a parser error)."""
+    request = [(":method", "GET"), (":path", "/x"), (":scheme", "https"), (":authority", "a")]
+    records: list[Record] = []
+    payloads = tracker(records)
+    encoder = Encoder()
+    frames: list[bytes] = []
+    for index in range(300):
+        block = encoder.encode(request)
+        frames.append(HeadersFrame(2 * index + 1, block, flags=["END_HEADERS"]).serialize())
+        frames.append(RstStreamFrame(2 * index + 1, error_code=0x8).serialize())
+    client = _h2_client_bytes(frames)
+    payloads.on_data(data("rx", 0, SettingsFrame(0).serialize()))
+    payloads.on_data(data("tx", 0, client))
+    assert records == []
+    payloads.on_close(1, 2_000)
+    (record,) = records
+    assert (record["streams"], record["stream_id"], record["error"]) == (300, 1, "reset: CANCEL")
+    assert record["request"]["path"] == "/x"
+    assert payloads.stats.http2_header_limit == 0
+
+    records.clear()
+    bomb = tracker(records)
+    table = SettingsFrame(0, settings={SettingsFrame.HEADER_TABLE_SIZE: 2**32 - 1})
+    bomb.on_data(data("rx", 0, table.serialize()))
+    encoder = Encoder()
+    encoder.header_table_size = 2**32 - 1
+    blocks = [
+        HeadersFrame(
+            2 * i + 1, encoder.encode([*request, (f"x-{i}", "v" * 4000)]), flags=["END_HEADERS"]
+        ).serialize()
+        for i in range(100)
+    ]
+    bomb.on_data(data("tx", 0, _h2_client_bytes(blocks)))
+    assert (bomb.stats.http2_header_limit, bomb.stats.parser_errors) == (1, 1)
+    assert {r["error"] for r in records} == {"dynamic table over the 65536-byte cap"}

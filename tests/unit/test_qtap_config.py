@@ -99,10 +99,6 @@ def test_policy_of_the_example_picks_each_level() -> None:
             "egress-internal, ingress",
         ),
         (
-            "tap:\n  direction: egress-external\n",
-            ":2: tap.direction: egress-external is part of Qtap's format but not in this build",
-        ),
-        (
             "tap:\n  audit_include_dns: true\n",
             ":2: tap.audit_include_dns: is part of Qtap's format but not in this",
         ),

@@ -12,7 +12,7 @@ import pytest
 
 from flowtap.events import Conn, ConnClose, ConnOpen, Direction, Endpoint, Flow, Task
 from flowtap.records.connection import Record, WallClock
-from flowtap.sensor import exe_matcher
+from flowtap.sensor import connections_lost, describe_connections_lost, exe_matcher
 from flowtap.tracking import connections
 from flowtap.tracking.connections import ConnectionTracker
 from flowtap.tracking.processes import ProcessRegistry
@@ -67,6 +67,7 @@ def close_event(
     sock_error: int = 0,
     established: bool = True,
     open_emitted: bool = True,
+    open_lost: bool = False,
     local_port: int = 51234,
     task: Task = TASK,
     sniff: tuple[Flow, bytes] | None = None,
@@ -81,6 +82,7 @@ def close_event(
         old_state=TCP_ESTABLISHED if established else TCP_SYN_SENT,
         established=established,
         open_emitted=open_emitted,
+        open_lost=open_lost,
         sniff_flow=sniff[0] if sniff else None,
         sniff=sniff[1][:512] if sniff else b"",  # cut to 512 bytes as the kernel does
     )
@@ -240,12 +242,13 @@ def test_close_without_open_synthesizes_the_open(
 def test_close_of_an_established_connection_whose_open_was_lost(
     tracker: ConnectionTracker, records: list[Record]
 ) -> None:
-    tracker.on_close(close_event(sent=10, received=20))
+    tracker.on_close(close_event(sent=10, received=20, open_lost=True))
 
     assert records[0]["state"] == "established"
     assert records[0]["error"] is None
     assert records[1]["status"] == "closed"
     assert tracker.stats.opens_synthesized == 1
+    assert tracker.stats.opens_lost == 1
 
 
 def test_late_open_after_close_is_ignored_and_counted(
@@ -458,3 +461,15 @@ def test_close_lost_gives_every_open_record_a_close(
     assert tracker.open_count == 0
     assert tracker.stats.lost == 1
     assert tracker.close_lost(now_ns=901 * MS) == 0
+
+
+def test_connections_lost_are_said_as_what_the_user_lost() -> None:
+    lost = connections_lost({"conn_open_lost": 7, "conn_close_lost": 5, "conn_unreported": 3})
+
+    assert lost == {"without_open_event": 7, "without_close_event": 5, "without_any_record": 3}
+    words = describe_connections_lost(lost)
+    assert words is not None
+    assert "3 have no record at all" in words
+    assert "7 lost their open event" in words
+    assert "5 lost their close event" in words
+    assert describe_connections_lost(connections_lost({"ringbuf_full": 9})) is None

@@ -57,6 +57,8 @@ _MESSAGE_START: dict[Side, re.Pattern[bytes]] = {
     "server": re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9][ \r]"),
 }
 _FILLER = bytes(64 << 10)  # stand-in for lost body bytes
+# A response body that ends at close has no known end: everything after is its.
+_UNTIL_CLOSE = 1 << 62
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -255,11 +257,38 @@ class Http1Parser:
                 self._emit(entry)
         return self._take()
 
+    def skippable(self, side: Side) -> int:
+        """How many of ``side``'s next bytes the records would not keep: the rest of a
+        body that holds ``max_body`` bytes already (they may then come as a gap, and
+        body sizes stay exact). 0 when the next bytes matter or their framing is unknown."""
+        st = self._streams[side]
+        if self._failed is not None or self._closed or st.stopped is not None or st.ignore:
+            return 0
+        if st.in_headers or st.in_trailer or st.held is not None or st.reset_pending:
+            return 0
+        entry = self._cur_req if side == "client" else self._cur_resp
+        message = None
+        if entry is not None:
+            message = entry.request if side == "client" else entry.response
+        if message is not None and len(message.body.data) < self.max_body and not st.body_hole:
+            return 0
+        if st.chunked:
+            return max(st.chunk_left - 2, 0)  # the chunk's CRLF must be seen
+        if self._until_close(st):
+            return _UNTIL_CLOSE
+        return st.content_left or 0
+
+    def _until_close(self, st: _Stream) -> bool:
+        """A response body that ends when the connection does (no length, not chunked)."""
+        return st.side == "server" and st.content_left is None and self._cur_resp is not None
+
     def _skippable(self, st: _Stream, missing: int) -> bool:
         if st.in_headers or st.in_trailer or st.held is not None or st.reset_pending:
             return False
         if st.chunked:
             return 0 < missing <= st.chunk_left - 2  # the chunk's CRLF must be seen
+        if self._until_close(st):
+            return missing > 0
         return st.content_left is not None and 0 < missing <= st.content_left
 
     def _skip(self, st: _Stream, missing: int) -> None:

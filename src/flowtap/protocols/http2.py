@@ -20,14 +20,29 @@ than ``max_header_list``, more than ``max_streams`` open streams, or lost bytes 
 never raises out of ``feed``, ``gap`` or ``close``. Memory is bounded: at most one frame
 buffered per direction, bodies kept up to ``max_body`` per message, header lists up to
 ``max_header_list`` per block, ``max_streams`` streams.
+
+Header memory is capped too (an HPACK table bomb: a peer advertising
+SETTINGS_HEADER_TABLE_SIZE 2^32-1, then thousands of header blocks): what each decoder's
+dynamic table holds at ``max_table_size`` whatever the peer advertised (checked after each
+block, so by at most one capped block more), the decoded headers held by open
+streams at ``max_header_bytes`` per connection, and both together at a per-process
+``HeaderBudget``. Over a cap the parser gives up on the connection with ``header_limit``
+set (the caller counts it), never more memory.
+
+Streams reset before any response (a client cancelling, or a rapid-reset flood,
+CVE-2023-44487) are not one transaction each: they are summed up in one transaction whose
+``count`` says how many, with the first such stream's request, returned when the
+connection ends or ``reset_window_ns`` after the first of them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 from hpack import Decoder, HPACKError
+from hpack.exceptions import OversizedHeaderListError
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import (
     ContinuationFrame,
@@ -48,7 +63,15 @@ from flowtap.protocols.messages import (
     Transaction,
 )
 
-__all__ = ["PREFACE", "GoAway", "Http2Parser", "error_code_name"]
+__all__ = [
+    "PREFACE",
+    "PROCESS_HEADER_BUDGET",
+    "GoAway",
+    "HeaderBudget",
+    "HeaderLimitError",
+    "Http2Parser",
+    "error_code_name",
+]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME_HEADER_LEN = 9
@@ -61,6 +84,8 @@ _MAX_INFORMATIONAL = 32
 _MAX_PENDING_SETTINGS = 16
 _MAX_AWAITING_REQUEST = 64  # responses held for a request not seen yet
 _HTTP2_VERSION = "2"
+_MAX_BLOCK_FRAMING = 1 + 255 + 5  # pad length, padding, priority fields of a HEADERS frame
+_ENTRY_OVERHEAD = 32  # RFC 7541 §4.1: what one header field costs besides its bytes
 
 _ERROR_CODES = {
     0x0: "NO_ERROR",
@@ -78,6 +103,39 @@ _ERROR_CODES = {
     0xC: "INADEQUATE_SECURITY",
     0xD: "HTTP_1_1_REQUIRED",
 }
+
+
+class HeaderLimitError(ParseError):
+    """A header cap was reached: the parser gives up on the connection (``header_limit``)."""
+
+
+class HeaderBudget:
+    """Header memory (dynamic tables and headers held by open streams) of all the parsers
+    of a process: one connection cannot take what the others need."""
+
+    __slots__ = ("_lock", "limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        # The sensor's parsers and the proxy's (its own thread) share it: a lost update
+        # would leak budget for good.
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - size)
+
+
+# Shared by every parser of the process (sensor and proxy) unless one is given.
+PROCESS_HEADER_BUDGET = HeaderBudget(128 << 20)
 
 
 def error_code_name(code: int) -> str:
@@ -125,6 +183,21 @@ class _Stream:
     response_done: bool = False
     request_trailers: bool = False
     response_trailers: bool = False
+    header_bytes: int = 0  # decoded header bytes held (charged to the caps)
+
+
+@dataclass(slots=True)
+class _ResetSummary:
+    """Streams reset before any response, summed up as one transaction."""
+
+    first: _Stream
+    error: str
+    start_ns: int
+    count: int = 1
+
+
+def _fields_size(fields: list[tuple[str, str]]) -> int:
+    return sum(len(name) + len(value) + _ENTRY_OVERHEAD for name, value in fields)
 
 
 class Http2Parser:
@@ -137,7 +210,21 @@ class Http2Parser:
         max_header_list: int = 64 << 10,
         max_streams: int = 1000,
         expect_preface: bool = True,
+        max_table_size: int = 64 << 10,
+        max_header_bytes: int = 2 << 20,
+        budget: HeaderBudget | None = None,
+        reset_window_ns: int = 10_000_000_000,
     ) -> None:
+        self._max_table = max(0, max_table_size)
+        self._max_header_bytes = max(0, max_header_bytes)
+        self._budget = budget if budget is not None else PROCESS_HEADER_BUDGET
+        self._charged = 0  # what this parser holds of the budget
+        self._held = 0  # decoded header bytes held by open streams
+        # Bytes in each decoder's dynamic table, as charged to the budget.
+        self._table_charge: dict[Side, int] = {"client": 0, "server": 0}
+        self._reset_window = max(0, reset_window_ns)
+        self._resets: _ResetSummary | None = None
+        self._header_limit = False
         self._max_body = max(0, max_body)
         self._max_header_list = max(0, max_header_list)
         self._max_streams = max(1, max_streams)
@@ -182,8 +269,23 @@ class Http2Parser:
         return self._failed
 
     @property
+    def header_limit(self) -> bool:
+        """The parser gave up because a header cap (table, connection, process) was hit."""
+        return self._header_limit
+
+    @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def header_memory(self) -> int:
+        """Bytes of header memory charged: held headers and dynamic table allowances."""
+        return self._charged
+
+    def __del__(self) -> None:
+        # A parser dropped without close() must not keep its share of the process budget.
+        self._budget.give(self._charged)
+        self._charged = 0
 
     # -- public API -------------------------------------------------------------------
 
@@ -194,6 +296,12 @@ class Http2Parser:
         out: list[Transaction] = []
         try:
             self._feed(side, data, timestamp_ns, out)
+            resets = self._resets
+            if resets is not None and timestamp_ns - resets.start_ns >= self._reset_window:
+                self._flush_resets(out)
+        except HeaderLimitError as exc:
+            self._header_limit = True
+            self._fail(str(exc), out)
         except ParseError as exc:
             self._fail(str(exc), out)
         except HPACKError as exc:
@@ -203,6 +311,10 @@ class Http2Parser:
         except Exception as exc:  # never raise into the sensor; counted as a failure
             self._fail(f"internal: {type(exc).__name__}: {exc}", out)
         return out
+
+    def skippable(self, side: Side) -> int:
+        """Every frame header matters (HPACK, stream state): nothing may be skipped."""
+        return 0
 
     def gap(self, side: Side, missing: int) -> list[Transaction]:
         """``missing`` bytes of ``side`` were lost: HPACK state is unknown, give up."""
@@ -218,6 +330,7 @@ class Http2Parser:
         out = self._abort_all("connection closed")
         self._buffers = {"client": bytearray(), "server": bytearray()}
         self._blocks = {"client": None, "server": None}
+        self._release_all()
         return out
 
     # -- framing --------------------------------------------------------------------
@@ -228,22 +341,110 @@ class Http2Parser:
         self._buffers = {"client": bytearray(), "server": bytearray()}
         self._blocks = {"client": None, "server": None}
         self._pushed.clear()
+        self._release_all()
+
+    def _release_all(self) -> None:
+        """Give back every byte charged: the parser holds no headers or tables any more."""
+        self._budget.give(self._charged)
+        self._charged = 0
+        self._held = 0
+        self._table_charge = {"client": 0, "server": 0}
+        # The decoders keep their tables (ignored from now on): drop them.
+        self._decoders = {
+            "client": Decoder(max_header_list_size=self._max_header_list),
+            "server": Decoder(max_header_list_size=self._max_header_list),
+        }
 
     def _abort_all(self, error: str) -> list[Transaction]:
-        out = [
+        out: list[Transaction] = []
+        self._flush_resets(out)
+        out += [
             self._transaction(s, None if s.stream_id in self._awaiting_request else error)
             for s in self._streams.values()
         ]
-        self._streams.clear()
+        for stream_id in list(self._streams):
+            self._drop(stream_id)
         self._awaiting_request.clear()
         return out
+
+    # -- header memory ----------------------------------------------------------------
+
+    def _charge(self, size: int) -> None:
+        if not self._budget.take(size):
+            raise HeaderLimitError(f"process header budget exhausted ({self._budget.limit} bytes)")
+        self._charged += size
+
+    def _uncharge(self, size: int) -> None:
+        size = min(size, self._charged)
+        self._budget.give(size)
+        self._charged -= size
+
+    def _hold(self, stream: _Stream, fields: list[tuple[str, str]]) -> None:
+        size = _fields_size(fields)
+        if self._held + size > self._max_header_bytes:
+            raise HeaderLimitError(
+                f"headers held by open streams over {self._max_header_bytes} bytes"
+            )
+        self._charge(size)
+        self._held += size
+        stream.header_bytes += size
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        """Forget a stream and give back what its headers held."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.header_bytes:
+            self._held -= stream.header_bytes
+            self._uncharge(stream.header_bytes)
+            stream.header_bytes = 0
+        return stream
+
+    def _charge_table(self, side: Side) -> None:
+        """What the decoder of ``side`` holds in its dynamic table, checked against the cap.
+
+        The table may be *allowed* to grow as large as the peer advertised (clients such as
+        python-h2 announce a 4 GiB table as soon as a server offers one, then never fill
+        it): what is capped is what it holds, checked after each header block (so it
+        overshoots by at most one block, itself capped)."""
+        table = self._decoders[side].header_table
+        used: int | None = getattr(table, "_current_size", None)  # hpack 4's running total
+        if used is None:  # another hpack: count the entries (RFC 7541 §4.1)
+            used = sum(len(n) + len(v) + _ENTRY_OVERHEAD for n, v in table.dynamic_entries)
+        if used > self._max_table:
+            raise HeaderLimitError(f"dynamic table over the {self._max_table}-byte cap")
+        delta = used - self._table_charge[side]
+        if delta > 0:
+            self._charge(delta)
+        elif delta < 0:
+            self._uncharge(-delta)
+        self._table_charge[side] = used
+
+    # -- streams reset before any response ----------------------------------------------
+
+    def _reset(self, stream: _Stream, error: str, ts: int, out: list[Transaction]) -> None:
+        if stream.response is not None:
+            out.append(self._transaction(stream, error))
+            return
+        resets = self._resets
+        if resets is None:
+            self._resets = _ResetSummary(stream, error, ts)
+            return
+        resets.count += 1
+        if resets.error != error:
+            resets.error = "reset: mixed error codes"
+
+    def _flush_resets(self, out: list[Transaction]) -> None:
+        resets, self._resets = self._resets, None
+        if resets is not None:
+            tx = self._transaction(resets.first, resets.error)
+            tx.count = resets.count
+            out.append(tx)
 
     def _release_awaiting(self, below: int, out: list[Transaction]) -> None:
         """Client streams are opened in increasing order: once the client opened stream
         `below`, a held response on a lower stream will never see its request."""
         for stream_id in [i for i in self._awaiting_request if i < below]:
             del self._awaiting_request[stream_id]
-            stream = self._streams.pop(stream_id, None)
+            stream = self._drop(stream_id)
             if stream is not None:
                 out.append(self._transaction(stream, None))
 
@@ -269,6 +470,12 @@ class Http2Parser:
             )
             if length > self._max_frame[side]:
                 raise ParseError(f"frame too large: {length} > {self._max_frame[side]}")
+            if (
+                isinstance(frame, HeadersFrame | PushPromiseFrame | ContinuationFrame)
+                and length > self._max_header_list + _MAX_BLOCK_FRAMING
+            ):
+                # Refused before it is buffered: a peer may allow frames of 16 MiB.
+                raise HeaderLimitError("header block too large")
             if self._settings_pending[side]:
                 if not isinstance(frame, SettingsFrame) or "ACK" in frame.flags:
                     raise ParseError("first frame is not SETTINGS")
@@ -317,10 +524,10 @@ class Http2Parser:
         elif isinstance(frame, DataFrame):
             self._data(side, frame, ts, out)
         elif isinstance(frame, RstStreamFrame):
-            stream = self._streams.pop(frame.stream_id, None)
+            stream = self._drop(frame.stream_id)
             if stream is not None:
                 name = error_code_name(frame.error_code)
-                out.append(self._transaction(stream, f"reset: {name}"))
+                self._reset(stream, f"reset: {name}", ts, out)
         elif isinstance(frame, SettingsFrame):
             self._settings(side, frame)
         elif isinstance(frame, GoAwayFrame):
@@ -329,7 +536,7 @@ class Http2Parser:
 
     def _add_fragment(self, block: _HeaderBlock, fragment: bytes) -> None:
         if len(block.fragments) + len(fragment) > self._max_header_list:
-            raise ParseError("header block too large")
+            raise HeaderLimitError("header block too large")
         block.fragments += fragment
 
     def _remember_push(self, stream_id: int) -> None:
@@ -369,7 +576,8 @@ class Http2Parser:
         initiated_by_peer = 1 if side == "server" else 0
         for stream_id in list(self._streams):
             if stream_id > frame.last_stream_id and stream_id % 2 == initiated_by_peer:
-                stream = self._streams.pop(stream_id)
+                stream = self._streams[stream_id]
+                self._drop(stream_id)
                 out.append(self._transaction(stream, f"goaway: {name}"))
 
     # -- streams ----------------------------------------------------------------------
@@ -378,7 +586,11 @@ class Http2Parser:
         self, side: Side, block: _HeaderBlock, ts: int, out: list[Transaction]
     ) -> None:
         # Always decode, whatever happens to the result: the dynamic table depends on it.
-        raw = self._decoders[side].decode(bytes(block.fragments), raw=True)
+        try:
+            raw = self._decoders[side].decode(bytes(block.fragments), raw=True)
+        except OversizedHeaderListError as exc:
+            raise HeaderLimitError("header block too large") from exc
+        self._charge_table(side)
         fields = [(_text(bytes(name)).lower(), _text(bytes(value))) for name, value in raw]
         if block.push:
             return
@@ -391,6 +603,7 @@ class Http2Parser:
             stream = self._server_headers(block, stream, fields)
         if stream is None:
             return
+        self._hold(stream, fields)
         if block.end_stream:
             self._end_message(side, stream, ts, out)
 
@@ -506,7 +719,7 @@ class Http2Parser:
             self._awaiting_request.pop(stream.stream_id, None)
         request_finished = stream.request_done or stream.request is None
         if request_finished and stream.response_done:
-            del self._streams[stream.stream_id]
+            self._drop(stream.stream_id)
             error = None if stream.response is not None else "no final response"
             out.append(self._transaction(stream, error))
 

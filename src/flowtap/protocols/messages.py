@@ -46,6 +46,7 @@ class Transaction:
     response: Response | None  # None: no response (connection closed, or still waiting at close)
     stream_id: int | None = None  # h2 stream
     error: str | None = None  # why it is incomplete, if it is
+    count: int = 1  # h2 streams it stands for: more on a summary of streams reset unanswered
 
 
 class ParseError(ValueError):

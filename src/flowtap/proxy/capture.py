@@ -78,4 +78,6 @@ class Capture:
         if parser is not None and parser.failed and not self._failed:
             self._failed = True
             self._stats.parser_errors += 1
+            if isinstance(parser, Http2Parser) and parser.header_limit:
+                self._stats.http2_header_limit += 1
             log.debug("connection %d: parser gave up: %s", self._ctx.connection_id, parser.failed)

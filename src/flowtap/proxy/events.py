@@ -100,6 +100,8 @@ class ProxyStats:
     timeouts_upstream: int = 0  # upstream did not connect or answer in time
     upstream_bad_response: int = 0  # the upstream's response was not valid HTTP/1.x
     parser_errors: int = 0  # the passive parser gave up on a connection (records lost)
+    http2_header_limit: int = 0  # ...of them: an HTTP/2 header cap (HPACK bomb) was hit
+    h2_flood_closed: int = 0  # HTTP/2 clients over a frame-rate limit: GOAWAY, closed
     transactions: int = 0
     callback_errors: int = 0  # a handler raised (logged, the proxy goes on)
     extra: dict[str, int] = field(default_factory=dict)

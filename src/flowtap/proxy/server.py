@@ -44,6 +44,7 @@ from flowtap.proxy.events import (
     TransactionHandler,
 )
 from flowtap.proxy.forward import Http1Forwarder, Limits
+from flowtap.proxy.h2guard import relay_h2
 from flowtap.proxy.original_dst import so_original_dst
 from flowtap.proxy.passthrough import PassthroughKey, PassthroughTable, client_key
 from flowtap.proxy.preconnect import Preconnected
@@ -666,11 +667,18 @@ class EgressProxy:
             result.error = f"upstream {host}:{port}: {describe_error(exc)}"
             return
         client = await accept_channel(sock)
-        await self._relay(client, upstream, result, capture)
+        # Not known to be HTTP/2 (the server spoke first): guarded if the client's bytes are.
+        await self._relay(client, upstream, result, capture, h2=ctx.l7_protocol == "http2" or None)
         result.outcome = outcome
 
     async def _relay(
-        self, client: Channel, upstream: Channel, result: _Result, capture: Capture | None
+        self,
+        client: Channel,
+        upstream: Channel,
+        result: _Result,
+        capture: Capture | None,
+        *,
+        h2: bool | None = False,  # None: if the client's first bytes are the h2 preface
     ) -> None:
         def up(data: bytes) -> None:
             result.from_client += len(data)
@@ -682,10 +690,15 @@ class EgressProxy:
             if capture is not None:
                 capture.server(data)
 
+        idle = self.config.limits.relay_idle_timeout
         try:
-            finished = await relay(
-                client, upstream, up, down, idle_timeout=self.config.limits.relay_idle_timeout
-            )
+            if h2 is not False:  # with the flood guard (h2guard.py): GOAWAY for abusers
+                finished, flood = await relay_h2(
+                    client, upstream, up, down, idle_timeout=idle, stats=self.stats, sniff=not h2
+                )
+                result.error = flood or result.error
+            else:
+                finished = await relay(client, upstream, up, down, idle_timeout=idle)
             if not finished:
                 self.stats.timeouts_idle += 1
                 result.error = "idle"
@@ -764,7 +777,7 @@ class EgressProxy:
         result.outcome = "intercepted"
         if alpn == "h2":
             ctx.l7_protocol = "http2"
-            await self._relay(client, upstream, result, self._capture(ctx, http2=True))
+            await self._relay(client, upstream, result, self._capture(ctx, http2=True), h2=True)
         elif alpn in _PLAIN_HTTP_ALPN:
             await self._tls_http1(client, ctx, result, upstream, None)
         else:
@@ -792,7 +805,7 @@ class EgressProxy:
                 h2 = kind == "http2"
                 ctx.l7_protocol = "http2" if h2 else "other"
                 capture = self._capture(ctx, http2=True) if h2 else None
-                await self._relay(client, upstream, result, capture)
+                await self._relay(client, upstream, result, capture, h2=h2)
                 return
         ctx.l7_protocol = "http1"
         server_name = ctx.sni or ctx.destination[0]

@@ -230,7 +230,7 @@ def http_record(
     sent, received = (request_bytes, response_bytes)
     if ctx.direction == "ingress":
         sent, received = received, sent
-    return {
+    record: Record = {
         "type": "http",
         "connection_id": ctx.connection_id,
         "timestamp": clock.rfc3339(start),
@@ -249,3 +249,7 @@ def http_record(
             "response_body": bool(response_rec and response_rec.get("body_truncated")),
         },
     }
+    if tx.count != 1:
+        # A summary of HTTP/2 streams reset before any response (a rapid-reset flood).
+        record["streams"] = tx.count
+    return record

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowtap.httpd.listen import parse_listen
 from flowtap.loader.features import FEATURES
 from flowtap.records.http import CAPTURE_LEVELS
 from flowtap.tls import plugins
@@ -22,6 +23,7 @@ from flowtap.tls import plugins
 #   ints, strs, paths       repeatable flag (append), a YAML list, comma-separated in env
 #   csv    a comma-separated string flag, a YAML list or string, stored as a tuple
 #   onoff  a flag taking on|off, a YAML boolean
+#   listen HOST:PORT or off (flowtap.httpd.listen), kept as the text given
 Kind = str
 
 
@@ -107,9 +109,10 @@ OPTIONS: tuple[Option, ...] = (
         "direction",
         "str",
         "all",
-        "which connections: egress, ingress or all",
+        "which connections: egress, ingress or all; egress-internal or egress-external: "
+        "outbound to private, loopback, link-local and CGNAT peers only, or to the others",
         flag="--direction",
-        choices=("egress", "ingress", "all"),
+        choices=("egress", "ingress", "all", "egress-internal", "egress-external"),
         group=_F,
     ),
     Option(
@@ -382,6 +385,17 @@ OPTIONS: tuple[Option, ...] = (
         group=_O,
     ),
     Option(
+        "httpd_listen",
+        "listen",
+        "127.0.0.1:10001",
+        "serve /healthz, /readyz and /metrics on this IP:PORT (Qtap's flag; "
+        "docs/endpoints.md), or off",
+        flag="--httpd-listen",
+        metavar="IP:PORT",
+        in_config=False,
+        group=_O,
+    ),
+    Option(
         "color",
         "str",
         "auto",
@@ -419,6 +433,12 @@ def _scalar(option: Option, text: str) -> Any:
         if not math.isfinite(number):
             raise SettingError(f"{text!r} is not a finite number")
         return number
+    if kind == "listen":
+        try:
+            address = parse_listen(text)
+        except ValueError as exc:
+            raise SettingError(str(exc)) from None
+        return "off" if address is None else text.strip()
     if kind == "path":
         if not text:
             raise SettingError("an empty path")

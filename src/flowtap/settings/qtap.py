@@ -316,8 +316,7 @@ def _filters(reader: _Reader, node: yaml.Node) -> tuple[ExeFilter, ...]:
     return tuple(filters)
 
 
-_DIRECTIONS = ("all", "egress", "ingress")
-_DIRECTIONS_LATER = ("egress-external", "egress-internal")
+_DIRECTIONS = ("all", "egress", "egress-external", "egress-internal", "ingress")
 
 
 def _tap(
@@ -344,10 +343,7 @@ def _tap(
         origins["exe_filters"] = reader.where(key_node, "tap.filters")
     if "direction" in fields:
         value = fields["direction"][1]
-        direction = reader.choice(value, "tap.direction", _DIRECTIONS + _DIRECTIONS_LATER)
-        if direction in _DIRECTIONS_LATER:
-            raise SettingError(f"{reader.where(value, 'tap.direction')}: {direction} {_NOT_YET}")
-        values["direction"] = direction
+        values["direction"] = reader.choice(value, "tap.direction", _DIRECTIONS)
         origins["direction"] = reader.where(value, "tap.direction")
     if "ignore_loopback" in fields:
         value = fields["ignore_loopback"][1]

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -208,9 +209,17 @@ class Pipeline:
         self.capacity = capacity
         sizes = capacities or {}
         self.workers = [SinkWorker(name, sink, sizes.get(name, capacity)) for name, sink in sinks]
+        self._observers: list[Callable[[Record], None]] = []
         self._closed = False
 
+    def observe(self, observer: Callable[[Record], None]) -> None:
+        """Called with every record on the consumer's thread, before the queues (the
+        endpoints' traffic counts): it must be quick and must not raise."""
+        self._observers.append(observer)
+
     def submit(self, record: Record) -> None:
+        for observer in self._observers:
+            observer(record)
         for worker in self.workers:
             worker.offer(record)
 

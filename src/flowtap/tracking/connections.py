@@ -43,6 +43,7 @@ class TrackerStats:
     opened: int = 0
     closed: int = 0
     opens_synthesized: int = 0
+    opens_lost: int = 0  # of those, the kernel's open event was lost (not a failed handshake)
     late_events: int = 0
     evicted: int = 0
     filtered: int = 0
@@ -58,7 +59,7 @@ class ConnectionTracker:
         *,
         accept_process: Callable[[ProcessInfo], bool] = lambda _info: True,
         clock: WallClock | None = None,
-        on_ended: Callable[[int, int], None] = lambda _conn_id, _timestamp_ns: None,
+        on_ended: Callable[[ConnClose], None] = lambda _event: None,
     ) -> None:
         self._registry = registry
         self._emit = emit
@@ -102,13 +103,14 @@ class ConnectionTracker:
             else:
                 # Never saw the open: the handshake failed, or its event was lost.
                 self.stats.opens_synthesized += 1
+                self.stats.opens_lost += event.open_lost
                 if entry.visible and entry.opened is not None:
                     self._emit(entry.opened)
         self._remember_closed(conn.conn_id)
         self.stats.closed += 1
         if not entry.visible or entry.opened is None:
             return
-        self._on_ended(conn.conn_id, event.timestamp_ns)  # its transactions come first
+        self._on_ended(event)  # its transactions come first
         error = errno_name(event.sock_error)
         first_tx = event.sniff if event.sniff_flow == "tx" else None
         first_rx = event.sniff if event.sniff_flow == "rx" else None

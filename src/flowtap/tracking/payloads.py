@@ -52,12 +52,18 @@ def _starts_http2(side: Side, data: bytes) -> bool:
     return len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\0\0\0\0"
 
 
+# A body's rest is worth a word to the kernel (a map update) only when it is this long.
+_MIN_SKIP = 64 << 10
+
+
 @dataclass(slots=True)
 class PayloadStats:
     bytes: int = 0
+    skipped_bytes: int = 0  # not copied by the kernel, as asked: past the body cap
     gaps: int = 0
     gap_bytes: int = 0
     parser_errors: int = 0
+    http2_header_limit: int = 0  # of parser_errors: an HTTP/2 header cap was hit
     transactions: int = 0
     unknown_connection: int = 0
     evicted: int = 0
@@ -71,9 +77,15 @@ class _Stream:
     next_tx: int = 0
     next_rx: int = 0
     failed: bool = False
+    # Positions before which the kernel was asked not to copy (this stream's positions).
+    skip_tx: int = 0
+    skip_rx: int = 0
 
 
 ConnectionLookup = Callable[[int], tuple[Record, Conn] | None]
+# Tells the kernel not to copy a connection's bytes (of the source carrying its HTTP)
+# before these positions (tx, rx); (0, 0) when the connection is over.
+SkipWriter = Callable[[int, int, int], None]
 
 
 class PayloadTracker:
@@ -85,9 +97,11 @@ class PayloadTracker:
         *,
         clock: WallClock | None = None,
         policy: CapturePolicy | None = None,
+        skip: SkipWriter | None = None,
     ) -> None:
         self._emit = emit
         self._lookup = lookup
+        self._skip = skip
         self._options = options
         self._policy = policy
         self._clock = clock or WallClock()
@@ -112,11 +126,18 @@ class PayloadTracker:
                 self._handle(stream, stream.parser.gap(side, event.position - expected))
         elif event.position < expected:
             data = data[expected - event.position :]  # already seen
-        end = max(expected, event.position + len(event.data))
+        end = max(expected, event.position + len(event.data) + event.skipped)
         if event.flow == "tx":
             stream.next_tx = end
         else:
             stream.next_rx = end
+        if event.skipped:
+            # Bytes the parser said it would not keep: counted, as a hole in a body.
+            skipped = end - max(expected, event.position)
+            self.stats.skipped_bytes += skipped
+            if stream.parser is not None and skipped > 0:
+                self._handle(stream, stream.parser.gap(side, skipped))
+            return
         if not data:
             return
         self.stats.bytes += len(data)
@@ -127,13 +148,48 @@ class PayloadTracker:
             keep = self._options.max_body_bytes if level == "full" else 0
             stream.parser = Http2Parser(max_body=keep) if h2 else Http1Parser(max_body=keep)
         self._handle(stream, stream.parser.feed(side, data, event.timestamp_ns))
+        self._ask_skip(event.conn_id, stream, event.flow)
 
-    def on_close(self, conn_id: int, timestamp_ns: int) -> None:
-        """The connection ended: what its parsers still hold becomes records now."""
+    def _ask_skip(self, conn_id: int, stream: _Stream, flow: Flow) -> None:
+        """A body past the cap: the kernel stops copying it and sends its length only."""
+        if self._skip is None or stream.parser is None or stream.failed:
+            return
+        skippable = stream.parser.skippable(_SIDES[(stream.direction, flow)])
+        if skippable < _MIN_SKIP:
+            return
+        before = (stream.skip_tx, stream.skip_rx)
+        if flow == "tx":
+            stream.skip_tx = stream.next_tx + skippable
+        else:
+            stream.skip_rx = stream.next_rx + skippable
+        if (stream.skip_tx, stream.skip_rx) != before:  # once per body, not per event
+            self._skip(conn_id, stream.skip_tx, stream.skip_rx)
+
+    def on_close(
+        self, conn_id: int, timestamp_ns: int, *, sent: int = 0, received: int = 0
+    ) -> None:
+        """The connection ended: what its parsers still hold becomes records now.
+        sent and received are its socket byte counts: socket bytes past the last ones
+        seen were lost (no later event shows that gap), and a body they end is complete."""
         for source in _CAPTURE_SOURCES:
             stream = self._streams.pop((conn_id, source), None)
-            if stream is not None and stream.parser is not None and not stream.failed:
+            if stream is None:
+                continue
+            if source == SOCKET_SOURCE:
+                self._trailing_gap(stream, "tx", sent - stream.next_tx)
+                self._trailing_gap(stream, "rx", received - stream.next_rx)
+            if stream.parser is not None and not stream.failed:
                 self._handle(stream, stream.parser.close(timestamp_ns))
+            if self._skip is not None and (stream.skip_tx or stream.skip_rx):
+                self._skip(conn_id, 0, 0)
+
+    def _trailing_gap(self, stream: _Stream, flow: Flow, missing: int) -> None:
+        if missing <= 0 or stream.parser is None or stream.failed:
+            return
+        self.stats.gaps += 1
+        self.stats.gap_bytes += missing
+        side = _SIDES[(stream.direction, flow)]
+        self._handle(stream, stream.parser.gap(side, missing))
 
     def _stream(self, conn_id: int, source: Source) -> _Stream | None:
         stream = self._streams.get((conn_id, source))
@@ -171,6 +227,8 @@ class PayloadTracker:
         if stream.parser is not None and stream.parser.failed and not stream.failed:
             stream.failed = True
             self.stats.parser_errors += 1
+            if isinstance(stream.parser, Http2Parser) and stream.parser.header_limit:
+                self.stats.http2_header_limit += 1
             log.debug(
                 "connection %d: parser gave up: %s",
                 stream.ctx.connection_id,
