@@ -603,3 +603,32 @@ print(json.dumps({{"event": "answer", "pid": os.getpid(), "status": answer[9:12]
     assert [base64.b64decode(m["raw"]).split(b" ")[1] for m in egress.received()] == [b"/fast"]
     stats = json.loads(egress.sensor.stats_file.read_text())["egress"]
     assert stats["timeouts_header"] == 1
+
+
+def test_descriptor_exhaustion_does_not_end_the_sensor(egress: Egress) -> None:
+    """A forwarded client holds more connections than the sensor has descriptors left
+    (its limit lowered while it runs: the proxy's cap was set from the limit at start, so
+    accept meets EMFILE); the sensor stopped meanwhile still exits cleanly with its drop
+    report and stats file, and says what ran out without a traceback."""
+    sensor = egress.sensor
+    in_use = len(list(Path(f"/proc/{sensor.pid}/fd").iterdir()))
+    limit = in_use + 64
+    subprocess.run(["prlimit", "--pid", str(sensor.pid), f"--nofile={limit}:{limit}"],
+                   check=True)  # fmt: skip
+    script = f"""
+import json, os, socket, sys, time
+held = []
+for _ in range(300):  # bounded: more than the 64 descriptors left, each proxied twice
+    held.append(socket.create_connection(({egress.host.address!r}, {HTTP_PORT}), timeout=10))
+print(json.dumps({{"event": "holding", "pid": os.getpid(), "count": len(held)}}), flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+    holder = egress.client([PYTHON, "-c", script, str(30 * TIMEOUT_SCALE)], stem="holder")
+    assert holder.wait_message("holding")["count"] == 300
+    # The proxy runs out of descriptors (it says so); the sensor is stopped while it is.
+    sensor.wait_log("the proxy cannot accept connections (")
+    stats = sensor.stop()
+    holder.kill()
+    assert stats["egress"]["accept_errors"] > 0, stats["egress"]
+    assert "exit summary" in sensor.stderr()
+    assert "Traceback" not in sensor.stderr()

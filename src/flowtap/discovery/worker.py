@@ -58,6 +58,9 @@ class DiscoveryWorker:
                     continue
             try:
                 job()
+            except OSError as exc:  # out of descriptors, a process gone: no traceback
+                self.failed += 1
+                log.warning("discovery job failed: %s", exc)
             except Exception:  # a job's failure must not end discovery
                 self.failed += 1
                 log.exception("discovery job failed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -26,8 +27,10 @@ def mounts(path: Path = Path("/proc/self/mounts")) -> list[tuple[str, str]]:
     return pairs
 
 
+@functools.cache
 def cgroup2_mount() -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup/unified on hybrid hosts)."""
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup/unified on hybrid hosts);
+    read once (it does not move), not at every scope check of a connection."""
     for fstype, point in mounts():
         if fstype == "cgroup2":
             return Path(point)

@@ -306,6 +306,15 @@ class EgressProxy:
         if self._client_process is not None:
             try:
                 pid = self._client_process(peer)
+            except OSError as exc:  # out of descriptors, /proc gone: the record is counted
+                self.stats.callback_errors += 1
+                self._warn(
+                    "lookup",
+                    "client processes not looked up (%s; %d so far): their records are "
+                    "counted as egress_callback_errors",
+                    exc,
+                    self.stats.callback_errors,
+                )
             except Exception:
                 self.stats.callback_errors += 1
                 log.exception("client process lookup failed")
