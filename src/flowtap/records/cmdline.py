@@ -34,25 +34,33 @@ _SECRET_HEADER = re.compile(
 _SECRET_NAME = re.compile(
     r"(pass(word|wd)?|token|secret|api[-_]?key|access[-_]?key|credential|auth)", re.I
 )
-# Authorization schemes worth keeping (an unknown first word may be the secret itself).
-_SCHEMES = frozenset(
+# Authorization schemes worth keeping (an unknown first word may be the secret itself),
+# on command lines and in HTTP records (records/http.py).
+AUTH_SCHEMES = frozenset(
     {
         "basic",
         "bearer",
         "digest",
         "negotiate",
         "ntlm",
-        "aws4-hmac-sha256",
+        "kerberos",
         "hoba",
         "mutual",
         "token",
+        "aws4-hmac-sha256",
+        "gssapi",
+        "scram-sha-1",
+        "scram-sha-256",
+        "vapid",
+        "dpop",
+        "privatetoken",
     }
 )
 _URL_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/@\s:]+):([^/@\s]*)@")
 _KEY_VALUE = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$", re.S)
 
 
-__all__ = ["REDACTED", "redact_cmdline", "redact_query"]
+__all__ = ["AUTH_SCHEMES", "REDACTED", "redact_cmdline", "redact_query"]
 
 
 def redact_query(target: str) -> str:
@@ -82,7 +90,7 @@ def _header(value: str) -> str:
     if (
         name.strip().lower() in ("authorization", "proxy-authorization")
         and len(scheme) == 2
-        and scheme[0].lower() in _SCHEMES
+        and scheme[0].lower() in AUTH_SCHEMES
     ):
         return f"{name}: {scheme[0]} {REDACTED}"
     return f"{name}: {REDACTED}"

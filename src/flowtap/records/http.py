@@ -13,7 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from flowtap.protocols.messages import Body, Request, Response, Transaction
-from flowtap.records.cmdline import redact_query
+from flowtap.records.cmdline import AUTH_SCHEMES, redact_query
 from flowtap.records.connection import Record, WallClock
 
 CaptureLevel = Literal["none", "summary", "headers", "full"]
@@ -41,26 +41,6 @@ _SECRET_PATTERN = re.compile(
 # authenticated. An unknown first word may be the credential itself: all of it goes.
 _SCHEMED = frozenset(
     {"authorization", "proxy-authorization", "www-authenticate", "proxy-authenticate"}
-)
-_SCHEMES = frozenset(
-    {
-        "basic",
-        "bearer",
-        "digest",
-        "negotiate",
-        "ntlm",
-        "kerberos",
-        "hoba",
-        "mutual",
-        "token",
-        "aws4-hmac-sha256",
-        "gssapi",
-        "scram-sha-1",
-        "scram-sha-256",
-        "vapid",
-        "dpop",
-        "privatetoken",
-    }
 )
 
 
@@ -102,9 +82,9 @@ def redact(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             redacted.append((name, value))
         elif lowered in _SCHEMED and " " in value.strip():
             scheme = value.strip().split(" ", 1)[0]
-            shown = f"{scheme} {REDACTED}" if scheme.lower() in _SCHEMES else REDACTED
+            shown = f"{scheme} {REDACTED}" if scheme.lower() in AUTH_SCHEMES else REDACTED
             redacted.append((name, shown))
-        elif lowered in _SCHEMED and value.strip().lower() in _SCHEMES:
+        elif lowered in _SCHEMED and value.strip().lower() in AUTH_SCHEMES:
             redacted.append((name, value))  # a scheme alone (WWW-Authenticate: Negotiate)
         else:
             redacted.append((name, REDACTED))

@@ -133,19 +133,7 @@ class _Compiler:
         ):
             raise RuleSyntaxError("'matches' takes a /regular expression/", node.column, self.text)
         fast = self._field_against_constant(node, test)
-        if fast is not None:
-            return fast
-
-        def compare(f: Fields) -> bool:
-            a, b = left(f), right(f)
-            if a is MISSING or b is MISSING or a is None or b is None:
-                return False
-            try:
-                return test(a, b)
-            except (TypeError, ValueError):
-                return False  # values of kinds that do not compare: not a match
-
-        return compare
+        return fast if fast is not None else _binary(test, left, right)
 
     def _field_against_constant(
         self, node: Compare, test: Callable[[object, object], bool]
@@ -193,24 +181,29 @@ class _Compiler:
             if len(node.args) != 2:
                 raise RuleSyntaxError(f"{name}() takes two arguments", node.column, self.text)
             first, second = (self.value(arg) for arg in node.args)
-            test = _zone if name == "in_zone" else _COMPARATORS[name]
-
-            def call(f: Fields) -> bool:
-                a, b = first(f), second(f)
-                if a is MISSING or b is MISSING or a is None or b is None:
-                    return False
-                try:
-                    return test(a, b)
-                except (TypeError, ValueError):
-                    return False
-
-            return call
+            return _binary(_zone if name == "in_zone" else _COMPARATORS[name], first, second)
         known = sorted({*self.macros, *_FUNCTIONS})
         raise RuleSyntaxError(
             f"unknown macro or function {node.name!r} (known: {', '.join(known)})",
             node.column,
             self.text,
         )
+
+
+def _binary(test: Callable[[object, object], bool], left: Value, right: Value) -> Predicate:
+    """test on two values; a missing one, or values of kinds that do not compare, is no
+    match (never an exception)."""
+
+    def binary(f: Fields) -> bool:
+        a, b = left(f), right(f)
+        if a is MISSING or b is MISSING or a is None or b is None:
+            return False
+        try:
+            return test(a, b)
+        except (TypeError, ValueError):
+            return False
+
+    return binary
 
 
 def _truthy(value: object) -> bool:
