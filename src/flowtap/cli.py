@@ -224,30 +224,46 @@ def run(args: argparse.Namespace) -> int:
         sensor.stop()
 
     pid_file = config.egress_state_dir / reload.PID_FILE
+    pid_written = False
     try:
         sensor.start()
-        _write_pid_file(config.egress_state_dir, pid_file)
+        pid_written = _write_pid_file(config.egress_state_dir, pid_file)
         sensor.run(stop)
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
-        finish()
-        return EXIT_USAGE if exc.errno_value is None else EXIT_FAILED
+        code = EXIT_USAGE if exc.errno_value is None else EXIT_FAILED
     except BaseException:
         finish()
+        _remove_pid_file(pid_file, pid_written)
         raise
-    finally:
-        safefile.remove(pid_file)
+    else:
+        code = EXIT_OK
     finish()
-    return EXIT_OK
+    # After finish(): the proxy's connections are closed, so descriptors are free again.
+    _remove_pid_file(pid_file, pid_written)
+    return code
 
 
-def _write_pid_file(state_dir: Path, pid_file: Path) -> None:
+def _write_pid_file(state_dir: Path, pid_file: Path) -> bool:
     """For `flowtap reload-config`: in the root-only state directory, so it can be trusted."""
     try:
         safefile.private_directory(state_dir)
         safefile.replace(pid_file, f"{os.getpid()}\n".encode())
     except OSError as exc:
         log.warning("cannot write %s (`flowtap reload-config` needs --pid): %s", pid_file, exc)
+        return False
+    return True
+
+
+def _remove_pid_file(pid_file: Path, written: bool) -> None:
+    """Only the pid file this sensor wrote (another sensor's, in a shared --state-dir, stays)."""
+    if not written:
+        return
+    try:
+        if pid_file.read_text().strip() == str(os.getpid()):
+            safefile.remove(pid_file)
+    except OSError as exc:  # a stale pid file is harmless: reload-config checks the process
+        log.warning("cannot remove %s: %s", pid_file, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

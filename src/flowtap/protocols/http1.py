@@ -208,6 +208,11 @@ class Http1Parser:
         """Why the parser gave up, or None."""
         return self._failed
 
+    def following(self, side: Side) -> bool:
+        """Whether bytes of ``side`` are still parsed (not after a tunnel, an upgrade,
+        a failure or a gap it waits to resync after): a lost tail matters only then."""
+        return self._failed is None and not self._closed and self._streams[side].stopped is None
+
     # -- public API -------------------------------------------------------------------
 
     def feed(self, side: Side, data: bytes, timestamp_ns: int) -> list[Transaction]:

@@ -316,6 +316,11 @@ class Http2Parser:
         """Every frame header matters (HPACK, stream state): nothing may be skipped."""
         return 0
 
+    def following(self, side: Side) -> bool:
+        """Whether bytes of ``side`` are still parsed."""
+        del side
+        return self._failed is None
+
     def gap(self, side: Side, missing: int) -> list[Transaction]:
         """``missing`` bytes of ``side`` were lost: HPACK state is unknown, give up."""
         if self._failed is not None or missing <= 0:

@@ -184,11 +184,15 @@ class PayloadTracker:
                 self._skip(conn_id, 0, 0)
 
     def _trailing_gap(self, stream: _Stream, flow: Flow, missing: int) -> None:
+        """Socket bytes past the last seen: lost, unless the parser no longer follows that
+        direction (a CONNECT tunnel, an upgrade: the kernel stops copying a TLS socket)."""
         if missing <= 0 or stream.parser is None or stream.failed:
+            return
+        side = _SIDES[(stream.direction, flow)]
+        if not stream.parser.following(side):
             return
         self.stats.gaps += 1
         self.stats.gap_bytes += missing
-        side = _SIDES[(stream.direction, flow)]
         self._handle(stream, stream.parser.gap(side, missing))
 
     def _stream(self, conn_id: int, source: Source) -> _Stream | None:
