@@ -105,6 +105,10 @@ class ObjectStore:
         import boto3  # noqa: PLC0415 - only runs that configure S3 pay for importing it
         from botocore.config import Config  # noqa: PLC0415
 
+        # botocore's debug log prints each request's Authorization header (the access key
+        # id) under -v: the libraries' own messages stay at warnings.
+        for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.settings = settings
         self.stats = ObjectStats()
         self._client: Any = boto3.client(
