@@ -59,34 +59,52 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def moto(tmp_path: Path) -> Iterator[str]:
-    """moto_server on a free loopback port; yields its host:port."""
-    port = _free_port()
-    log = (tmp_path / "moto.log").open("wb")
-    server = Path(sys.executable).with_name("moto_server")
-    popen = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
+class MotoServer:
+    """moto_server on a free loopback port."""
+
+    def __init__(self, log: Path) -> None:
+        port = _free_port()
+        self.endpoint = f"127.0.0.1:{port}"
+        self._log = log.open("wb")
+        server = Path(sys.executable).with_name("moto_server")
+        self.popen = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
         def accepts() -> bool:
-            assert popen.poll() is None, (tmp_path / "moto.log").read_text()
+            assert self.popen.poll() is None, log.read_text()
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
         wait_until(accepts, 20 * TIMEOUT_SCALE, "moto_server listening", interval=0.05)
-        yield f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(10 * TIMEOUT_SCALE)
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def moto_server(tmp_path: Path) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path / "moto.log")
+    try:
+        yield server
     finally:
-        popen.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(10)
-        if popen.poll() is None:
-            popen.kill()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def moto(moto_server: MotoServer) -> str:
+    """The server's host:port."""
+    return moto_server.endpoint
 
 
 def s3_client(endpoint: str) -> Any:
@@ -179,16 +197,23 @@ def test_bodies_and_headers_go_to_the_bucket_once(
         assert ACCESS not in text and SECRET not in text
 
 
-def test_a_bucket_refusing_writes_loses_objects_counted_not_records(
-    e2e: Lab, tmp_path: Path, moto: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fault", ["no such bucket", "server stopped"])
+def test_s3_refusing_writes_loses_objects_counted_not_records(
+    e2e: Lab, tmp_path: Path, moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     monkeypatch.setenv("FLOWTAP_S3_ACCESS_KEY", ACCESS)
     monkeypatch.setenv("FLOWTAP_S3_SECRET_KEY", SECRET)
+    bucket = "no-such-bucket"
+    if fault == "server stopped":
+        bucket = "flowtap-bodies"
+        s3_client(moto_server.endpoint).create_bucket(Bucket=bucket)
     _server, port = start_server(e2e, tmp_path)
-    s3 = ["--s3-endpoint", moto, "--s3-bucket", "no-such-bucket", "--s3-insecure"]
+    s3 = ["--s3-endpoint", moto_server.endpoint, "--s3-bucket", bucket, "--s3-insecure"]
     template = ["--s3-access-url", "https://objects.example/{{BUCKET}}/{{DIGEST}}"]
     extra = ["--direction", "egress", "--capture-level", "full", *s3, *template]
     sensor = e2e.sensor(extra=extra)
+    if fault == "server stopped":
+        moto_server.stop()
     bodies = ["a" * 10, "b" * 20, "c" * 30]  # distinct lengths: distinct headers too
     for body in bodies:
         post(e2e, port, body)
@@ -197,7 +222,7 @@ def test_a_bucket_refusing_writes_loses_objects_counted_not_records(
     records = sensor.http_records()
 
     assert [r["request"]["body_url"] for r in records] == [
-        f"https://objects.example/no-such-bucket/{sha(body.encode())}" for body in bodies
+        f"https://objects.example/{bucket}/{sha(body.encode())}" for body in bodies
     ]
     urls = {
         part[key]
@@ -206,11 +231,18 @@ def test_a_bucket_refusing_writes_loses_objects_counted_not_records(
         for key in ("body_url", "headers_url")
     }
     assert len(urls) == 12  # every object differs: each is one failed upload
-    assert stats["objects"] == {"uploaded": 0, "deduplicated": 0, "errors": 12, "dropped": 0}
-    assert stats["drops"]["object_upload_errors"] == 12
+    objects = stats["objects"]
+    assert (objects["uploaded"], objects["deduplicated"]) == (0, 0)
+    # Each object failed, or (a server that is gone, retried) was still queued at exit.
+    assert objects["errors"] + objects["dropped"] == 12
+    assert objects["errors"] >= 1
+    if fault == "no such bucket":
+        assert objects["errors"] == 12
+    assert stats["drops"]["object_upload_errors"] == objects["errors"]
+    assert stats["drops"]["object_upload_dropped"] == objects["dropped"]
     log = sensor.stderr()
-    warnings = log.count("could not upload an object to s3 bucket no-such-bucket")
+    warnings = log.count(f"could not upload an object to s3 bucket {bucket}")
     assert 1 <= warnings < 12, log  # rate-limited
-    assert "NoSuchBucket" in log
+    assert ("NoSuchBucket" if fault == "no such bucket" else "EndpointConnectionError") in log
     assert ACCESS not in log and SECRET not in log
     assert ACCESS not in sensor.output.read_text()
