@@ -121,6 +121,8 @@ class ObjectStore:
         self._queue: queue.Queue[object] = queue.Queue(capacity)
         self._known: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()  # _known and stats: both threads
+        self._in_flight = False  # an upload is under way (counted lost if abandoned)
+        self._abandoned = False  # the exit's wait ran out: nothing more is counted
         self._failing = False
         self._failed_since_warning = 0
         self._next_warning = 0.0
@@ -150,15 +152,26 @@ class ObjectStore:
             assert isinstance(item, tuple)
             digest: str = item[0]
             data: bytes = item[1]
+            with self._lock:
+                if self._abandoned:  # taken after close() gave up: lost, counted here
+                    self.stats.dropped += 1
+                    continue
+                self._in_flight = True
             try:
                 self._client.put_object(Bucket=self.settings.bucket, Key=digest, Body=data)
             except Exception as exc:  # any failure is counted, never fatal
                 with self._lock:
+                    self._in_flight = False
+                    if self._abandoned:
+                        continue  # already counted dropped by close()
                     self.stats.errors += 1
                     self._known.pop(digest, None)  # the next reference tries again
                 self._failed(exc)
                 continue
             with self._lock:
+                self._in_flight = False
+                if self._abandoned:
+                    continue
                 self.stats.uploaded += 1
             if self._failing:
                 self._failing = False
@@ -197,7 +210,9 @@ class ObjectStore:
         self._thread.join(max(deadline - time.monotonic(), 0.0))
         if not self._thread.is_alive():
             return
-        lost = 0
+        with self._lock:
+            self._abandoned = True
+            lost = int(self._in_flight)
         while True:
             try:
                 item = self._queue.get_nowait()
