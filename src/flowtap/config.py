@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
@@ -116,6 +117,20 @@ class SensorConfig:
             self.s3_secret_key,
         )
 
+    def _validate_s3(self) -> None:
+        settings = self.s3_settings()
+        assert settings is not None
+        parts = urlsplit(settings.endpoint_url)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise ConfigError(
+                f"{self._src('s3_endpoint')} {self.s3_endpoint!r}: not an S3 endpoint; "
+                "use HOST:PORT (https, or http with --s3-insecure) or an http(s):// URL"
+            )
+
     def validate(self) -> None:
         for pid in self.pids:
             if pid <= 0:
@@ -154,6 +169,8 @@ class SensorConfig:
                 f"{self._src('s3_endpoint')} and {self._src('s3_bucket')}: an S3 object store "
                 "needs both an endpoint and a bucket"
             )
+        if self.s3_endpoint:
+            self._validate_s3()
         if self.egress:
             self._validate_egress()
         elif self.egress_cgroup is not None or self.trust_store is not None:

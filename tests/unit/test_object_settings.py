@@ -56,6 +56,10 @@ def test_flags_and_the_default_url() -> None:
     assert _config().s3_settings() is None  # the default: bodies inline
     with pytest.raises(ConfigError, match="needs both an endpoint and a bucket"):
         _config("--s3-endpoint", "s3.example:443").validate()
+    for endpoint in ("s3.example:port", "ftp://s3.example", ":9000"):
+        with pytest.raises(ConfigError, match="not an S3 endpoint; use HOST:PORT"):
+            _config("--s3-endpoint", endpoint, "--s3-bucket", "b").validate()
+    _config("--s3-endpoint", "http://127.0.0.1:9000", "--s3-bucket", "b").validate()
 
 
 def test_keys_from_flowtap_variables_else_boto3s_chain() -> None:

@@ -386,7 +386,8 @@ OPTIONS: tuple[Option, ...] = (
         "s3_access_url",
         "str",
         "{endpoint}/{bucket}/{digest}",
-        "object store: the URL records carry for an object",
+        "object store: the URL records carry for an object: {endpoint} {bucket} {digest}, "
+        "or Qtap's {{ENDPOINT}} {{BUCKET}} {{DIGEST}}",
         flag="--s3-access-url",
         metavar="TEMPLATE",
         group=_O,
