@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
 from flowtap.records.http import CaptureLevel
 from flowtap.records.policy import CaptureRule, EndpointCapture
 from flowtap.settings.options import BY_NAME
+from flowtap.sinks.objects import DEFAULT_ACCESS_URL, S3Settings, Secret
 from flowtap.tls import plugins
 from flowtap.tracking.exe_filters import ExeFilter
 
@@ -68,6 +70,14 @@ class SensorConfig:
     store: Path | None = None
     store_max_age: float = 0.0
     store_max_bytes: int = 0
+    # services.object_stores s3 (sinks/objects.py); the keys only from the file or env.
+    s3_endpoint: str = ""
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_insecure: bool = False
+    s3_access_url: str = DEFAULT_ACCESS_URL
+    s3_access_key: Secret | None = None
+    s3_secret_key: Secret | None = None
     ring_buffer_bytes: int = 8 << 20
     max_connections: int = 65536
     egress: bool = False
@@ -92,6 +102,34 @@ class SensorConfig:
         if name in self.origins:
             return self.origins[name]
         return label or BY_NAME[name].flag or name
+
+    def s3_settings(self) -> S3Settings | None:
+        """The S3 object store, if one is configured (else bodies stay inline)."""
+        if not self.s3_endpoint:
+            return None
+        return S3Settings(
+            self.s3_endpoint,
+            self.s3_bucket,
+            self.s3_region,
+            self.s3_insecure,
+            self.s3_access_url,
+            self.s3_access_key,
+            self.s3_secret_key,
+        )
+
+    def _validate_s3(self) -> None:
+        settings = self.s3_settings()
+        assert settings is not None
+        parts = urlsplit(settings.endpoint_url)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise ConfigError(
+                f"{self._src('s3_endpoint')} {self.s3_endpoint!r}: not an S3 endpoint; "
+                "use HOST:PORT (https, or http with --s3-insecure) or an http(s):// URL"
+            )
 
     def validate(self) -> None:
         for pid in self.pids:
@@ -126,6 +164,13 @@ class SensorConfig:
             )
         if not math.isfinite(self.stats_interval_s) or self.stats_interval_s <= 0:
             raise ConfigError("stats interval must be positive (seconds)")
+        if bool(self.s3_endpoint) != bool(self.s3_bucket):
+            raise ConfigError(
+                f"{self._src('s3_endpoint')} and {self._src('s3_bucket')}: an S3 object store "
+                "needs both an endpoint and a bucket"
+            )
+        if self.s3_endpoint:
+            self._validate_s3()
         if self.egress:
             self._validate_egress()
         elif self.egress_cgroup is not None or self.trust_store is not None:

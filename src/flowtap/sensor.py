@@ -49,6 +49,7 @@ from flowtap.records.http import HttpRecordOptions
 from flowtap.records.policy import CapturePolicy
 from flowtap.settings.reload import ConfigWatcher
 from flowtap.sinks.base import Sink
+from flowtap.sinks.objects import ObjectStore
 from flowtap.sinks.pipeline import Pipeline
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
@@ -127,7 +128,12 @@ class Sensor:
         self._links: list[BpfLink] = []
         self._ring: RingBuffer | None = None
         self._cgroup_fd: int | None = None
-        base = HttpRecordOptions(config.capture_level, config.max_body_bytes, config.redact)
+        # The S3 object store: bodies and headers at level full (sinks/objects.py).
+        s3 = config.s3_settings()
+        self.objects = ObjectStore(s3) if s3 is not None else None
+        base = HttpRecordOptions(
+            config.capture_level, config.max_body_bytes, config.redact, self.objects
+        )
         self._policy = CapturePolicy(
             base, config.http_rules, config.rule_macros, config.http_endpoints
         )
@@ -595,7 +601,7 @@ class Sensor:
                 "capture level none and does not copy payloads; restart flowtap to apply it"
             )
             return False
-        base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact)
+        base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact, self.objects)
         try:
             policy = CapturePolicy(base, new.http_rules, new.rule_macros, new.http_endpoints)
         except ValueError as exc:  # the file's check passed, so this is a bug: keep running
@@ -770,6 +776,9 @@ class Sensor:
         report["decode_errors"] = self.counters.decode_errors
         report["sink_errors"] = self._pipeline.errors()
         report["sink_dropped"] = sum(self._pipeline.dropped().values())
+        if self.objects is not None:
+            report["object_upload_errors"] = self.objects.stats.errors
+            report["object_upload_dropped"] = self.objects.stats.dropped
         report["late_events"] = self.tracker.stats.late_events
         report["tracker_evicted"] = self.tracker.stats.evicted
         report["closes_lost"] = self.tracker.stats.lost
@@ -838,6 +847,8 @@ class Sensor:
                 for name, st in self._pipeline.stats().items()
             },
         }
+        if self.objects is not None:
+            stats["objects"] = dataclasses.asdict(self.objects.stats)
         if self.config.http_rules or self.config.http_endpoints:  # what each rule chose
             stats["capture_rules"] = dict(self._policy.chosen)
         if self.config_watcher is not None:
@@ -955,6 +966,8 @@ class Sensor:
                 self.tracker.close_remaining(still_open)
                 self.tracker.close_lost(time.monotonic_ns())
                 self._pipeline.close()  # bounded: every count is final after it
+                if self.objects is not None:
+                    self.objects.close()  # bounded too
                 report = self.report_drops(final=True)
                 self._write_stats(report)
         finally:

@@ -7,9 +7,10 @@ Levels follow Qtap: `none` (no record), `summary` (method, URL, status, sizes), 
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from flowtap.protocols.messages import Body, Request, Response, Transaction
@@ -44,11 +45,19 @@ _SCHEMED = frozenset(
 )
 
 
+class ObjectPut(Protocol):
+    """An object store (sinks/objects.py): the URL the bytes will have, None if not taken."""
+
+    def put(self, data: bytes) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class HttpRecordOptions:
     level: CaptureLevel = "summary"
     max_body_bytes: int = 64 << 10
     redact: bool = True
+    # At level full, bodies and headers go here and the record carries their URLs.
+    objects: ObjectPut | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,27 @@ def _add_detail(
     if options.level in ("headers", "full"):
         shown = redact(headers) if options.redact else headers
         part["headers"] = [[name, value] for name, value in shown]
-    if options.level == "full":
+    if options.level == "full" and options.objects is not None:
+        _to_objects(part, body, options, options.objects)
+    elif options.level == "full":
         part["body"], part["body_truncated"] = _body(body, options)
+
+
+def _to_objects(part: Record, body: Body, options: HttpRecordOptions, store: ObjectPut) -> None:
+    """The captured body and the (redacted) headers as objects: body_url and headers_url.
+    Bytes the store cannot take stay inline, and the record says so (body_object_error)."""
+    kept = bytes(body.data[: options.max_body_bytes])
+    part["body_truncated"] = body.truncated or len(kept) < body.size
+    url = store.put(kept) if kept else None
+    if url is not None:
+        part["body_url"] = url
+    else:
+        part["body"] = base64.b64encode(kept).decode("ascii")
+        if kept:
+            part["body_object_error"] = "upload queue full"
+    headers_url = store.put(json.dumps(part["headers"], separators=(",", ":")).encode())
+    if headers_url is not None:
+        part["headers_url"] = headers_url
 
 
 def http_record(

@@ -359,6 +359,40 @@ OPTIONS: tuple[Option, ...] = (
         group=_O,
     ),
     Option(
+        "s3_endpoint",
+        "str",
+        "",
+        "object store: at --capture-level full, bodies and headers go to this S3 endpoint "
+        "(host:port or URL) as objects named by their sha256; records carry their URLs. "
+        "Keys from FLOWTAP_S3_ACCESS_KEY/FLOWTAP_S3_SECRET_KEY or AWS_ACCESS_KEY_ID/"
+        "AWS_SECRET_ACCESS_KEY (docs/outputs.md)",
+        flag="--s3-endpoint",
+        metavar="HOST:PORT",
+        group=_O,
+    ),
+    Option("s3_bucket", "str", "", "object store: the bucket", flag="--s3-bucket", group=_O),
+    Option(
+        "s3_region", "str", "us-east-1", "object store: the region", flag="--s3-region", group=_O
+    ),
+    Option(
+        "s3_insecure",
+        "bool",
+        False,
+        "object store: plain http to the endpoint (a local S3 server)",
+        flag="--s3-insecure",
+        group=_O,
+    ),
+    Option(
+        "s3_access_url",
+        "str",
+        "{endpoint}/{bucket}/{digest}",
+        "object store: the URL records carry for an object: {endpoint} {bucket} {digest}, "
+        "or Qtap's {{ENDPOINT}} {{BUCKET}} {{DIGEST}}",
+        flag="--s3-access-url",
+        metavar="TEMPLATE",
+        group=_O,
+    ),
+    Option(
         "ready_file",
         "path",
         None,

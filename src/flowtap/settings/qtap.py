@@ -1,10 +1,10 @@
 """Qtap's configuration format (version 2): the parts this build implements.
 
 `stacks.<name>.plugins[]` with an `http_capture` plugin (`level`, `format`, `rules`),
-`tap.http.stack`, `tap.direction`, `tap.ignore_loopback`, `rulekit.macros` and the
-`stdout` event and object stores. Anything else Qtap knows is refused by name (never
-ignored: a filter silently dropped would capture what the user meant to exclude), and any
-other key gets a "did you mean".
+`tap.http.stack`, `tap.direction`, `tap.ignore_loopback`, `rulekit.macros`, the `stdout`
+event store and the `stdout` and `s3` object stores. Anything else Qtap knows is refused by
+name (never ignored: a filter silently dropped would capture what the user meant to
+exclude), and any other key gets a "did you mean".
 """
 
 from __future__ import annotations
@@ -22,11 +22,19 @@ from flowtap.rules.evaluate import compile_rule
 from flowtap.rules.fields import is_known
 from flowtap.rules.syntax import RuleSyntaxError, compile_regex
 from flowtap.settings.options import SettingError
+from flowtap.sinks.objects import Secret
 from flowtap.tracking.exe_filters import GROUPS, STRATEGIES, ExeFilter, Strategy, group_filters
 
 TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit")
 # SensorConfig fields that only the file sets: rules have no flag or variable.
-FILE_ONLY = ("http_rules", "rule_macros", "exe_filters", "http_endpoints")
+FILE_ONLY = (
+    "http_rules",
+    "rule_macros",
+    "exe_filters",
+    "http_endpoints",
+    "s3_access_key",
+    "s3_secret_key",
+)
 # Qtap's names for capture levels; `details` is Qtap's word for headers.
 _LEVELS: dict[str, CaptureLevel] = {
     **{level: level for level in CAPTURE_LEVELS},
@@ -106,7 +114,7 @@ def load(path: str, root: yaml.MappingNode, plain: Callable[[yaml.Node], Any]) -
                 f"{reader.where(value, 'version')}: {plain(value)!r}: this build reads version 2"
             )
     if "services" in sections:
-        _services(reader, sections["services"][1])
+        _services(reader, sections["services"][1], values, origins)
     macros: dict[str, str] = {}
     if "rulekit" in sections:
         macros = _macros(reader, sections["rulekit"][1])
@@ -120,11 +128,16 @@ def load(path: str, root: yaml.MappingNode, plain: Callable[[yaml.Node], Any]) -
     return QtapSettings(values, origins)
 
 
-def _services(reader: _Reader, node: yaml.Node) -> None:
+def _services(
+    reader: _Reader, node: yaml.Node, values: dict[str, Any], origins: dict[str, str]
+) -> None:
     fields = reader.mapping(node, "services", ("event_stores", "object_stores"))
     for name, (_key, value) in fields.items():
         for index, item in enumerate(reader.sequence(value, f"services.{name}")):
             dotted = f"services.{name}[{index}]"
+            if name == "object_stores":
+                _object_store(reader, item, dotted, values, origins)
+                continue
             store = reader.mapping(item, dotted, ("type", "id"))
             if "type" not in store:
                 raise SettingError(f"{reader.where(item, dotted)}: needs a type")
@@ -134,6 +147,57 @@ def _services(reader: _Reader, node: yaml.Node) -> None:
                     f"{reader.where(store['type'][1], dotted + '.type')}: {kind!r}: this build "
                     "has the stdout store only (use --output-file for a JSON-lines file)"
                 )
+
+
+_S3_KEYS = ("endpoint", "bucket", "region", "insecure", "access_url")
+
+
+def _object_store(
+    reader: _Reader, item: yaml.Node, dotted: str, values: dict[str, Any], origins: dict[str, str]
+) -> None:
+    """`stdout` (bodies inline, the default) or `s3` (sinks/objects.py): one s3 store."""
+    known = ("type", "id", *_S3_KEYS, "access_key", "secret_key")
+    store = reader.mapping(item, dotted, known)
+    if "type" not in store:
+        raise SettingError(f"{reader.where(item, dotted)}: needs a type")
+    kind = reader.choice(store["type"][1], f"{dotted}.type", ("stdout", "s3"))
+    extra = sorted(set(store) - {"type", "id"})
+    if kind == "stdout":
+        if extra:
+            raise SettingError(f"{reader.where(item, dotted)}: {extra[0]}: only for type s3")
+        return
+    if "s3_endpoint" in values:
+        raise SettingError(f"{reader.where(item, dotted)}: this build takes one s3 object store")
+    for key in ("endpoint", "bucket"):
+        if key not in store:
+            raise SettingError(f"{reader.where(item, dotted)}: an s3 store needs {key}")
+    where = reader.where(item, dotted)
+    for key in _S3_KEYS:
+        if key not in store:
+            continue
+        node = store[key][1]
+        if key == "insecure":
+            flag = reader.plain(node)
+            if not isinstance(flag, bool):
+                raise SettingError(f"{reader.where(node, dotted + '.insecure')}: true or false")
+            values["s3_insecure"] = flag
+        else:
+            values[f"s3_{key}"] = reader.string(node, f"{dotted}.{key}")
+        origins[f"s3_{key}"] = f"{where}.{key}"
+    for key in ("access_key", "secret_key"):
+        if key in store:
+            values[f"s3_{key}"] = _secret(reader, store[key][1], f"{dotted}.{key}")
+            origins[f"s3_{key}"] = f"{where}.{key}"
+
+
+def _secret(reader: _Reader, node: yaml.Node, dotted: str) -> Secret:
+    """Qtap's value source: {type: env, value: NAME} or {type: text, value: ...}."""
+    fields = reader.mapping(node, dotted, ("type", "value"))
+    if "type" not in fields or "value" not in fields:
+        raise SettingError(f"{reader.where(node, dotted)}: needs a type (env or text) and a value")
+    kind = reader.choice(fields["type"][1], f"{dotted}.type", ("env", "text"))
+    value = reader.string(fields["value"][1], f"{dotted}.value")
+    return Secret(env=value) if kind == "env" else Secret(text=value)
 
 
 def _macros(reader: _Reader, node: yaml.Node) -> dict[str, str]:
