@@ -55,13 +55,14 @@ class OtelSettings:
 
 def parse_headers(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """K=V strings (flags, environment) as pairs; the message never repeats a value."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
+            # Not echoed: "Authorization: Bearer ..." written with a colon is a secret.
             raise ValueError(
-                f"an OTLP header must be KEY=VALUE (got one starting {key.strip()[:20]!r}); "
-                "give --otel-header once per header"
+                f"OTLP header {len(pairs) + 1} is not KEY=VALUE (its text is not shown: it "
+                "may be a secret); give each header as --otel-header KEY=VALUE"
             )
         pairs.append((key.strip().lower(), value.strip()))
     return tuple(pairs)
