@@ -6,6 +6,8 @@ with no kernel involved. It shows what the consumer can take before the ring buf
 Run: .venv/bin/python -m bench.consumer [--transactions N] [--level summary|headers|full]
      [--rules N]  (also with N capture rules that match nothing: the ratio is their cost)
      [--store]    (also with the SQLite store as a second sink: the ratio is its cost)
+     [--otel]     (also with the otel sink sending to a loopback OTLP/gRPC receiver, and
+                  with --store: with both sinks beside stdout)
 Each run lasts until every sink has written every record (sinks/pipeline.py).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ from flowtap.records.policy import CaptureRule
 from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink
 from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.sinks.otel import OtelSettings, OtelSink
 from flowtap.sinks.pipeline import BatchSink, Pipeline
 from flowtap.store.sink import StoreSink
 
@@ -100,7 +104,11 @@ def _rules(count: int) -> tuple[CaptureRule, ...]:
 
 
 def _run(
-    config: SensorConfig, raw: list[bytes], btf: Btf, store: Path | None = None
+    config: SensorConfig,
+    raw: list[bytes],
+    btf: Btf,
+    store: Path | None = None,
+    otel_port: int | None = None,
 ) -> tuple[float, Sensor, Pipeline]:
     """Until every sink has written every record: queues large enough that none is dropped
     (this measures throughput, not what a full queue costs)."""
@@ -109,6 +117,9 @@ def _run(
     ]
     if store is not None:
         sinks.append(("store", StoreSink(store)))
+    if otel_port is not None:
+        settings = OtelSettings(f"127.0.0.1:{otel_port}", insecure=True, queue=len(raw) + 10)
+        sinks.append(("otel", OtelSink(settings)))
     pipeline = Pipeline(sinks, capacity=len(raw) + 10, flush_s=3600.0)
     sensor = Sensor(config, pipeline)
     sensor._decoder = EventDecoder(btf)  # the decoder start() would set up
@@ -120,6 +131,18 @@ def _run(
     elapsed = time.perf_counter() - start
     print(f"  the consumer itself took {consumed:.2f} s of it", file=sys.stderr)
     return elapsed, sensor, pipeline
+
+
+# A loopback OTLP/gRPC receiver (the tests'): prints its port, ends when stdin closes.
+_RECEIVER = """
+import sys
+from tests.e2e.otlp_receiver import GrpcReceiver
+receiver = GrpcReceiver()
+receiver.start()
+print(receiver.port, flush=True)
+sys.stdin.read()
+receiver.stop()
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +161,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also run with N capture rules that match nothing, and print the ratio",
     )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run with the otel sink (to a loopback OTLP/gRPC receiver), and print "
+        "the ratio; with --store, also with both",
+    )
     args = parser.parse_args(argv)
+    receiver: subprocess.Popen[str] | None = None
+    otel_port = 0
+    if args.otel:
+        # The receiver runs in its own process: its decoding must not share our core.
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", _RECEIVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert receiver.stdout is not None
+        otel_port = int(receiver.stdout.readline())
     obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
     workdir = Path(tempfile.mkdtemp(prefix="flowtap-bench-"))
     try:
@@ -150,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((f"{args.rules} rules", config))
         if args.store:
             runs.append(("with --store", SensorConfig(capture_level=args.level)))
+        if args.otel:
+            runs.append(("with otel", SensorConfig(capture_level=args.level)))
+            if args.store:
+                runs.append(("with --store and otel", SensorConfig(capture_level=args.level)))
         rates: list[float] = []
         for name, config in runs:
-            store = workdir / f"{len(rates)}.db" if name == "with --store" else None
-            elapsed, sensor, pipeline = _run(config, raw, btf, store)
+            store = workdir / f"{len(rates)}.db" if "--store" in name else None
+            port = otel_port if "otel" in name else None
+            elapsed, sensor, pipeline = _run(config, raw, btf, store, port)
             lost = {
                 k: (v.errors, v.dropped)
                 for k, v in pipeline.stats().items()
@@ -178,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         obj.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        if receiver is not None:
+            receiver.communicate("", timeout=30)  # its stdin closed: it ends
     if args.rules:
         print(f"ratio with {args.rules} rules / without: {rates[1] / rates[0]:.2f}")
-    if args.store:
-        print(f"ratio with --store / stdout alone: {rates[-1] / rates[0]:.2f}")
+    for (name, _config), rate in zip(runs, rates, strict=True):
+        if "--store" in name or "otel" in name:
+            print(f"ratio {name} / stdout alone: {rate / rates[0]:.2f}")
     return 0
 
 

@@ -27,6 +27,7 @@ from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.sinks.otel import OtelSettings, OtelSink, parse_headers
 from flowtap.sinks.pipeline import BatchSink, Pipeline
 from flowtap.store import commands as store_commands
 from flowtap.store.db import StoreError
@@ -134,7 +135,29 @@ def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
     sinks: list[tuple[str, Sink | BatchSink]] = [(name, make_sink(settings))]
     if settings["store"] is not None:
         sinks.append(("store", store_sink(settings)))
+    if settings["otel_endpoint"] is not None:
+        sinks.append(("otel", otel_sink(settings)))
     return Pipeline(sinks, capacity=capacity)
+
+
+def otel_sink(settings: Mapping[str, object]) -> BatchSink:
+    """The otel event store from its settings (flags, environment, Qtap's file)."""
+    headers = settings["otel_headers"]
+    assert isinstance(headers, tuple | list)
+    protocol = settings["otel_protocol"]
+    assert protocol in ("grpc", "http")
+    ca_file = settings["otel_ca_file"]
+    return OtelSink(
+        OtelSettings(
+            endpoint=str(settings["otel_endpoint"]),
+            protocol=protocol,
+            headers=parse_headers([str(item) for item in headers]),
+            service_name=str(settings["otel_service_name"]),
+            environment=str(settings["otel_environment"]),
+            insecure=bool(settings["otel_insecure"]),
+            ca_file=None if ca_file is None else str(ca_file),
+        )
+    )
 
 
 def config_from_args(
@@ -200,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     except BpfError as exc:
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:  # ValueError: an otel setting
         print(f"flowtap: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:

@@ -137,8 +137,19 @@ def test_policy_of_the_example_picks_each_level() -> None:
             ":7: stacks.s.plugins[0].config.rules[0].expr: column 1: unknown field",
         ),
         (
-            "services:\n  event_stores:\n    - type: otel\n",
-            ":3: services.event_stores[0].type: 'otel': this build has the stdout store only",
+            "services:\n  event_stores:\n    - type: kafka\n",
+            ":3: services.event_stores[0].type: 'kafka': this build has the stdout and otel stores "
+            "only",
+        ),
+        (
+            "services:\n  event_stores:\n    - type: otel\n      protocol: grpc\n",
+            ":3: services.event_stores[0]: an otel store needs an endpoint",
+        ),
+        (
+            "services:\n  event_stores:\n    - type: otel\n      endpoint: h:1\n"
+            "      headers:\n        api-key:\n"
+            "          type: env\n          value: NO_SUCH_VAR_X\n",
+            ":7: services.event_stores[0].headers.api-key: the environment has no NO_SUCH_VAR_X",
         ),
         (
             "rulekit:\n  macros:\n    - name: a\n      expr: a()\n",
@@ -259,3 +270,29 @@ def test_endpoint_stacks_must_write_the_same_format(tmp_path: Path) -> None:
         f"{path}:18: tap.endpoints[0].http.stack: its http_capture format is text, the "
         "tap.http.stack's is json: flowtap writes one format; make them the same"
     )
+
+
+def test_the_otel_event_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qtap's `type: otel` event store becomes the --otel-* settings; a header's secret
+    may come from the environment."""
+    monkeypatch.setenv("FLOWTAP_TEST_OTEL_KEY", "k-secret")
+    path = _write(
+        tmp_path,
+        "services:\n  event_stores:\n    - type: stdout\n    - type: otel\n"
+        "      endpoint: collector:4318\n      protocol: http\n"
+        "      service_name: edge\n      environment: prod\n"
+        "      headers:\n        x-tenant: t1\n"
+        "        api-key:\n          type: env\n          value: FLOWTAP_TEST_OTEL_KEY\n"
+        "      tls:\n        insecure: false\n        ca_file: /etc/ca.pem\n",
+    )
+    values, origins = yamlfile.load(path)
+    assert {k: v for k, v in values.items() if k.startswith("otel_")} == {
+        "otel_endpoint": "collector:4318",
+        "otel_protocol": "http",
+        "otel_service_name": "edge",
+        "otel_environment": "prod",
+        "otel_headers": ("x-tenant=t1", "api-key=k-secret"),
+        "otel_insecure": False,
+        "otel_ca_file": Path("/etc/ca.pem"),
+    }
+    assert origins["otel_endpoint"] == f"{path}:5: services.event_stores[1].endpoint"

@@ -2,16 +2,18 @@
 
 `stacks.<name>.plugins[]` with an `http_capture` plugin (`level`, `format`, `rules`),
 `tap.http.stack`, `tap.direction`, `tap.ignore_loopback`, `rulekit.macros`, the `stdout`
-event store and the `stdout` and `s3` object stores. Anything else Qtap knows is refused by
-name (never ignored: a filter silently dropped would capture what the user meant to
-exclude), and any other key gets a "did you mean".
+and `otel` event stores and the `stdout` and `s3` object stores. Anything else Qtap knows is
+refused by name (never ignored: a filter silently dropped would capture what the user meant
+to exclude), and any other key gets a "did you mean".
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -115,6 +117,7 @@ def load(path: str, root: yaml.MappingNode, plain: Callable[[yaml.Node], Any]) -
             )
     if "services" in sections:
         _services(reader, sections["services"][1], values, origins)
+        _otel_store(reader, sections["services"][1], values, origins)
     macros: dict[str, str] = {}
     if "rulekit" in sections:
         macros = _macros(reader, sections["rulekit"][1])
@@ -138,14 +141,17 @@ def _services(
             if name == "object_stores":
                 _object_store(reader, item, dotted, values, origins)
                 continue
+            if name == "event_stores" and _store_type(reader, item) == "otel":
+                continue  # read by _otel_store
             store = reader.mapping(item, dotted, ("type", "id"))
             if "type" not in store:
                 raise SettingError(f"{reader.where(item, dotted)}: needs a type")
             kind = reader.string(store["type"][1], f"{dotted}.type")
             if kind != "stdout":
+                has = "stdout and otel stores" if name == "event_stores" else "stdout store"
                 raise SettingError(
                     f"{reader.where(store['type'][1], dotted + '.type')}: {kind!r}: this build "
-                    "has the stdout store only (use --output-file for a JSON-lines file)"
+                    f"has the {has} only (use --output-file for a JSON-lines file)"
                 )
 
 
@@ -198,6 +204,89 @@ def _secret(reader: _Reader, node: yaml.Node, dotted: str) -> Secret:
     kind = reader.choice(fields["type"][1], f"{dotted}.type", ("env", "text"))
     value = reader.string(fields["value"][1], f"{dotted}.value")
     return Secret(env=value) if kind == "env" else Secret(text=value)
+
+
+def _store_type(reader: _Reader, item: yaml.Node) -> object:
+    if not isinstance(item, yaml.MappingNode):
+        return None
+    return next((reader.plain(v) for k, v in item.value if reader.plain(k) == "type"), None)
+
+
+_OTEL_KEYS = ("type", "id", "endpoint", "protocol", "headers", "service_name", "environment", "tls")
+
+
+def _otel_store(
+    reader: _Reader, node: yaml.Node, values: dict[str, Any], origins: dict[str, str]
+) -> None:
+    """`services.event_stores: - type: otel` as the --otel-* settings (sinks/otel.py).
+    A header's value is text, or Qtap's {type: env, value: VARIABLE} for a secret kept
+    out of the file; values are never echoed in messages."""
+    fields = reader.mapping(node, "services", ("event_stores", "object_stores"))
+    if "event_stores" not in fields:
+        return
+    stores = reader.sequence(fields["event_stores"][1], "services.event_stores")
+    found = [(i, item) for i, item in enumerate(stores) if _store_type(reader, item) == "otel"]
+    if len(found) > 1:
+        where = reader.where(found[1][1], f"services.event_stores[{found[1][0]}]")
+        raise SettingError(f"{where}: this build sends to one otel store; keep one")
+    if not found:
+        return
+    index, item = found[0]
+    dotted = f"services.event_stores[{index}]"
+    store = reader.mapping(item, dotted, _OTEL_KEYS)
+    if "endpoint" not in store:
+        raise SettingError(f"{reader.where(item, dotted)}: an otel store needs an endpoint")
+
+    def put(name: str, key: str, value: Any) -> None:
+        values[name] = value
+        origins[name] = reader.where(store[key][1], f"{dotted}.{key}")
+
+    put("otel_endpoint", "endpoint", reader.string(store["endpoint"][1], dotted + ".endpoint"))
+    if "protocol" in store:
+        protocol = reader.choice(store["protocol"][1], dotted + ".protocol", ("grpc", "http"))
+        put("otel_protocol", "protocol", protocol)
+    for key in ("service_name", "environment"):
+        if key in store:
+            put(f"otel_{key}", key, reader.string(store[key][1], f"{dotted}.{key}"))
+    if "headers" in store:
+        put("otel_headers", "headers", _otel_headers(reader, store["headers"][1], dotted))
+    if "tls" in store:
+        tls = reader.mapping(store["tls"][1], dotted + ".tls", ("insecure", "ca_file"))
+        if "insecure" in tls:
+            insecure = reader.plain(tls["insecure"][1])
+            if not isinstance(insecure, bool):
+                where = reader.where(tls["insecure"][1], dotted + ".tls.insecure")
+                raise SettingError(f"{where}: must be true or false")
+            put("otel_insecure", "tls", insecure)
+        if "ca_file" in tls:
+            ca_file = reader.string(tls["ca_file"][1], dotted + ".tls.ca_file")
+            put("otel_ca_file", "tls", Path(ca_file))
+
+
+def _otel_headers(reader: _Reader, node: yaml.Node, dotted: str) -> tuple[str, ...]:
+    if not isinstance(node, yaml.MappingNode):
+        raise SettingError(f"{reader.where(node, dotted + '.headers')}: must be a mapping")
+    out: list[str] = []
+    for key_node, value_node in node.value:
+        key = str(reader.plain(key_node))
+        child = f"{dotted}.headers.{key}"
+        if isinstance(value_node, yaml.MappingNode):
+            spec = reader.mapping(value_node, child, ("type", "value"))
+            if "type" not in spec or "value" not in spec:
+                raise SettingError(f"{reader.where(value_node, child)}: needs a type and a value")
+            kind = reader.choice(spec["type"][1], child + ".type", ("text", "env"))
+            text = reader.string(spec["value"][1], child + ".value")
+            if kind == "env":
+                if text not in os.environ:
+                    raise SettingError(
+                        f"{reader.where(value_node, child)}: the environment has no {text}; "
+                        "set it in the sensor's environment"
+                    )
+                text = os.environ[text]
+        else:
+            text = reader.string(value_node, child)
+        out.append(f"{key}={text}")
+    return tuple(out)
 
 
 def _macros(reader: _Reader, node: yaml.Node) -> dict[str, str]:

@@ -65,6 +65,11 @@ class SinkWorker:
         self._failing = False
         self._failed_since_warning = 0
         self._next_warning = 0.0
+        # A sink that delivers later (OTLP) moves records it loses from written to
+        # errors or dropped itself.
+        bind = getattr(sink, "bind_stats", None)
+        if bind is not None:
+            bind(self.stats, self._lock)
         # Daemon: a sink stuck in a write must not keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name=f"flowtap-sink-{name}", daemon=True)
         self._thread.start()
