@@ -44,6 +44,8 @@ def test_unprivileged_client_is_attributed_to_its_user(e2e: Lab) -> None:
     curl = e2e.spawn([*drop, *argv], cgroup=e2e.cgroup, stem="curl-nobody")
     curl.finish()
     sensor.wait_for_closed(pid=curl.pid, direction="egress")
+    # Both ends recorded before the stop (the server's side closes after curl's).
+    sensor.wait_for_closed(pid=server.pid, direction="ingress")
     records = sensor.finish()
     _, closed = only_pair(records, pid=curl.pid, direction="egress")
     process = closed["process"]
