@@ -237,20 +237,18 @@ FT_SHARED struct {
 /*
  * A call whose bytes userspace asked not to copy (all of them before its mark): only their
  * length goes out, so the parser counts them. A call that crosses the mark is copied whole.
- * Positions are those of the source that carries the connection's HTTP: the socket's, or
- * the TLS plaintext's (a TLS connection's socket bytes are not copied).
  */
 static __always_inline bool skip_payload(struct ft_conn_state *state, __u32 flow,
-					 __u64 position, __u64 length, __u32 source)
+					 __u64 position, int ret)
 {
 	struct ft_payload_skip *skip = bpf_map_lookup_elem(&payload_skips, &state->conn.conn_id);
 	struct ft_data_event *e;
 	__u64 until;
 
-	if (!skip || length > 0xffffffff)
+	if (!skip)
 		return false;
 	until = flow == FT_FLOW_TX ? skip->tx_until : skip->rx_until;
-	if (position + length > until)
+	if (position + ret > until)
 		return false;
 	/* Not shed with the payload: a few bytes keep the parser exact. */
 	e = bpf_ringbuf_reserve(&events, FT_DATA_HEAD, 0);
@@ -265,8 +263,8 @@ static __always_inline bool skip_payload(struct ft_conn_state *state, __u32 flow
 	e->position = position;
 	e->flow = flow;
 	e->length = 0;
-	e->source = source;
-	e->skipped = length;
+	e->source = FT_SOURCE_SOCKET;
+	e->skipped = ret;
 	bpf_ringbuf_submit(e, wakeup_flags(FT_DATA_HEAD));
 	return true;
 }
@@ -288,7 +286,7 @@ static __always_inline void emit_payload(struct ft_conn_state *state, __u32 flow
 		.source = FT_SOURCE_SOCKET,
 	};
 
-	if (skip_payload(state, flow, position, ret, FT_SOURCE_SOCKET))
+	if (skip_payload(state, flow, position, ret))
 		return;
 	if (!syscall_io(&walk.io))
 		return; /* sendfile, io_uring: userspace sees a gap by position */

@@ -183,7 +183,7 @@ static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 fl
 		position = add_bytes(&state->tls_sent, length, hook);
 	else
 		position = add_bytes(&state->tls_received, length, hook);
-	if (cfg.capture_payload && !skip_payload(state, flow, position, length, source)) {
+	if (cfg.capture_payload) {
 		struct payload_walk walk = {
 			.io = { .buf = buf, .len = length },
 			.seg = buf,
