@@ -336,7 +336,6 @@ def test_tls_probes_switch_openssl_off(e2e: Lab, pki: dict[str, Path], probes: s
         assert record["response"]["status"] == 200
 
 
-@pytest.mark.kernels
 def test_large_tls_upload_past_the_body_cap_has_its_exact_size(
     e2e: Lab, pki: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
