@@ -18,21 +18,18 @@ dropped for a short while (so the GOAWAY is not lost to a reset), and the upstre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flowtap.protocols.http2 import PREFACE
 from flowtap.proxy.channel import Channel, ChannelClosedError
 from flowtap.proxy.events import ProxyStats
+from flowtap.proxy.relay import Tap, pump, supervise
 
 __all__ = ["FloodLimits", "H2Guard", "Rate", "relay_h2"]
 
 log = logging.getLogger("flowtap.proxy")
-
-Tap = Callable[[bytes], None]
 
 _HEADER = 9
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -101,6 +98,26 @@ class _Cursor:
     def at_boundary(self) -> bool:
         return not self.skip and not self.header and not self.remaining
 
+    def next_header(self, data: bytes, pos: int) -> tuple[int, bytes | None]:
+        """Steps over frame payload from ``pos``, then gathers the next frame header:
+        (where it stopped, the whole header or None when ``data`` ended first). The
+        caller sets ``remaining`` from a returned header."""
+        end = len(data)
+        while pos < end:
+            if self.remaining:
+                step = min(self.remaining, end - pos)
+                self.remaining -= step
+                pos += step
+                continue
+            step = min(_HEADER - len(self.header), end - pos)
+            self.header += data[pos : pos + step]
+            pos += step
+            if len(self.header) == _HEADER:
+                header = bytes(self.header)
+                self.header.clear()
+                return pos, header
+        return pos, None
+
 
 class H2Guard:
     """Frame-rate limits on one connection. ``client`` says how much of a chunk the client
@@ -141,19 +158,12 @@ class H2Guard:
         if self.disabled:
             return
         cur = self._server
-        pos, end = 0, len(data)
-        while pos < end:
-            if cur.remaining:
-                step = min(cur.remaining, end - pos)
-                cur.remaining -= step
-                pos += step
-                continue
-            step = min(_HEADER - len(cur.header), end - pos)
-            cur.header += data[pos : pos + step]
-            pos += step
-            if len(cur.header) == _HEADER:
-                cur.remaining = _frame_length(cur.header)
-                cur.header.clear()
+        pos = 0
+        while True:
+            pos, header = cur.next_header(data, pos)
+            if header is None:
+                return
+            cur.remaining = _frame_length(header)
 
     def client(self, data: bytes, now: float) -> int:
         """How many bytes of ``data`` (what the client sent next) may be relayed: all of
@@ -173,27 +183,17 @@ class H2Guard:
             step = min(cur.skip, end)
             cur.skip -= step
             pos = step
-        while pos < end:
-            if cur.remaining:
-                step = min(cur.remaining, end - pos)
-                cur.remaining -= step
-                pos += step
-                continue
-            start = pos - len(cur.header)  # where this frame began (< 0: an earlier chunk)
-            step = min(_HEADER - len(cur.header), end - pos)
-            cur.header += data[pos : pos + step]
-            pos += step
-            if len(cur.header) < _HEADER:
-                break
-            header = bytes(cur.header)
-            cur.header.clear()
+        while True:
+            pos, header = cur.next_header(data, pos)
+            if header is None:
+                return end
+            start = pos - _HEADER  # where this frame began (< 0: an earlier chunk)
             length = _frame_length(header)
             reason = self._check(header[3], header[4], length, header, now)
             if reason is not None:
                 self.tripped = reason
                 return max(0, start)
             cur.remaining = length
-        return end
 
     def _check(self, kind: int, flags: int, length: int, header: bytes, now: float) -> str | None:
         bucket = self._buckets.get(kind)
@@ -280,38 +280,20 @@ async def relay_h2(
                 return
             await upstream.drain()
 
-    async def down() -> None:
-        while True:
-            if not upstream.buf and not await upstream.fill() and not upstream.buf:
-                client.write_eof()
-                return
-            data = upstream.take(len(upstream.buf))
-            activity[0] = loop.time()
-            client.write(data)
-            guard.server(data)
-            tap_down(data)
-            await client.drain()
+    def seen_down(data: bytes) -> None:
+        guard.server(data)
+        tap_down(data)
 
-    tasks = {asyncio.ensure_future(up()), asyncio.ensure_future(down())}
-    pending = set(tasks)
-    idle = False
+    tasks = {
+        asyncio.ensure_future(up()),
+        asyncio.ensure_future(pump(upstream, client, seen_down, activity)),
+    }
+    active = True
     try:
-        while pending:
-            done, pending = await asyncio.wait(
-                pending, timeout=min(idle_timeout, 5.0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if any(t.exception() is not None for t in done) or guard.tripped is not None:
-                break
-            if pending and loop.time() - activity[0] >= idle_timeout:
-                idle = True
-                break
+        active = await supervise(
+            tasks, activity, idle_timeout, stop=lambda: guard.tripped is not None
+        )
     finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ChannelClosedError, OSError):
-                await task
         try:
             if guard.tripped is not None:
                 stats.h2_flood_closed += 1
@@ -323,7 +305,7 @@ async def relay_h2(
             upstream.close()
     if guard.tripped is not None:
         return True, f"HTTP/2 flood ({guard.tripped}): sent GOAWAY ENHANCE_YOUR_CALM"
-    return not idle, None
+    return active, None
 
 
 async def _goaway(client: Channel, upstream: Channel, guard: H2Guard, tap_down: Tap) -> None:
