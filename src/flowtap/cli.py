@@ -27,7 +27,6 @@ from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
 from flowtap.sinks.console import ConsoleSink
 from flowtap.sinks.jsonl import JsonLinesSink
-from flowtap.sinks.otel import OtelSettings, OtelSink, parse_headers
 from flowtap.sinks.pipeline import BatchSink, Pipeline
 from flowtap.store import commands as store_commands
 from flowtap.store.db import StoreError
@@ -142,6 +141,9 @@ def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
 
 def otel_sink(settings: Mapping[str, object]) -> BatchSink:
     """The otel event store from its settings (flags, environment, Qtap's file)."""
+    # Only runs that send to a collector pay for importing the SDK and gRPC (~0.15 s).
+    from flowtap.sinks.otel import OtelSettings, OtelSink, parse_headers  # noqa: PLC0415
+
     headers = settings["otel_headers"]
     assert isinstance(headers, tuple | list)
     protocol = settings["otel_protocol"]
