@@ -590,23 +590,19 @@ class Sensor:
 
     def reconfigure(self, new: SensorConfig) -> bool:
         """Applies a reloaded configuration's capture settings (on the event loop thread)."""
-        levels = [new.capture_level, *(r.level for r in new.http_rules)]
-        for endpoint in new.http_endpoints:
-            levels += [endpoint.level, *(r.level for r in endpoint.rules)]
-        captures = any(level != "none" for level in levels)
-        if captures and not self._kernel_copies_payload:
-            self.config_reloads_refused += 1
-            log.warning(
-                "configuration not reloaded: it captures HTTP, but this sensor started at "
-                "capture level none and does not copy payloads; restart flowtap to apply it"
-            )
-            return False
         base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact, self.objects)
         try:
             policy = CapturePolicy(base, new.http_rules, new.rule_macros, new.http_endpoints)
         except ValueError as exc:  # the file's check passed, so this is a bug: keep running
             self.config_reloads_refused += 1
             log.warning("configuration not reloaded: %s", exc)
+            return False
+        if policy.highest_level != "none" and not self._kernel_copies_payload:
+            self.config_reloads_refused += 1
+            log.warning(
+                "configuration not reloaded: it captures HTTP, but this sensor started at "
+                "capture level none and does not copy payloads; restart flowtap to apply it"
+            )
             return False
         fixed = sorted(
             name

@@ -53,22 +53,17 @@ class CapturePolicy:
         self._default = self._stack(base.level, rules)
         self._endpoints = [(e, self._stack(e.level, e.rules)) for e in endpoints]
         self.chosen: dict[str, int] = {}  # rule name -> transactions it chose the level of
+        # Fixed once compiled: no rule to run per transaction, and the most any
+        # transaction can get (what the kernel must copy, what the parsers must keep).
+        self.trivial = not self._default.rules and not self._endpoints
+        stacks = [self._default, *(stack for _e, stack in self._endpoints)]
+        self.highest_level: CaptureLevel = max(
+            (level for stack in stacks for level in stack.default_and_outcomes()),
+            key=CAPTURE_LEVELS.index,
+        )
 
     def _stack(self, level: CaptureLevel, rules: Sequence[CaptureRule]) -> FirstMatch[CaptureLevel]:
         return compile_rules([(r.name, r.expr, r.level) for r in rules], level, self._macros)
-
-    @property
-    def trivial(self) -> bool:
-        return not self._default.rules and not self._endpoints
-
-    @property
-    def highest_level(self) -> CaptureLevel:
-        """The most any transaction can get: what the kernel must copy."""
-        levels = [
-            stack.default_and_outcomes()
-            for stack in [self._default, *(s for _e, s in self._endpoints)]
-        ]
-        return max((lvl for group in levels for lvl in group), key=CAPTURE_LEVELS.index)
 
     def options_for(self, tx: Transaction, ctx: ConnectionContext) -> HttpRecordOptions:
         if self.trivial:
