@@ -8,7 +8,12 @@ Run: .venv/bin/python -m bench.consumer [--transactions N] [--level summary|head
      [--store]    (also with the SQLite store as a second sink: the ratio is its cost)
      [--otel]     (also with the otel sink sending to a loopback OTLP/gRPC receiver, and
                   with --store: with both sinks beside stdout)
-Each run lasts until every sink has written every record (sinks/pipeline.py).
+     [--in-process]  (the store and otel sinks in the consumer's process, as before
+                  sinks/child.py: to compare)
+Each run lasts until every sink has written every record (sinks/pipeline.py); an untimed
+warm-up run (stdout alone, a tenth of the records) comes first. Two ratios:
+the consumer's own rate (records turned into records and queued: what decides kernel
+drops), and the whole run's (until the last sink is done: what a sink sustains).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flowtap.loader.system import bpf_object_path
 from flowtap.records.policy import CaptureRule
 from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink
+from flowtap.sinks.child import in_child
 from flowtap.sinks.jsonl import JsonLinesSink
 from flowtap.sinks.otel import OtelSettings, OtelSink
 from flowtap.sinks.pipeline import BatchSink, Pipeline
@@ -107,20 +113,35 @@ def _run(
     config: SensorConfig,
     raw: list[bytes],
     btf: Btf,
+    *,
     store: Path | None = None,
     otel_port: int | None = None,
-) -> tuple[float, Sensor, Pipeline]:
+    in_process: bool = False,
+) -> tuple[float, float, Sensor, Pipeline]:
     """Until every sink has written every record: queues large enough that none is dropped
     (this measures throughput, not what a full queue costs)."""
     sinks: list[tuple[str, Sink | BatchSink]] = [
         ("stdout", JsonLinesSink(io.StringIO(), owned=False))
     ]
+    capacity = len(raw) + 10
     if store is not None:
-        sinks.append(("store", StoreSink(store)))
+        if in_process:
+            sinks.append(("store", StoreSink(store)))
+        else:
+            sinks.append(
+                (
+                    "store",
+                    in_child("store", "flowtap.store.sink", "StoreSink", store, capacity=capacity),
+                )
+            )
     if otel_port is not None:
-        settings = OtelSettings(f"127.0.0.1:{otel_port}", insecure=True, queue=len(raw) + 10)
-        sinks.append(("otel", OtelSink(settings)))
-    pipeline = Pipeline(sinks, capacity=len(raw) + 10, flush_s=3600.0)
+        settings = OtelSettings(f"127.0.0.1:{otel_port}", insecure=True, queue=capacity)
+        if in_process:
+            sinks.append(("otel", OtelSink(settings)))
+        else:
+            otel = in_child("otel", "flowtap.sinks.otel", "OtelSink", settings, capacity=capacity)
+            sinks.append(("otel", otel))
+    pipeline = Pipeline(sinks, capacity=capacity, flush_s=3600.0)
     sensor = Sensor(config, pipeline)
     sensor._decoder = EventDecoder(btf)  # the decoder start() would set up
     start = time.perf_counter()
@@ -130,7 +151,7 @@ def _run(
     pipeline.close()
     elapsed = time.perf_counter() - start
     print(f"  the consumer itself took {consumed:.2f} s of it", file=sys.stderr)
-    return elapsed, sensor, pipeline
+    return elapsed, consumed, sensor, pipeline
 
 
 # A loopback OTLP/gRPC receiver (the tests'): prints its port, ends when stdin closes.
@@ -167,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run with the otel sink (to a loopback OTLP/gRPC receiver), and print "
         "the ratio; with --store, also with both",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the store and otel sinks in the consumer's process (no child processes)",
+    )
     args = parser.parse_args(argv)
     receiver: subprocess.Popen[str] | None = None
     otel_port = 0
@@ -196,11 +222,18 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("with otel", SensorConfig(capture_level=args.level)))
             if args.store:
                 runs.append(("with --store and otel", SensorConfig(capture_level=args.level)))
+        # Untimed: the first run in a process pays for first-time work (allocations, code
+        # paths' first calls) that would otherwise count against the stdout-alone baseline.
+        warmup = raw[: len(raw) // 10] + raw[-1:]
+        _run(SensorConfig(capture_level=args.level), warmup, btf)
         rates: list[float] = []
+        consumer_rates: list[float] = []
         for name, config in runs:
             store = workdir / f"{len(rates)}.db" if "--store" in name else None
             port = otel_port if "otel" in name else None
-            elapsed, sensor, pipeline = _run(config, raw, btf, store, port)
+            elapsed, consumed, sensor, pipeline = _run(
+                config, raw, btf, store=store, otel_port=port, in_process=args.in_process
+            )
             lost = {
                 k: (v.errors, v.dropped)
                 for k, v in pipeline.stats().items()
@@ -217,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
             rates.append(made / elapsed)
+            consumer_rates.append(made / consumed)
             print(
                 f"{name}: {made:,} transactions ({len(raw):,} ring-buffer records, level "
                 f"{args.level}) in {elapsed:.2f} s: {made / elapsed:,.0f} transactions/s, "
@@ -229,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             receiver.communicate("", timeout=30)  # its stdin closed: it ends
     if args.rules:
         print(f"ratio with {args.rules} rules / without: {rates[1] / rates[0]:.2f}")
-    for (name, _config), rate in zip(runs, rates, strict=True):
+    where = "in the consumer's process" if args.in_process else "in child processes"
+    for (name, _config), rate, consumer in zip(runs, rates, consumer_rates, strict=True):
         if "--store" in name or "otel" in name:
-            print(f"ratio {name} / stdout alone: {rate / rates[0]:.2f}")
+            print(
+                f"ratio {name} / stdout alone ({where}): consumer "
+                f"{consumer / consumer_rates[0]:.2f}, whole run {rate / rates[0]:.2f}"
+            )
     return 0
 
 

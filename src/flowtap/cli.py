@@ -25,12 +25,13 @@ from flowtap.settings.options import OPTIONS, SettingError
 from flowtap.settings.qtap import FILE_ONLY
 from flowtap.settings.resolve import add_flags, config_file, resolve
 from flowtap.sinks.base import Sink, open_private
+from flowtap.sinks.child import in_child
 from flowtap.sinks.console import ConsoleSink
-from flowtap.sinks.jsonl import JsonLinesSink
+from flowtap.sinks.jsonl import JsonLinesSink, QtapJsonSink
 from flowtap.sinks.pipeline import BatchSink, Pipeline
+from flowtap.sinks.rotating import Rotation
 from flowtap.store import commands as store_commands
 from flowtap.store.db import StoreError
-from flowtap.store.sink import store_sink
 
 log = logging.getLogger("flowtap")
 
@@ -115,15 +116,27 @@ def make_sink(args: argparse.Namespace | Mapping[str, object]) -> Sink:
     output_file = settings["output_file"]
     output = settings["output"]
     color_mode = settings["color"]
+    max_bytes = settings.get("output_max_bytes", 0)
+    keep = settings.get("output_keep", 5)
+    assert isinstance(max_bytes, int) and isinstance(keep, int)
+    if max_bytes < 0 or keep < 0:
+        raise ValueError("--output-max-bytes and --output-keep are 0 or more")
+    if max_bytes and output_file is None:
+        raise ValueError("--output-max-bytes rotates --output-file: give --output-file too")
     stream: IO[str] = sys.stdout
     owned = False
+    rotation = None
     if output_file is not None:
         stream = open_private(str(output_file))
         owned = True
+        if max_bytes:
+            rotation = Rotation(Path(str(output_file)), stream, max_bytes=max_bytes, keep=keep)
     if output == "json":
-        return JsonLinesSink(stream, owned=owned)
+        if settings.get("output_format", "flowtap") == "qtap":
+            return QtapJsonSink(stream, owned=owned, rotation=rotation)
+        return JsonLinesSink(stream, owned=owned, rotation=rotation)
     color = color_mode == "always" or (color_mode == "auto" and not owned and stream.isatty())
-    return ConsoleSink(stream, color=color, owned=owned)
+    return ConsoleSink(stream, color=color, owned=owned, rotation=rotation)
 
 
 def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
@@ -132,24 +145,37 @@ def make_pipeline(settings: Mapping[str, object]) -> Pipeline:
     capacity = settings["sink_queue"]
     assert isinstance(capacity, int)
     sinks: list[tuple[str, Sink | BatchSink]] = [(name, make_sink(settings))]
+    # The store and otel sinks do Python work per record: each runs in a child process
+    # (sinks/child.py), so it does not take the GIL from the consumer.
     if settings["store"] is not None:
-        sinks.append(("store", store_sink(settings)))
+        keys = ("store", "store_max_age", "store_max_bytes")
+        store = {key: settings[key] for key in keys}
+        sinks.append(
+            (
+                "store",
+                in_child("store", "flowtap.store.sink", "store_sink", store, capacity=capacity),
+            )
+        )
     if settings["otel_endpoint"] is not None:
-        sinks.append(("otel", otel_sink(settings)))
+        sinks.append(("otel", otel_sink(settings, capacity)))
     return Pipeline(sinks, capacity=capacity)
 
 
-def otel_sink(settings: Mapping[str, object]) -> BatchSink:
-    """The otel event store from its settings (flags, environment, Qtap's file)."""
+def otel_sink(settings: Mapping[str, object], capacity: int) -> BatchSink:
+    """The otel event store from its settings (flags, environment, Qtap's file), in its
+    own process."""
     # Only runs that send to a collector pay for importing the SDK and gRPC (~0.15 s).
-    from flowtap.sinks.otel import OtelSettings, OtelSink, parse_headers  # noqa: PLC0415
+    from flowtap.sinks.otel import OtelSettings, parse_headers  # noqa: PLC0415
 
     headers = settings["otel_headers"]
     assert isinstance(headers, tuple | list)
     protocol = settings["otel_protocol"]
     assert protocol in ("grpc", "http")
     ca_file = settings["otel_ca_file"]
-    return OtelSink(
+    return in_child(
+        "otel",
+        "flowtap.sinks.otel",
+        "OtelSink",
         OtelSettings(
             endpoint=str(settings["otel_endpoint"]),
             protocol=protocol,
@@ -158,7 +184,9 @@ def otel_sink(settings: Mapping[str, object]) -> BatchSink:
             environment=str(settings["otel_environment"]),
             insecure=bool(settings["otel_insecure"]),
             ca_file=None if ca_file is None else str(ca_file),
-        )
+            format="qtap" if settings.get("otel_format") == "qtap" else "flowtap",
+        ),
+        capacity=capacity,
     )
 
 

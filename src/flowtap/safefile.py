@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -33,6 +34,7 @@ __all__ = [
     "private_directory",
     "remove",
     "replace",
+    "rotate",
 ]
 
 _FOLLOW_DEPTH = 8  # symbolic links followed in trusted directories, at most
@@ -264,6 +266,63 @@ def replace(
         _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def rotate(path: str | os.PathLike[str], keep: int, current: int) -> int:
+    """Rotates a log file: path.1 .. path.keep-1 move up one (path.keep is removed), the
+    file at path becomes path.1, and a new empty owner-only file takes path's name, in one
+    rename (path always names a whole file). `current` is a descriptor of the file at path:
+    if path no longer names it (moved or replaced by someone), nothing is rotated away and
+    the new file is made at path all the same. Returns a descriptor appending to the new
+    file; `current` stays open (the caller closes it)."""
+    target = Path(path)
+    with _Directory(target) as directory:
+        name, dirfd = directory.name, directory.fd
+        fd, temporary = _temporary(directory, 0o600)
+        try:
+            st = directory.lstat()
+            ours = os.fstat(current)
+            same = st is not None and (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
+            if keep > 0 and same:
+                _remove_in(directory, f"{name}.{keep}")
+                for number in range(keep - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(
+                            f"{name}.{number}",
+                            f"{name}.{number + 1}",
+                            src_dir_fd=dirfd,
+                            dst_dir_fd=dirfd,
+                        )
+                # A second name first, then the new file renamed over the first: the old
+                # file is never without a name, path never without a file.
+                os.link(
+                    name, f"{name}.1", src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False
+                )
+            if same:  # our own file (it has two names now: _rename_over would refuse it)
+                os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            else:
+                _rename_over(directory, temporary, target)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dirfd)
+            raise
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    return fd
+
+
+def _remove_in(directory: _Directory, name: str) -> None:
+    """Removes name from directory if it is there and not another user's."""
+    try:
+        st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid() and not stat.S_ISLNK(st.st_mode):
+        raise UnsafeFileError(
+            f"{directory.path / name} belongs to another user (uid {st.st_uid}): flowtap "
+            "does not remove it; remove it yourself, or choose another path"
+        )
+    os.unlink(name, dir_fd=directory.fd)
 
 
 def lstat(path: str | os.PathLike[str]) -> os.stat_result | None:

@@ -9,6 +9,7 @@ from typing import IO, Protocol
 
 from flowtap import safefile
 from flowtap.records.connection import Record
+from flowtap.sinks.rotating import Rotation
 
 
 class Sink(Protocol):
@@ -24,9 +25,11 @@ class LineSink:
     buffer: a failed write (a full disk) leaves nothing pending to be written later, or
     at close, so each record is either in the file whole or counted as lost, once."""
 
-    def __init__(self, stream: IO[str], *, owned: bool) -> None:
+    def __init__(self, stream: IO[str], *, owned: bool, rotation: Rotation | None = None) -> None:
+        """rotation: the --output-file's rotation by size (it then owns the stream)."""
         self._stream = stream
         self._owned = owned
+        self._rotation = rotation
         self._fd: int | None
         try:
             stream.flush()
@@ -45,6 +48,8 @@ class LineSink:
             self._stream.flush()
             return
         data = line.encode("utf-8", "surrogateescape")
+        if self._rotation is not None:
+            self._fd = self._rotation.fd_for(len(data))
         written = 0
         try:
             while written < len(data):
@@ -55,9 +60,13 @@ class LineSink:
                 end = os.lseek(self._fd, 0, os.SEEK_END)
                 os.ftruncate(self._fd, end - written)
             raise
+        if self._rotation is not None:
+            self._rotation.wrote(written)
 
     def close(self) -> None:
-        if self._owned:
+        if self._rotation is not None:
+            self._rotation.close()
+        elif self._owned:
             self._stream.close()
         else:
             self._stream.flush()

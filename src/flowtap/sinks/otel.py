@@ -32,6 +32,7 @@ from opentelemetry.sdk.resources import Resource
 
 from flowtap.records.connection import Record
 from flowtap.sinks.pipeline import SinkStats
+from flowtap.sinks.qtap_format import to_qtap
 
 Protocol_ = Literal["grpc", "http"]
 DEFAULT_QUEUE = 2048  # log records waiting in the SDK's processor, at most
@@ -51,6 +52,7 @@ class OtelSettings:
     ca_file: str | None = None  # roots for the collector's certificate (else the system's)
     queue: int = DEFAULT_QUEUE
     export_timeout_s: float = _EXPORT_TIMEOUT_S
+    format: Literal["flowtap", "qtap"] = "flowtap"  # the attributes' names (qtap_format.py)
 
 
 def parse_headers(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -204,6 +206,7 @@ class OtelSink:
         )
         self._provider.add_log_record_processor(self._processor)
         self._logger = self._provider.get_logger("flowtap")
+        self._qtap = settings.format == "qtap"
         self.emitted = 0  # records handed to the processor
         self.refused = 0  # records the processor had no room for
 
@@ -234,7 +237,8 @@ class OtelSink:
             if self.emitted - self._counting.settled() >= self.settings.queue:
                 refused += 1
                 continue
-            self._logger.emit(body=body_of(record), attributes=flatten(record))
+            fields = to_qtap(record) if self._qtap else record
+            self._logger.emit(body=body_of(record), attributes=flatten(fields))
             self.emitted += 1
         if refused:
             self.refused += refused

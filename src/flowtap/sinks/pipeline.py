@@ -76,7 +76,9 @@ class SinkWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Records waiting: in this queue, and in a child process's (sinks/child.py)."""
+        pending = getattr(self.sink, "pending", 0)
+        return self._queue.qsize() + (pending if isinstance(pending, int) else 0)
 
     def offer(self, record: Record) -> None:
         """Never blocks: a full queue is one record lost for this sink."""
