@@ -12,11 +12,13 @@ from urllib.parse import urlsplit
 
 from flowtap.loader.features import FEATURES
 from flowtap.loader.system import cgroup2_mount
+from flowtap.records.access_log import AccessLogs
 from flowtap.records.http import CaptureLevel
 from flowtap.records.policy import CaptureRule, EndpointCapture
 from flowtap.settings.options import BY_NAME
 from flowtap.sinks.objects import DEFAULT_ACCESS_URL, S3Settings, Secret
 from flowtap.tls import plugins
+from flowtap.tracking.environment import EnvTag
 from flowtap.tracking.exe_filters import ExeFilter
 
 Direction = Literal["egress", "ingress", "all", "egress-internal", "egress-external"]
@@ -61,6 +63,16 @@ class SensorConfig:
     http_endpoints: tuple[EndpointCapture, ...] = ()  # tap.endpoints: per-domain stacks
     # The configuration file's tap.filters: executables ignored (or traced only).
     exe_filters: tuple[ExeFilter, ...] = ()
+    # The tap.http.stack's other plugins (docs/configuration.md): access_logs records,
+    # http_metrics (/metrics' HTTP counters), report_usage (never sent) and debug (each
+    # transaction's rule decision logged at DEBUG).
+    access_logs: AccessLogs | None = None
+    http_metrics: bool = False
+    report_usage: bool = False
+    debug_rules: bool = False
+    env_tags: tuple[EnvTag, ...] = ()  # the file's tags: [{key, source: env, location}]
+    # tap.audit_include_dns: DNS flow records (UDP to or from port 53) are emitted.
+    audit_include_dns: bool = True
     tls_attach: TlsAttach = "file"
     tls_placement: Literal["auto", "exported"] = "auto"
     tls_probes: tuple[str, ...] = plugins.NAMES  # the TLS library plug-ins used

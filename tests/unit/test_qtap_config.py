@@ -39,18 +39,18 @@ def test_the_example_file_runs_unchanged() -> None:
     assert config.direction == "egress"
     assert config.include_loopback is True
     assert config.http_rules == (
-        CaptureRule("headers of curl", 'src.process.binary == "curl"', "headers", f"{EXAMPLE}:26"),
+        CaptureRule("headers of curl", 'src.process.binary == "curl"', "headers", f"{EXAMPLE}:27"),
     )
     assert config.http_endpoints == (
         EndpointCapture(
             "*.api.example.com",
             "summary",
-            (CaptureRule("full capture of API errors", "failed()", "full", f"{EXAMPLE}:36"),),
+            (CaptureRule("full capture of API errors", "failed()", "full", f"{EXAMPLE}:47"),),
         ),
     )
     assert config.rule_macros == (("failed", "http.res.status >= 500"),)
     assert config.output == "json"  # http_capture's format: json
-    assert config.origins["capture_level"] == f"{EXAMPLE}:43: tap.http.stack"
+    assert config.origins["capture_level"] == f"{EXAMPLE}:54: tap.http.stack"
     assert len(config.exe_filters) == len(GROUPS["container"]) + 1
     assert config.exe_filters[-1] == ExeFilter("/usr/sbin/", "prefix")
 
@@ -98,10 +98,7 @@ def test_policy_of_the_example_picks_each_level() -> None:
             ":2: tap.direction: 'egres' is not one of all, egress, egress-external, "
             "egress-internal, ingress",
         ),
-        (
-            "tap:\n  audit_include_dns: true\n",
-            ":2: tap.audit_include_dns: is part of Qtap's format but not in this",
-        ),
+        ("tap:\n  audit_include_dns: 1\n", ":2: tap.audit_include_dns: not true or false"),
         ("tap:\n  htp: {}\n", ":2: tap.htp: unknown key (did you mean http?)"),
         ("tap:\n  http:\n    stack: nope\n", ":3: tap.http.stack: no stack named 'nope'"),
         (
@@ -110,8 +107,8 @@ def test_policy_of_the_example_picks_each_level() -> None:
             "(did you mean http_capture?)",
         ),
         (
-            "stacks:\n  s:\n    plugins:\n      - type: access_logs\n",
-            ":4: stacks.s.plugins[0].type: access_logs is part of Qtap's format",
+            "stacks:\n  s:\n    plugins:\n      - type: access_log\n",
+            ":4: stacks.s.plugins[0].type: 'access_log': not a plugin (did you mean access_logs?)",
         ),
         (
             "stacks:\n  s:\n    plugins:\n      - type: http_capture\n        config:\n"

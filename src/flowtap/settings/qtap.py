@@ -1,8 +1,10 @@
 """Qtap's configuration format (version 2): the parts this build implements.
 
-`stacks.<name>.plugins[]` with an `http_capture` plugin (`level`, `format`, `rules`),
-`tap.http.stack`, `tap.direction`, `tap.ignore_loopback`, `rulekit.macros`, the `stdout`
-and `otel` event stores and the `stdout` and `s3` object stores. Anything else Qtap knows is
+`stacks.<name>.plugins[]` with `http_capture` (`level`, `format`, `rules`), `access_logs`
+(`mode`, `format`, `rules`), `http_metrics`, `report_usage` and `debug`; `tap.http.stack`,
+`tap.direction`, `tap.ignore_loopback`, `tap.audit_include_dns`, `tags` (source env),
+`rulekit.macros`, the `stdout` and `otel` event stores and the `stdout` and `s3` object
+stores. Anything else Qtap knows is
 refused by name (never ignored: a filter silently dropped would capture what the user meant
 to exclude), and any other key gets a "did you mean".
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from flowtap.records.access_log import MODE_LEVEL, MODES, AccessLogs, Format, Mode
 from flowtap.records.http import CAPTURE_LEVELS, CaptureLevel
 from flowtap.records.policy import CaptureRule, EndpointCapture
 from flowtap.rules.evaluate import compile_rule
@@ -25,11 +28,18 @@ from flowtap.rules.fields import is_known
 from flowtap.rules.syntax import RuleSyntaxError, compile_regex
 from flowtap.settings.options import SettingError
 from flowtap.sinks.objects import Secret
+from flowtap.tracking.environment import MAX_TAGS, EnvTag, normalize
 from flowtap.tracking.exe_filters import GROUPS, STRATEGIES, ExeFilter, Strategy, group_filters
 
-TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit")
+TOP_LEVEL = ("version", "services", "stacks", "tap", "rulekit", "tags")
 # SensorConfig fields that only the file sets: rules have no flag or variable.
 FILE_ONLY = (
+    "access_logs",
+    "http_metrics",
+    "report_usage",
+    "debug_rules",
+    "env_tags",
+    "audit_include_dns",
     "http_rules",
     "rule_macros",
     "exe_filters",
@@ -128,7 +138,52 @@ def load(path: str, root: yaml.MappingNode, plain: Callable[[yaml.Node], Any]) -
         _tap(reader, sections["tap"][1], stacks, values, origins)
     if macros:
         values["rule_macros"] = tuple(macros.items())
+    if "tags" in sections:
+        key_node, value = sections["tags"]
+        values["env_tags"] = _tags(reader, value)
+        origins["env_tags"] = reader.where(key_node, "tags")
     return QtapSettings(values, origins)
+
+
+_TAG_SOURCES_LATER = ("k8s.label", "k8s.annotation", "container.label")
+
+
+def _tags(reader: _Reader, node: yaml.Node) -> tuple[EnvTag, ...]:
+    """Qtap's `tags`: [{key, source, location}]; a tag takes its value from where source
+    says. `env`: the process's environment variable `location` (read once per process)."""
+    tags: list[EnvTag] = []
+    for index, item in enumerate(reader.sequence(node, "tags")):
+        where = f"tags[{index}]"
+        entry = reader.mapping(item, where, ("key", "source", "location"))
+        missing = [k for k in ("key", "source", "location") if k not in entry]
+        if missing:
+            raise SettingError(f"{reader.where(item, where)}: a tag needs {', '.join(missing)}")
+        source_node = entry["source"][1]
+        source = reader.string(source_node, where + ".source")
+        if source in _TAG_SOURCES_LATER:
+            raise SettingError(
+                f"{reader.where(source_node, where + '.source')}: {source}: flowtap reads "
+                "no Kubernetes or container labels yet; use source env"
+            )
+        if source != "env":
+            hint = _did_you_mean(source, ["env", *_TAG_SOURCES_LATER])
+            raise SettingError(
+                f"{reader.where(source_node, where + '.source')}: {source!r}: not a tag "
+                f"source{hint}"
+            )
+        key = normalize(reader.string(entry["key"][1], where + ".key"))
+        if not key:
+            raise SettingError(f"{reader.where(entry['key'][1], where + '.key')}: an empty key")
+        location = reader.string(entry["location"][1], where + ".location")
+        if not location or "=" in location or "\0" in location:
+            raise SettingError(
+                f"{reader.where(entry['location'][1], where + '.location')}: "
+                f"{location!r} is not an environment variable name"
+            )
+        tags.append(EnvTag(key, location))
+    if len(tags) > MAX_TAGS:
+        raise SettingError(f"{reader.where(node, 'tags')}: at most {MAX_TAGS} tags")
+    return tuple(tags)
 
 
 def _services(
@@ -143,7 +198,7 @@ def _services(
                 continue
             if name == "event_stores" and _store_type(reader, item) == "otel":
                 continue  # read by _otel_store
-            store = reader.mapping(item, dotted, ("type", "id"))
+            store = reader.mapping(item, dotted, ("type", "id", "format"))
             if "type" not in store:
                 raise SettingError(f"{reader.where(item, dotted)}: needs a type")
             kind = reader.string(store["type"][1], f"{dotted}.type")
@@ -153,6 +208,10 @@ def _services(
                     f"{reader.where(store['type'][1], dotted + '.type')}: {kind!r}: this build "
                     f"has the {has} only (use --output-file for a JSON-lines file)"
                 )
+            if "format" in store:  # the records' field names (sinks/qtap_format.py)
+                node = store["format"][1]
+                values["output_format"] = reader.choice(node, dotted + ".format", _FORMATS)
+                origins["output_format"] = reader.where(node, dotted + ".format")
 
 
 _S3_KEYS = ("endpoint", "bucket", "region", "insecure", "access_url")
@@ -212,7 +271,18 @@ def _store_type(reader: _Reader, item: yaml.Node) -> object:
     return next((reader.plain(v) for k, v in item.value if reader.plain(k) == "type"), None)
 
 
-_OTEL_KEYS = ("type", "id", "endpoint", "protocol", "headers", "service_name", "environment", "tls")
+_OTEL_KEYS = (
+    "type",
+    "id",
+    "endpoint",
+    "protocol",
+    "headers",
+    "service_name",
+    "environment",
+    "tls",
+    "format",
+)
+_FORMATS = ("flowtap", "qtap")  # an event store's `format`: its records' field names
 
 
 def _otel_store(
@@ -245,6 +315,10 @@ def _otel_store(
     if "protocol" in store:
         protocol = reader.choice(store["protocol"][1], dotted + ".protocol", ("grpc", "http"))
         put("otel_protocol", "protocol", protocol)
+    if "format" in store:
+        put(
+            "otel_format", "format", reader.choice(store["format"][1], dotted + ".format", _FORMATS)
+        )
     for key in ("service_name", "environment"):
         if key in store:
             put(f"otel_{key}", key, reader.string(store[key][1], f"{dotted}.{key}"))
@@ -319,7 +393,16 @@ def _check_rule(
         raise SettingError(f"{reader.where(node, dotted)}: {error}\n  {pointer}") from None
 
 
-_PLUGINS_LATER = ("access_logs", "http_metrics", "report_usage", "debug")
+PLUGINS = ("http_capture", "access_logs", "http_metrics", "report_usage", "debug")
+# A stack's settings before its plugins are read: no http_capture, no other plugin.
+_EMPTY_STACK: dict[str, Any] = {
+    "capture_level": "none",
+    "http_rules": (),
+    "access_logs": None,
+    "http_metrics": False,
+    "report_usage": False,
+    "debug_rules": False,
+}
 
 
 def _stacks(
@@ -332,7 +415,8 @@ def _stacks(
         name = str(reader.plain(key_node))
         dotted = f"stacks.{name}"
         fields = reader.mapping(stack_node, dotted, ("plugins",))
-        capture: dict[str, Any] = {"capture_level": "none", "http_rules": ()}  # no http_capture
+        capture: dict[str, Any] = dict(_EMPTY_STACK)
+        seen: set[str] = set()
         for index, item in enumerate(
             reader.sequence(fields["plugins"][1], dotted + ".plugins")
             if "plugins" in fields
@@ -344,19 +428,69 @@ def _stacks(
                 raise SettingError(f"{reader.where(item, where)}: needs a type")
             kind_node = plugin["type"][1]
             kind = reader.string(kind_node, where + ".type")
-            if kind in _PLUGINS_LATER:
-                raise SettingError(f"{reader.where(kind_node, where + '.type')}: {kind} {_NOT_YET}")
-            if kind != "http_capture":
-                hint = _did_you_mean(kind, ["http_capture", *_PLUGINS_LATER])
+            if kind not in PLUGINS:
+                hint = _did_you_mean(kind, list(PLUGINS))
                 raise SettingError(
                     f"{reader.where(kind_node, where + '.type')}: {kind!r}: not a plugin{hint}"
                 )
-            if "config" in plugin:
-                capture = _http_capture(reader, plugin["config"][1], where + ".config", macros)
-            else:
-                capture = {"capture_level": "summary", "http_rules": ()}
+            if kind in seen:
+                raise SettingError(
+                    f"{reader.where(kind_node, where + '.type')}: a second {kind} in the stack"
+                )
+            seen.add(kind)
+            config = plugin["config"][1] if "config" in plugin else None
+            capture.update(_plugin(reader, kind, config, where + ".config", macros))
         stacks[name] = (key_node, capture)
     return stacks
+
+
+def _plugin(
+    reader: _Reader, kind: str, node: yaml.Node | None, dotted: str, macros: dict[str, str]
+) -> dict[str, Any]:
+    """One plugin's settings (SensorConfig fields)."""
+    if kind == "http_capture":
+        if node is None:
+            return {"capture_level": "summary", "http_rules": ()}
+        return _http_capture(reader, node, dotted, macros)
+    if kind == "access_logs":
+        return {"access_logs": _access_logs(reader, node, dotted, macros)}
+    # http_metrics, report_usage and debug take no settings in Qtap's format.
+    if node is not None and reader.plain(node) not in (None, {}):
+        raise SettingError(f"{reader.where(node, dotted)}: {kind} takes no config")
+    setting = {"http_metrics": "http_metrics", "report_usage": "report_usage"}.get(kind)
+    return {setting or "debug_rules": True}
+
+
+def _access_logs(
+    reader: _Reader, node: yaml.Node | None, dotted: str, macros: dict[str, str]
+) -> AccessLogs:
+    """Qtap's access_logs: mode (default summary), format (default console), rules."""
+    if node is None:
+        return AccessLogs()
+    fields = reader.mapping(node, dotted, ("mode", "format", "rules"))
+    mode: Mode = "summary"
+    fmt: Format = "console"
+    if "mode" in fields:
+        mode = reader.choice(fields["mode"][1], dotted + ".mode", MODES)  # type: ignore[assignment]
+    if "format" in fields:
+        fmt = reader.choice(  # type: ignore[assignment]
+            fields["format"][1], dotted + ".format", ("console", "json")
+        )
+    rules: list[CaptureRule] = []
+    if "rules" in fields:
+        for index, item in enumerate(reader.sequence(fields["rules"][1], dotted + ".rules")):
+            where = f"{dotted}.rules[{index}]"
+            rule = reader.mapping(item, where, ("name", "expr", "mode"))
+            if "expr" not in rule or "mode" not in rule:
+                raise SettingError(f"{reader.where(item, where)}: a rule needs an expr and a mode")
+            expr_node = rule["expr"][1]
+            expr = reader.string(expr_node, where + ".expr")
+            _check_rule(reader, expr_node, where + ".expr", expr, macros)
+            rule_mode = reader.choice(rule["mode"][1], where + ".mode", MODES)
+            name = reader.string(rule["name"][1], where + ".name") if "name" in rule else expr
+            origin = f"{reader.path}:{expr_node.start_mark.line + 1}"
+            rules.append(CaptureRule(name, expr, MODE_LEVEL[rule_mode], origin))
+    return AccessLogs(mode, fmt, tuple(rules))
 
 
 def _http_capture(
@@ -425,6 +559,7 @@ def _endpoints(
                 domain,
                 capture.get("capture_level", "none"),
                 capture.get("http_rules", ()),
+                capture.get("access_logs"),
             )
         )
     return tuple(endpoints)
@@ -482,9 +617,19 @@ def _tap(
     fields = reader.mapping(
         node,
         "tap",
-        ("direction", "ignore_loopback", "http", "filters", "endpoints"),
-        later=("audit_include_dns",),
+        ("direction", "ignore_loopback", "audit_include_dns", "http", "filters", "endpoints"),
     )
+    # Qtap's default is false (a Go zero value): a file with a tap section and no
+    # audit_include_dns gets no DNS flow records, as Qtap would give none.
+    values["audit_include_dns"] = False
+    origins["audit_include_dns"] = reader.where(node, "tap")
+    if "audit_include_dns" in fields:
+        value = fields["audit_include_dns"][1]
+        flag = reader.plain(value)
+        if not isinstance(flag, bool):
+            raise SettingError(f"{reader.where(value, 'tap.audit_include_dns')}: not true or false")
+        values["audit_include_dns"] = flag
+        origins["audit_include_dns"] = reader.where(value, "tap.audit_include_dns")
     formats: list[tuple[str, str]] = []
     if "endpoints" in fields:
         key_node, value = fields["endpoints"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 from typing import IO, Any
 
+from flowtap.records.access_log import console_line
 from flowtap.records.connection import Record
 from flowtap.sinks.base import LineSink
+from flowtap.sinks.rotating import Rotation
 
 _RESET = "\033[0m"
 _DIM = "\033[2m"
@@ -47,8 +49,15 @@ def endpoint(ep: dict[str, Any]) -> str:
 
 
 class ConsoleSink(LineSink):
-    def __init__(self, stream: IO[str], *, color: bool, owned: bool = False) -> None:
-        super().__init__(stream, owned=owned)
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        color: bool,
+        owned: bool = False,
+        rotation: Rotation | None = None,
+    ) -> None:
+        super().__init__(stream, owned=owned, rotation=rotation)
         self._color = color
 
     def _http(self, record: Record) -> str:
@@ -83,6 +92,8 @@ class ConsoleSink(LineSink):
     def format(self, record: Record) -> str:
         if record.get("type") == "http":
             return self._http(record)
+        if record.get("type") == "access_log":  # Qtap's access_logs plugin: its format
+            return console_line(record)
         if record.get("type") != "connection":
             return str(record)
         proc = record["process"]

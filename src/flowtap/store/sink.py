@@ -66,7 +66,7 @@ class StoreSink:
                 connections.append(self._connection_row(record))
             elif kind == "http":
                 http.append(self._http_row(record))
-            # Other record types (none today) are not kept.
+            # Other record types (access_log: its http record has the same) are not kept.
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:

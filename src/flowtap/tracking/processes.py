@@ -7,6 +7,7 @@ else. Exited processes are kept for a grace period so late connection records re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
@@ -15,8 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowtap.egress.strategy import StrategyName
 from flowtap.events import Exec, Exit, Task
 from flowtap.loader.system import cgroup2_mount
+from flowtap.tracking.environment import EnvironmentReader, Tags
 
 # 64 hex digits in a cgroup path: docker-<id>.scope, cri-containerd-<id>.scope,
 # crio-<id>.scope, libpod-<id>.scope, /docker/<id>, /kubepods/.../<id>.
@@ -35,6 +38,10 @@ class ProcessInfo:
     user: str | None
     container_id: str | None
     ppid: int | None = None
+    # From its environment, read once (tracking/environment.py): QPOINT_TAGS and the
+    # configuration's env tags, and QPOINT_STRATEGY as it applies to this executable.
+    tags: Tags = ()
+    strategy: StrategyName = "observe"
 
 
 def _resolved(filename: str) -> str | None:
@@ -86,8 +93,11 @@ class UserNames:
 
 
 class ProcessRegistry:
-    def __init__(self, proc: Path = Path("/proc")) -> None:
+    def __init__(
+        self, proc: Path = Path("/proc"), environment: EnvironmentReader | None = None
+    ) -> None:
         self._proc = proc
+        self.environment = environment or EnvironmentReader()
         self._known: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._exited: dict[int, float] = {}
         self._users = UserNames()
@@ -139,6 +149,7 @@ class ProcessRegistry:
             or container_id_from_cgroup(event.cgroup_name),
             ppid=event.ppid,
         )
+        info = self._with_environment(info)
         self._exited.pop(info.pid, None)
         self._remember(info)
         return info
@@ -168,6 +179,20 @@ class ProcessRegistry:
         self._remember(info)
         return info
 
+    def tags_of(self, pid: int) -> Tags:
+        """A known process's tags (no /proc read: called for every record)."""
+        info = self._known.get(pid)
+        return info.tags if info is not None else ()
+
+    def strategy_of(self, pid: int) -> StrategyName:
+        """A known process's QPOINT_STRATEGY as it applies to its executable."""
+        info = self._known.get(pid)
+        return info.strategy if info is not None else "observe"
+
+    def read(self, pid: int) -> ProcessInfo | None:
+        """The process as /proc has it now, not remembered: safe from any thread."""
+        return self._read_proc(pid)
+
     def _remember(self, info: ProcessInfo) -> None:
         self._known[info.pid] = info
         self._known.move_to_end(info.pid)
@@ -194,7 +219,7 @@ class ProcessRegistry:
             return None
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         uid = int(fields.get("Uid", "0").split()[0])
-        return ProcessInfo(
+        info = ProcessInfo(
             pid=pid,
             exe=self._readlink_exe(pid),
             comm=fields.get("Name", "").strip(),
@@ -204,6 +229,15 @@ class ProcessRegistry:
             container_id=self._read_container(pid),
             ppid=int(fields["PPid"]) if "PPid" in fields else None,
         )
+        return self._with_environment(info)
+
+    def _with_environment(self, info: ProcessInfo) -> ProcessInfo:
+        """Tags and strategy from /proc/PID/environ (none once the process is gone)."""
+        tags, spec = self.environment.read(info.pid, self._proc)
+        strategy = spec.for_exe(info.exe)
+        if not tags and strategy == "observe":
+            return info
+        return dataclasses.replace(info, tags=tags, strategy=strategy)
 
     def _read_cmdline(self, pid: int) -> tuple[str, ...] | None:
         try:
