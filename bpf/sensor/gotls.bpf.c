@@ -101,11 +101,7 @@ static __always_inline __u64 go_conn_socket(__u64 conn)
 	struct task_struct *task = current_task();
 	struct ft_go_executable_key key = {};
 	struct ft_go_executable *exe;
-	struct file **fds;
-	struct file *file;
-	struct socket *sock;
 	__u64 iface[2], fd_ptr, sysfd;
-	unsigned int max_fds;
 
 	key.ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
 	key.dev = BPF_CORE_READ(task, mm, exe_file, f_inode, i_sb, s_dev);
@@ -121,14 +117,7 @@ static __always_inline __u64 go_conn_socket(__u64 conn)
 	if (bpf_probe_read_user(&fd_ptr, sizeof(fd_ptr), (void *)(iface[1] + exe->fd_offset)) ||
 	    bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(fd_ptr + exe->sysfd_offset)))
 		return 0;
-	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
-	if (sysfd >= max_fds)
-		return 0;
-	fds = BPF_CORE_READ(task, files, fdt, fd);
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[sysfd]) || !file)
-		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	return (__u64)BPF_CORE_READ(sock, sk);
+	return socket_of_fd(task, sysfd);
 }
 
 static __always_inline void go_exit(struct pt_regs *ctx, const __u32 hook)

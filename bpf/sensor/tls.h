@@ -169,6 +169,32 @@ FT_SHARED struct {
 	__type(value, __u8);
 } go_processes SEC(".maps");
 
+#define FT_S_IFMT 0170000 /* the file type bits of i_mode (not in vmlinux.h) */
+#define FT_S_IFSOCK 0140000
+
+/* The struct sock behind a descriptor of task's, 0 when fd is not an open socket. */
+static __always_inline __u64 socket_of_fd(struct task_struct *task, __u64 fd)
+{
+	struct file **fds;
+	struct file *file;
+	struct socket *sock;
+	unsigned int max_fds;
+	umode_t mode;
+
+	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
+	if (fd >= max_fds)
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	/* Only a socket's private_data is a struct socket. */
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & FT_S_IFMT) != FT_S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	return (__u64)BPF_CORE_READ(sock, sk);
+}
+
 /* length bytes of plaintext at buf, moved by a TLS call on that connection. */
 static __always_inline void emit_plaintext(struct ft_conn_state *state, __u32 flow, void *buf,
 					   __u64 length, __u32 source, const __u32 hook)

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowtap.java import AGENT_JAR, SHIM
+from flowtap.java.probing import java_files_missing
 from flowtap.loader import hooks
 from flowtap.loader.errors import BpfError
 from flowtap.loader.features import FEATURES, KernelFeatures
@@ -121,6 +123,7 @@ _CAPABILITY_FIX = {
     hooks.OPENSSL: "use a kernel built with CONFIG_UPROBE_EVENTS=y",
     hooks.GO: "use a kernel built with CONFIG_UPROBE_EVENTS=y",
     hooks.NODE: "use a kernel built with CONFIG_UPROBE_EVENTS=y",
+    hooks.JAVA: "use a kernel built with CONFIG_UPROBE_EVENTS=y",
     hooks.EGRESS: "use a kernel with cgroup BPF (CONFIG_CGROUP_BPF); without it, run without "
     "--egress",
     hooks.EXEC_HOLD: "without it, TLS probes reach new programs after they start",
@@ -139,6 +142,21 @@ def capability_checks(plan: hooks.HookPlan) -> list[Check]:
                 Check(cap.name, False, required, cap.detail, _CAPABILITY_FIX.get(cap.name))
             )
     return checks
+
+
+def check_java_agent() -> Check:
+    """Java probing needs the agent and its shim built with the sensor (no JDK on the
+    host: flowtap speaks HotSpot's attach protocol itself)."""
+    missing = java_files_missing()
+    if missing is not None:
+        return Check("Java agent", False, False, missing, "run `make setup` (its java step)")
+    return Check(
+        "Java agent",
+        True,
+        False,
+        f"{AGENT_JAR.name} and {SHIM.name}: HotSpot JVMs (Java 11 to 21) get it by dynamic "
+        "attach, no JDK needed on the host",
+    )
 
 
 def check_tracefs(mounts: list[tuple[str, str]]) -> Check:
@@ -220,6 +238,8 @@ def run_checks(avoid: tuple[str, ...] = ()) -> list[Check]:
         )
     else:
         checks += capability_checks(plan)
+        if plan.capability(hooks.JAVA).available:
+            checks.append(check_java_agent())
     return [
         *checks,
         check_feature(features, "sock-tracepoints", "socket tracepoints", "byte counts"),

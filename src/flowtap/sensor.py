@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowtap import safefile
@@ -23,7 +24,7 @@ from flowtap.discovery.cache import ClassCache
 from flowtap.discovery.fanotify import FanotifyError
 from flowtap.discovery.gate import ExecGate
 from flowtap.discovery.worker import DiscoveryWorker
-from flowtap.egress.strategy import fill_running
+from flowtap.egress.strategy import Strategy, fill_running, kernel_strategy
 from flowtap.events import (
     ConnClose,
     ConnOpen,
@@ -36,6 +37,7 @@ from flowtap.events import (
     Fork,
     Task,
 )
+from flowtap.java.probing import JavaProbes, java_files_missing
 from flowtap.loader import hooks
 from flowtap.loader.btf import Btf, StructLayout
 from flowtap.loader.errors import BpfError
@@ -45,6 +47,7 @@ from flowtap.loader.system import bpf_object_path, cgroup2_mount, require_btf, r
 from flowtap.proxy.events import ConnectionEvent
 from flowtap.proxy.records import egress_connection_record, egress_http_record
 from flowtap.records.connection import Record, WallClock
+from flowtap.records.finish import RecordFinisher
 from flowtap.records.http import HttpRecordOptions
 from flowtap.records.policy import CapturePolicy
 from flowtap.settings.reload import ConfigWatcher
@@ -53,7 +56,9 @@ from flowtap.sinks.objects import ObjectStore
 from flowtap.sinks.pipeline import Pipeline
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, running_pids
+from flowtap.tls.plugins.javatls import JAVATLS
 from flowtap.tracking.connections import ConnectionTracker
+from flowtap.tracking.environment import EnvironmentReader
 from flowtap.tracking.exe_filters import filter_matcher
 from flowtap.tracking.listeners import existing_listeners
 from flowtap.tracking.payloads import PayloadTracker
@@ -85,6 +90,10 @@ _EGRESS_DROPS = (
 # runs any more are removed (tls/attach.py).
 _CACHE_SAVE_S = 5.0
 _RESCAN_ASK_S = 1.0
+# How long the Java thread waits for the discovery worker to probe a staged shim.
+_SHIM_PROBE_WAIT_S = 10.0
+# How long start() waits for the JVMs already running to be probed.
+_JAVA_START_WAIT_S = 30.0
 # Space kept for the stats file from start on, so a full disk still gets its counters.
 _STATS_RESERVE = 64 << 10
 
@@ -110,12 +119,14 @@ def exe_matcher(patterns: tuple[str, ...]) -> Callable[[ProcessInfo], bool]:
 
 
 def process_matcher(config: SensorConfig) -> Callable[[ProcessInfo], bool]:
-    """--exe and the configuration file's tap.filters, both."""
+    """--exe and the configuration file's tap.filters, both; and not a process whose
+    QPOINT_STRATEGY is ignore as userspace reads it (with exe filters, which the kernel
+    does not read: docs/egress.md)."""
     by_pattern = exe_matcher(config.exe_patterns)
-    if not config.exe_filters:
-        return by_pattern
-    by_filter = filter_matcher(config.exe_filters)
-    return lambda info: by_pattern(info) and by_filter(info)
+    by_filter = filter_matcher(config.exe_filters) if config.exe_filters else None
+    return lambda info: (
+        info.strategy != "ignore" and by_pattern(info) and (by_filter is None or by_filter(info))
+    )
 
 
 class Sensor:
@@ -134,12 +145,13 @@ class Sensor:
         base = HttpRecordOptions(
             config.capture_level, config.max_body_bytes, config.redact, self.objects
         )
-        self._policy = CapturePolicy(
-            base, config.http_rules, config.rule_macros, config.http_endpoints
-        )
+        self._policy = self._capture_policy(config, base)
+        if config.report_usage:  # Qpoint's cloud usage report: flowtap sends nothing
+            log.info("report_usage: accepted and ignored (flowtap sends no usage reports)")
         # What the parsers must keep: the most any rule can ask for.
         self._http_options = dataclasses.replace(base, level=self._policy.highest_level)
-        self.registry = ProcessRegistry()
+        self.registry = ProcessRegistry(environment=EnvironmentReader(config.env_tags))
+        self.finisher = RecordFinisher(self.registry.tags_of, include_dns=config.audit_include_dns)
         self.counters = UserCounters()
         self.tracker = ConnectionTracker(
             self.registry,
@@ -167,6 +179,8 @@ class Sensor:
         self.egress_unattributed = 0  # proxied records whose client process was unknown
         self._egress_counters: dict[str, int] = {}  # the proxy's final ones, once stopped
         self.tls: TlsProbes | None = None
+        self.java: JavaProbes | None = None  # JVMs given the agent (java/probing.py)
+        self.java_unavailable: str | None = None  # why Java probing is off
         self.tls_unavailable: str | None = None  # why the kernel refused the TLS probes
         self.plan: hooks.HookPlan | None = None  # what this kernel gets, per capability
         self._stopping = threading.Event()  # run()'s: set, TLS attach work is skipped
@@ -247,9 +261,10 @@ class Sensor:
         log.info("attributed %d processes already running", found)
         self._add_existing_listeners(obj, btf)
         if self._http_options.level != "none" and self.tls_unavailable is None:
-            self._attach_tls(obj)
+            pids = self._attach_tls(obj)
             self.worker.start()
             self._start_gate(obj)
+            self._start_java(obj, pids)
         if self.config.egress:
             self._start_egress(obj)
         log.info("ready: %d programs attached", len(self._links))
@@ -407,8 +422,9 @@ class Sensor:
                 key = key_layout.pack({"netns": netns, "port": listener.port})
                 listeners.update(key, value, BpfMap.BPF_NOEXIST)
 
-    def _attach_tls(self, obj: BpfObject) -> None:
-        """TLS probes on the host's libssl and on what running traced processes map."""
+    def _attach_tls(self, obj: BpfObject) -> list[int]:
+        """TLS probes on the host's libssl and on what running traced processes map;
+        returns those processes."""
         try:
             known = self.cache.load()
         except OSError as exc:
@@ -434,6 +450,53 @@ class Sensor:
             and (self.config.cgroup is None or in_cgroup(pid, self.config.cgroup))
         ]
         self.tls.scan_all(pids)
+        return pids
+
+    def _start_java(self, obj: BpfObject, pids: list[int]) -> None:
+        """Java probing: every running JVM in scope now, later ones at exec or at their
+        first connection (java/probing.py)."""
+        if JAVATLS.name not in self.config.tls_probes:
+            self.java_unavailable = f"switched off (--tls-probes without {JAVATLS.name})"
+            return
+        missing = java_files_missing()
+        if missing is not None:
+            self.java_unavailable = missing
+            log.warning("java: not probed: %s", missing)
+            return
+        scope = self._scope_check(obj)
+        matches = process_matcher(self.config)
+
+        def in_scope(pid: int) -> bool:
+            if not scope(pid):
+                return False
+            info = self.registry.read(pid)  # QPOINT_STRATEGY=ignore included
+            return info is not None and matches(info)
+
+        self.java = JavaProbes(self._probe_shim, in_scope)
+        self.java.start()
+        for pid in pids:
+            self.java.consider(pid)
+        # JVMs already running are probed before the sensor says it is ready.
+        if not self.java.settle(_JAVA_START_WAIT_S):
+            log.warning("java: JVMs still being probed after %.0f s", _JAVA_START_WAIT_S)
+
+    def _probe_shim(self, path: Path, pid: int) -> bool:
+        """On the Java thread: the staged shim probed by the discovery worker (the only
+        thread that attaches), awaited."""
+        tls = self._tls()
+        if tls is None:
+            return False
+        done = threading.Event()
+        result: list[bool] = []
+
+        def job() -> None:
+            try:
+                result.append(tls.probe_staged(path, pid))
+            finally:
+                done.set()
+
+        self.worker.submit(job, urgent=True)
+        return done.wait(_SHIM_PROBE_WAIT_S) and result == [True]
 
     def _start_gate(self, obj: BpfObject) -> None:
         """The exec gate (fanotify), or why not: then exec events are the fallback."""
@@ -586,13 +649,15 @@ class Sensor:
         "http_endpoints",
         "max_body_bytes",
         "redact",
+        "access_logs",
+        "debug_rules",
     )
 
     def reconfigure(self, new: SensorConfig) -> bool:
         """Applies a reloaded configuration's capture settings (on the event loop thread)."""
         base = HttpRecordOptions(new.capture_level, new.max_body_bytes, new.redact, self.objects)
         try:
-            policy = CapturePolicy(base, new.http_rules, new.rule_macros, new.http_endpoints)
+            policy = self._capture_policy(new, base)
         except ValueError as exc:  # the file's check passed, so this is a bug: keep running
             self.config_reloads_refused += 1
             log.warning("configuration not reloaded: %s", exc)
@@ -626,6 +691,35 @@ class Sensor:
         self.config_reloads += 1
         log.info("capture level %s, %d rules, from now on", new.capture_level, len(new.http_rules))
         return True
+
+    def _capture_policy(self, config: SensorConfig, base: HttpRecordOptions) -> CapturePolicy:
+        """Levels, rules and access logs; QPOINT_STRATEGY=audit processes get no payload
+        records (the registry's view, exe filters applied)."""
+        return CapturePolicy(
+            base,
+            config.http_rules,
+            config.rule_macros,
+            config.http_endpoints,
+            config.access_logs,
+            emit=self._emit,
+            audited=lambda pid: self.registry.strategy_of(pid) == "audit",
+            debug=config.debug_rules,
+        )
+
+    def _apply_strategy(self, info: ProcessInfo) -> None:
+        """The kernel reads bare `forward` and `ignore` at exec; a value with exe filters
+        (or `proxy`) is only read here: its entry is written now, after the exec event
+        (connections made before this are observed: docs/egress.md)."""
+        strategy = kernel_strategy(info.strategy)
+        if strategy is Strategy.OBSERVE or self._obj is None:
+            return
+        key = struct.pack("<I", info.pid)
+        try:
+            self._obj.map("strategies").update(key, struct.pack("<B", strategy))
+            if strategy is Strategy.IGNORE:
+                self._obj.map("ignore_in_use").update(struct.pack("<I", 0), struct.pack("<I", 1))
+        except BpfError as exc:
+            log.debug("QPOINT_STRATEGY of %d not written: %s", info.pid, exc)
 
     def _on_record(self, data: bytes) -> None:
         self.counters.events += 1
@@ -668,17 +762,23 @@ class Sensor:
                 self.tracker.on_open(event)
                 if tls is not None and self._rescan_due(pid):
                     self.worker.submit(lambda: tls.on_connection(pid))
+                if self.java is not None:
+                    self.java.consider(pid)
             case ConnClose():
                 self.tracker.on_close(event)
             case Exec():
-                self.registry.on_exec(event)
+                self._apply_strategy(self.registry.on_exec(event))
                 if tls is not None:
                     self.worker.submit(lambda: self._on_exec(tls, event))
+                if self.java is not None:
+                    self.java.on_exec(pid)
             case Exit():
                 self.registry.on_exit(event)
                 self._rescan_asked.pop(pid, None)
                 if tls is not None:
                     self.worker.submit(lambda: tls.forget_process(pid))
+                if self.java is not None:
+                    self.java.forget(pid)
             case Fork():
                 # Process mode: the child needs probes of its own. In file mode it maps
                 # what its parent did, probed for every process already.
@@ -737,6 +837,10 @@ class Sensor:
 
     def _emit(self, record: Record) -> None:
         """To every sink's queue; never blocks (sinks/pipeline.py)."""
+        finished = self.finisher.finish(record)  # tags; DNS flows left out if asked
+        if finished is None:
+            return
+        record = finished
         self.counters.records += 1
         self._pipeline.submit(record)
 
@@ -845,8 +949,12 @@ class Sensor:
         }
         if self.objects is not None:
             stats["objects"] = dataclasses.asdict(self.objects.stats)
-        if self.config.http_rules or self.config.http_endpoints:  # what each rule chose
-            stats["capture_rules"] = dict(self._policy.chosen)
+        if self.config.http_rules or self.config.http_endpoints or self.config.access_logs:
+            stats["capture_rules"] = dict(self._policy.chosen)  # what each rule chose
+        # QPOINT_TAGS and QPOINT_STRATEGY values ignored, DNS flows left out, access logs.
+        stats["environment"] = dataclasses.asdict(self.registry.environment.stats)
+        stats["dns_records_left_out"] = self.finisher.dns_dropped
+        stats["access_logs"] = self._policy.access_logs
         if self.config_watcher is not None:
             stats["configuration"] = {
                 "reloads": self.config_reloads,
@@ -868,6 +976,10 @@ class Sensor:
                 "files_released": self.tls.stats.files_released,
                 "attached": self.tls.stats.attached,
             }
+        if self.java is not None:
+            stats["java"] = dataclasses.asdict(self.java.stats)
+        elif self.java_unavailable is not None:
+            stats["java"] = {"unavailable": self.java_unavailable}
         if self.tls is not None:
             gate: dict[str, object] = {"on": self._gate_stats is not None}
             if self._gate_stats is not None:
@@ -915,6 +1027,8 @@ class Sensor:
         self._save_cache()
 
     def _detach(self) -> None:
+        if self.java is not None:  # before the worker: an attach may wait on it
+            self.java.stop()
         self._stop_discovery()
         self._stop_egress()
         if self.tls is not None:

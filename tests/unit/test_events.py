@@ -153,7 +153,8 @@ def test_counters_match_flowtap_h(btf: Btf) -> None:
         "FT_CNT_CONN_OPEN_LOST": 12,
         "FT_CNT_CONN_CLOSE_LOST": 13,
         "FT_CNT_CONN_UNREPORTED": 14,
-        "FT_CNT_MAX": 15,
+        "FT_CNT_JAVA_UNRESOLVED": 15,
+        "FT_CNT_MAX": 16,
     }
 
 

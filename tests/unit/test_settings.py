@@ -211,9 +211,9 @@ def test_main_reports_the_file_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_validation_names_the_source(tmp_path: Path) -> None:
-    path = _write(tmp_path, "flowtap:\n  exec_hold_ms: 90000\n  tls_probes: [javassl]\n")
+    path = _write(tmp_path, "flowtap:\n  exec_hold_ms: 90000\n  tls_probes: [rustls]\n")
     config = config_from_args(_given(["--config", str(path)]), environ={})  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=rf"^{path}:3: flowtap.tls_probes javassl: not a TLS"):
+    with pytest.raises(ConfigError, match=rf"^{path}:3: flowtap.tls_probes rustls: not a TLS"):
         config.validate()
     env = {"FLOWTAP_MAX_BODY_BYTES": "-1"}
     config = config_from_args(_given([]), environ=env)  # type: ignore[arg-type]

@@ -12,11 +12,14 @@ from runtimes import build_go_peer
 from flowtap.cli import build_parser, config_from_args
 from flowtap.config import ConfigError, SensorConfig
 from flowtap.discovery.cache import ClassCache, Identity
+from flowtap.java import SHIM, SHIM_SIGNATURE, SHIM_SYMBOL
 from flowtap.loader.btf import Btf
 from flowtap.tls import plugins
 from flowtap.tls.attach import TlsProbes, inspect_file
+from flowtap.tls.elf import ElfImage
 from flowtap.tls.golang import GoPlacement
-from flowtap.tls.placement import Placement
+from flowtap.tls.placement import Placement, ProbeSite
+from flowtap.tls.plugins.javatls import ShimPlacement
 from flowtap.tracking import payloads
 
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
@@ -36,17 +39,22 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_registry_order_names_and_sources() -> None:
-    # Tried in this order: Go, then node, then plain OpenSSL.
-    assert plugins.NAMES == ("gotls", "nodetls", "openssl")
-    assert plugins.sources() == {"FT_SOURCE_GOTLS": "gotls", "FT_SOURCE_OPENSSL": "openssl"}
+    # Tried in this order: Go, then node, then plain OpenSSL, then flowtap's Java shim.
+    assert plugins.NAMES == ("gotls", "nodetls", "openssl", "javassl")
+    assert plugins.sources() == {
+        "FT_SOURCE_GOTLS": "gotls",
+        "FT_SOURCE_OPENSSL": "openssl",
+        "FT_SOURCE_JAVA": "java",
+    }
     assert plugins.select(("openssl", "gotls")) == (plugins.LIBRARIES[0], plugins.LIBRARIES[2])
-    with pytest.raises(KeyError, match="javassl"):
-        plugins.select(("javassl",))
+    with pytest.raises(KeyError, match="rustls"):
+        plugins.select(("rustls",))
     # Signatures: each once, from the plug-ins asked for only.
     assert plugins.signatures(plugins.LIBRARIES) == (
         b"\xff Go buildinf:",
         b"SSL_write\0",
         b"SSL_read\0",
+        SHIM_SIGNATURE,
     )
     assert plugins.signatures(plugins.select(("gotls",))) == (b"\xff Go buildinf:",)
     # Records carry the plug-ins' capture sources.
@@ -54,6 +62,7 @@ def test_registry_order_names_and_sources() -> None:
         "socket": "plaintext",
         "gotls": "gotls",
         "openssl": "openssl",
+        "java": "java",
     }
 
 
@@ -73,8 +82,29 @@ def test_libssl_is_classified_by_the_openssl_plugin(tmp_path: Path) -> None:
     assert isinstance(found.plan, Placement)
     assert found.plan.runtime == ""
     assert found.sites() == found.plan.sites()
-    # Switched off: nothing to probe; the others do not take it.
-    assert inspect_file(copy, "libssl", libraries=plugins.select(("gotls", "nodetls"))) is None
+    # Switched off: nothing to probe; the others do not take it (the Java shim's plug-in
+    # neither: libssl carries none of its signature).
+    others = plugins.select(("gotls", "nodetls", "javassl"))
+    assert inspect_file(copy, "libssl", libraries=others) is None
+
+
+@pytest.mark.skipif(not SHIM.exists(), reason="the Java shim is not built (make java)")
+def test_the_java_shim_is_classified_by_the_javassl_plugin(tmp_path: Path) -> None:
+    """Whatever its path (a copy staged in a JVM's /tmp): one entry probe, at the file
+    offset of flowtap_java_data."""
+    copy = tmp_path / "staged.so"
+    shutil.copy(SHIM, copy)
+    found = inspect_file(copy, "staged")
+    assert found is not None
+    assert found.library.name == "javassl"
+    assert found.library.source == "java"
+    with ElfImage(copy) as image:
+        symbol = image.functions({SHIM_SYMBOL})[SHIM_SYMBOL]
+        offset = image.file_offset(symbol.address)
+    assert found.plan == ShimPlacement(offset)
+    assert found.sites() == [ProbeSite("java_data_enter", offset)]
+    # Switched off, nothing takes it.
+    assert inspect_file(copy, "staged", libraries=plugins.select(("openssl",))) is None
 
 
 def test_go_executable_is_classified_by_the_gotls_plugin(go_client: Path) -> None:
@@ -160,8 +190,10 @@ def test_tls_probes_setting() -> None:
     assert default.tls_probes == plugins.NAMES
     chosen = config_from_args(parser.parse_args(["run", "--tls-probes", "gotls, openssl"]))
     assert chosen.tls_probes == ("gotls", "openssl")
-    with pytest.raises(ConfigError, match=r"--tls-probes javassl: .*gotls, nodetls, openssl"):
-        SensorConfig(tls_probes=("openssl", "javassl")).validate()
+    with pytest.raises(
+        ConfigError, match=r"--tls-probes rustls: .*gotls, nodetls, openssl, javassl"
+    ):
+        SensorConfig(tls_probes=("openssl", "rustls")).validate()
     with pytest.raises(ConfigError, match="--tls-probes"):
         SensorConfig(tls_probes=()).validate()
 

@@ -22,6 +22,7 @@ PAYLOADS = "plaintext payloads"
 OPENSSL = "OpenSSL"
 GO = "Go"
 NODE = "node"
+JAVA = "Java"
 EGRESS = "egress controller"
 EXEC_HOLD = "exec hold"
 
@@ -29,7 +30,7 @@ _SEND_RECV = ("inet_sendmsg", "inet6_sendmsg", "inet_recvmsg", "inet6_recvmsg")
 _OPENSSL_PROGRAMS = ("ssl_read_enter", "ssl_read_ex_enter", "ssl_write_enter", "ssl_write_ex_enter")
 _GO_PROGRAMS = ("go_read_enter", "go_write_enter", "go_handshake_enter", "go_handshake_return")
 # Programs built twice: full (5.17 on) and bounded (bpf/sensor/compat.h).
-_LOOPING = ("ssl_return", "go_return")
+_LOOPING = ("ssl_return", "go_return", "java_data_enter")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
             Capability(OPENSSL, None, off),
             Capability(GO, None, off),
             Capability(NODE, None, off),
+            Capability(JAVA, None, off),
         ]
     elif family is None:
         off = "no socket hook to tie TLS calls to their connection"
@@ -198,6 +200,7 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
             Capability(OPENSSL, None, off),
             Capability(GO, None, off),
             Capability(NODE, None, off),
+            Capability(JAVA, None, off),
         ]
     else:
         tls_programs = [*_OPENSSL_PROGRAMS, *_GO_PROGRAMS, *(p + suffix for p in _LOOPING)]
@@ -219,6 +222,13 @@ def plan(features: KernelFeatures, objects_programs: Iterable[str]) -> HookPlan:
         )
         caps.append(
             Capability(NODE, "uprobe+uretprobe on node's SSL_read/SSL_write", f"{storage}; {links}")
+        )
+        caps.append(
+            Capability(
+                JAVA,
+                "uprobe on the JVM agent's flowtap_java_data",
+                f"agent loaded by HotSpot dynamic attach; {links}",
+            )
         )
     caps.append(
         Capability(EGRESS, "cgroup/connect4, connect6, sockops, cgroup/getsockopt", "--egress")

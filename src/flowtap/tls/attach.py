@@ -176,6 +176,18 @@ class TlsProbes:
                 continue
             self._probe(ALL_PROCESSES, MappedFile(key, str(path), path))
 
+    def probe_staged(self, path: Path, pid: int) -> bool:
+        """A file the sensor put in place for a process (the Java shim), probed before
+        the process maps it; False when it was not probed (the log says why)."""
+        try:
+            key = file_key(path)
+        except OSError as exc:
+            log.warning("%s: not probed: %s", path, exc)
+            return False
+        target = ALL_PROCESSES if self.mode == "file" else pid
+        self._probe(target, MappedFile(key, str(path), path), budgeted=False)
+        return (target, key) in self._attached
+
     @property
     def shared_libraries(self) -> tuple[str, ...]:
         """What the switched-on plug-ins look for before any process maps it."""

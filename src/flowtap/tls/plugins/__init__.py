@@ -2,7 +2,9 @@
 
 LIBRARIES is the order files are tried in: Go before node before plain OpenSSL (a Go
 executable may carry OpenSSL strings; node's OpenSSL is OpenSSL too, with a version to
-show). Adding a library: a module here, its entry below, and its enum ft_source value in
+show); flowtap's Java shim (javatls.py) last: only a file no other plug-in took is
+searched for its signature.
+Adding a library: a module here, its entry below, and its enum ft_source value in
 bpf/flowtap.h (docs/tls.md, "Adding a TLS library").
 """
 
@@ -18,6 +20,7 @@ from flowtap.tls.plugins.base import (
     TlsPlan,
 )
 from flowtap.tls.plugins.gotls import GOTLS
+from flowtap.tls.plugins.javatls import JAVATLS
 from flowtap.tls.plugins.nodetls import NODETLS
 from flowtap.tls.plugins.openssl import OPENSSL
 
@@ -37,7 +40,7 @@ __all__ = [
 ]
 
 Library = TlsLibrary[Any]
-LIBRARIES: tuple[Library, ...] = (GOTLS, NODETLS, OPENSSL)
+LIBRARIES: tuple[Library, ...] = (GOTLS, NODETLS, OPENSSL, JAVATLS)
 NAMES: tuple[str, ...] = tuple(library.name for library in LIBRARIES)
 
 
