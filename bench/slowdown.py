@@ -17,6 +17,12 @@ sensor is started before each "with" run and stopped (SIGINT, drain, stats) afte
   (f) node-tls: tests/e2e/node_peer.js's HTTPS server and its bench client (one
       keep-alive connection, sequential GETs, a 100-byte body): node's OpenSSL, linked
       into /usr/bin/node, on memory BIOs, on both ends.
+  (g) java-tls: tests/e2e/java/TlsPeer.java on Debian's OpenJDK 17: its HttpsServer
+      (started once, before any sensor: probed when the first sensor starts, its agent
+      inert between runs) and its HttpClient bench client (one keep-alive connection,
+      sequential GETs), a new JVM per run: with the sensor, probed as it starts, so its
+      run includes the attach. Run with --sensor-args "--capture-level full" for the
+      issue's figure; the summary also gives each client JVM's time from start to agent.
 
 The sensor runs as a user would run it: `--include-loopback` and no scope filter, so
 it traces every connection on the host; its stats and records must show that it saw
@@ -97,6 +103,7 @@ class Workload:
     expected_opens: Callable[[JsonDict], int]
     # Long-lived processes of the workload (not children waited for during a run).
     pids: Callable[[], list[int]] = list
+    target: float = TARGET  # the ratio it must keep (Java: the issue's 0.85)
 
 
 # --- tools -------------------------------------------------------------------------
@@ -327,6 +334,99 @@ def run_go_client(pair: GoTls, seconds: int, cpu: int | None) -> tuple[float, Js
 
 
 NODE_PEER = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "node_peer.js"
+JAVA_PEER = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "java" / "TlsPeer.java"
+JDK = Path("/usr/lib/jvm/java-17-openjdk-amd64/bin")
+JAVA_STORE_PASSWORD = "changeit"
+
+
+@dataclass
+class JavaTls:
+    """The Java HTTPS pair: TlsPeer's HttpsServer, and its bench client run per measurement."""
+
+    classes: Path
+    trust: Path
+    port: int
+    server: int
+
+    def pids(self) -> list[int]:
+        return [self.server]
+
+
+def _run_tool(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed: {done.stdout[-1000:]}{done.stderr[-1000:]}")
+
+
+@contextlib.contextmanager
+def java_tls_server(workdir: Path, cpu: int | None) -> Iterator[JavaTls]:
+    """TlsPeer compiled with Debian's javac, its HttpsServer on a self-signed certificate."""
+    if not (JDK / "javac").exists():
+        raise BenchError("the java-tls workload needs apt-get install -y openjdk-17-jdk-headless")
+    classes = workdir / "classes"
+    _run_tool([str(JDK / "javac"), "--release", "11", "-d", str(classes), str(JAVA_PEER)], "javac")
+    self_signed_certificate(workdir)
+    keys, trust = workdir / "server.p12", workdir / "trust.p12"
+    _run_tool(
+        ["openssl", "pkcs12", "-export", "-in", str(workdir / "server.pem"), "-inkey",
+         str(workdir / "server.key"), "-out", str(keys), "-passout",
+         f"pass:{JAVA_STORE_PASSWORD}"],
+        "openssl pkcs12",
+    )  # fmt: skip
+    _run_tool(
+        [str(JDK / "keytool"), "-importcert", "-noprompt", "-alias", "server", "-file",
+         str(workdir / "server.pem"), "-keystore", str(trust), "-storetype", "PKCS12",
+         "-storepass", JAVA_STORE_PASSWORD],
+        "keytool",
+    )  # fmt: skip
+    # TCP_NODELAY: the server writes headers and body apart, which Nagle and delayed ACKs
+    # would turn into ~40 ms a request.
+    argv = [str(JDK / "java"), "-Dsun.net.httpserver.nodelay=true", "-cp", str(classes)]
+    argv += ["TlsPeer", "server", str(keys)]
+    argv.append(JAVA_STORE_PASSWORD)
+    proc = subprocess.Popen(
+        pinned(argv, cpu), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(json.loads(proc.stdout.readline())["port"])
+        yield JavaTls(classes, trust, port, proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_java_client(pair: JavaTls, seconds: int, cpu: int | None) -> tuple[float, JsonDict]:
+    url = f"https://127.0.0.1:{pair.port}/"
+    trust = [f"-Djavax.net.ssl.trustStore={pair.trust}", "-Djavax.net.ssl.trustStoreType=PKCS12"]
+    trust.append(f"-Djavax.net.ssl.trustStorePassword={JAVA_STORE_PASSWORD}")
+    argv = [str(JDK / "java"), *trust, "-cp", str(pair.classes), "TlsPeer", "bench", url]
+    command = pinned([*argv, str(seconds)], cpu)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise BenchError("the Java client did not finish") from None
+    if proc.returncode != 0:
+        raise BenchError(f"the Java client failed ({proc.returncode}): {err[-2000:]}")
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    result: JsonDict = next(line for line in lines if line.get("event") == "result")
+    return float(result["rate"]), {
+        "command": " ".join(command),
+        "requests": result["requests"],
+        "client_pid": proc.pid,
+    }
+
+
+def java_ready_ms(stats: JsonDict | None, pid: object) -> int | None:
+    """A JVM's time from its start to its agent in place, from the sensor's stats."""
+    for jvm in ((stats or {}).get("java") or {}).get("jvms", []):
+        if jvm.get("pid") == pid and jvm.get("probed"):
+            ready: int | None = jvm.get("ms_after_start")
+            return ready
+    return None
 
 
 @dataclass
@@ -494,6 +594,9 @@ def summarize(workload: Workload, runs: list[Run]) -> Summary:
     if all(r.seen is not None for r in traced):
         seen = [f"{r.seen}/{r.expected_seen}" for r in traced]
         saw = ", ".join(seen)
+        ready = [java_ready_ms(r.stats, r.detail.get("client_pid")) for r in traced]
+        if any(ms is not None for ms in ready):
+            saw += "; client JVM's agent in place after (ms): " + ", ".join(map(str, ready))
     else:
         saw = ", ".join(str(r.stats.get("connections_opened") if r.stats else "?") for r in traced)
     counters: dict[str, int] = {}
@@ -508,7 +611,7 @@ def summarize(workload: Workload, runs: list[Run]) -> Summary:
         without=without,
         with_sensor=with_sensor,
         ratio=ratio,
-        meets_target=ratio >= TARGET,
+        meets_target=ratio >= workload.target,
         sensor_saw=saw,
         drops=lost or "0",
         added_us=1e6 / with_sensor - 1e6 / without,
@@ -528,7 +631,7 @@ def summary_table(summaries: list[Summary]) -> str:
         "without sensor (median)",
         "with sensor (median)",
         "ratio with/without",
-        f">= {TARGET:.2f}?",
+        "meets its target (0.95; Java 0.85)?",
         "added time per unit (µs)",
         "workload opens in records / expected, per traced run",
         "drops (sum over traced runs)",
@@ -595,7 +698,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default="wrk,loop,syscalls",
-        help="comma-separated subset of wrk,loop,syscalls,wrk-tls,go-tls,node-tls",
+        help="comma-separated subset of wrk,loop,syscalls,wrk-tls,go-tls,node-tls,java-tls",
     )
     parser.add_argument(
         "--cpu",
@@ -644,7 +747,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sensor_cpu < 0:
         args.sensor_cpu = None
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - {"wrk", "loop", "syscalls", "wrk-tls", "go-tls", "node-tls"}
+    known = {"wrk", "loop", "syscalls", "wrk-tls", "go-tls", "node-tls", "java-tls"}
+    unknown = set(args.workloads) - known
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if not 1 <= args.pairs <= 20 or not 1 <= args.seconds <= 60:
@@ -740,6 +844,22 @@ def main(argv: list[str] | None = None) -> int:
                         port=lambda: node_pair.port,
                         expected_opens=lambda _detail: 2,
                         pids=node_pair.pids,
+                    )
+                )
+            if "java-tls" in args.workloads:
+                java_dir = workdir / "java-tls"
+                java_dir.mkdir()
+                java_pair = stack.enter_context(java_tls_server(java_dir, cpu))
+                workloads.append(
+                    Workload(
+                        name=f"(g) Java HTTPS: HttpClient -> HttpsServer (OpenJDK 17), "
+                        f"keep-alive, a new client JVM per run, {args.seconds}s",
+                        unit="req/s",
+                        run=lambda: run_java_client(java_pair, args.seconds, cpu),
+                        port=lambda: java_pair.port,
+                        expected_opens=lambda _detail: 2,
+                        pids=java_pair.pids,
+                        target=0.85,
                     )
                 )
             if "loop" in args.workloads:

@@ -69,7 +69,7 @@ enum ft_counter {
 	FT_CNT_CONN_OPEN_LOST = 12, /* its open event was lost (open record made at close) */
 	FT_CNT_CONN_CLOSE_LOST = 13, /* its close event was lost (bytes and end unknown) */
 	FT_CNT_CONN_UNREPORTED = 14, /* close lost and no open delivered: no record at all */
-	FT_CNT_JAVA_UNRESOLVED = 15, /* Java plaintext whose descriptor is no open socket */
+	FT_CNT_JAVA_UNRESOLVED = 15, /* a JVM's plaintext not tied to a socket (agent or kernel) */
 	FT_CNT_MAX = 16,
 };
 

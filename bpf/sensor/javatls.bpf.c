@@ -5,7 +5,8 @@
  * its shim library, with the descriptor of the socket the bytes travel on. One entry probe:
  * the descriptor is resolved here, in the calling process's file table, so the plaintext
  * lands on the very connection whichever thread calls (HttpClient wraps on one thread and
- * writes on another). java_data comes in the full build and the bounded one (compat.h).
+ * writes on another). A call with fd -1 reports plaintext the agent could not tie to a
+ * socket: counted, as is a descriptor that is no socket. java_data comes in the full build and the bounded one (compat.h).
  */
 #include "tls.h"
 
@@ -23,6 +24,10 @@ static __always_inline void java_data(struct pt_regs *ctx, const __u32 hook)
 
 	if (tls_probes_stopped() || !current_is_traced())
 		return;
+	if (fd == 0xffffffff) { /* -1: the agent could not tie this plaintext to a socket */
+		count(FT_CNT_JAVA_UNRESOLVED);
+		return;
+	}
 	if (length <= 0 || length > FT_JAVA_MAX_CALL || (flow != FT_FLOW_TX && flow != FT_FLOW_RX))
 		return;
 	sk = socket_of_fd(current_task(), fd);

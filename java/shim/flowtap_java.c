@@ -1,6 +1,7 @@
 /* flowtap's native shim for the Java agent (java/agent): the agent hands every piece of TLS
  * plaintext to flowtap_java_data, which does nothing; the sensor's uprobe on its entry reads
- * the arguments (fd, flow, buf, len). flowtap_java_active tells the agent whether a probe is
+ * the arguments (fd, flow, buf, len; fd -1: len bytes the agent could not tie to a socket).
+ * flowtap_java_active tells the agent whether a probe is
  * installed, so that a JVM without a sensor pays almost nothing. */
 #include <jni.h>
 #include <stddef.h>
@@ -76,6 +77,17 @@ JNIEXPORT void JNICALL Java_flowtap_agent_Native_dataDirect(JNIEnv *env, jclass 
     if (base == NULL || cap < 0 || (jlong)pos > cap || (jlong)len > cap - pos)
         return;
     flowtap_java_data(fd, flow, base + pos, (long)len);
+}
+
+/* Plaintext the agent could not tie to a socket: fd -1 and no buffer, so the sensor counts
+ * what was lost instead of never hearing of it. */
+JNIEXPORT void JNICALL Java_flowtap_agent_Native_lost(JNIEnv *env, jclass cls, jint flow, jlong len)
+{
+    (void)env;
+    (void)cls;
+    if (!valid_flow(flow) || len <= 0)
+        return;
+    flowtap_java_data(-1, flow, NULL, (long)len);
 }
 
 JNIEXPORT jint JNICALL Java_flowtap_agent_Native_active(JNIEnv *env, jclass cls)

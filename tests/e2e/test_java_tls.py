@@ -263,13 +263,18 @@ def _responses(client: Peer) -> list[tuple[str, int, int, str]]:
     return [(m["method"], m["round"], m["status"], m["body"]) for m in client.messages("response")]
 
 
+@pytest.mark.parametrize("version", RUNTIMES)
 @pytest.mark.parametrize("ending", ["stop", "kill"])
 def test_output_unchanged_when_the_sensor_comes_and_goes(
-    e2e: Lab, pki: dict[str, Path], classes: Path, stores: dict[str, Path], ending: str
+    e2e: Lab,
+    pki: dict[str, Path],
+    classes: Path,
+    stores: dict[str, Path],
+    ending: str,
+    version: str,
 ) -> None:
     """The application's output and exit code are the same with the agent in and the
     sensor stopped or killed (-9) mid-run: its calls then cost a check and nothing more."""
-    version = RUNTIMES[-1]
     _server, port = start_server(e2e, pki)
     url = f"https://127.0.0.1:{port}/v1/steady/2"
     go = e2e.file("go")
@@ -352,3 +357,33 @@ def test_a_program_named_java_that_is_no_jvm_is_left_alone(e2e: Lab) -> None:
     assert impostor.popen.poll() is None  # alive: no SIGQUIT reached it
     impostor.kill()
     assert java_stats(sensor) == {"probed": 0, "not_probed": 0, "jvms": []}
+
+
+def test_a_restarted_sensor_captures_the_jvm_again(
+    e2e: Lab, pki: dict[str, Path], classes: Path, stores: dict[str, Path]
+) -> None:
+    """A second sensor finds the agent already in (its shim mapped, by signature) and
+    captures again; the second load is harmless: every round once. (A new connection each
+    round: a connection opened before a sensor starts is unknown to it.)"""
+    _server, port = start_server(e2e, pki)
+    go = e2e.file("go")
+    url = f"https://127.0.0.1:{port}/v1/again/1"
+    argv = ["client", "http1-new", url, str(go), "80", "100"]
+    client = java(e2e, JAVAS[RUNTIMES[-1]], classes, stores, *argv)
+    client.wait_message("waiting", timeout=PEER_TIMEOUT_S * 3)
+    first = e2e.sensor(extra=FULL)
+    go.touch()
+    http_of(first, client.pid, 2)
+    first.finish()
+    second = e2e.sensor(extra=FULL)
+    records = http_of(second, client.pid, 4)
+    second.finish()
+    client.finish()
+
+    assert all(r["capture_source"] == "java" for r in records)
+    posts = [body(r["request"]) for r in records if r["request"]["method"] == "POST"]
+    rounds = [int((text or b"").decode().removeprefix("java-")) for text in posts]
+    assert rounds == list(range(rounds[0], rounds[0] + len(rounds)))
+    for sensor in (first, second):
+        (outcome,) = [j for j in java_stats(sensor)["jvms"] if j["pid"] == client.pid]
+        assert outcome["probed"] is True

@@ -82,6 +82,17 @@ def is_launcher(pid: int, proc: Path = Path("/proc")) -> bool:
         return False
 
 
+def process_age_ms(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """How long ago the process started, in milliseconds (clock ticks: 10 ms here)."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        uptime = float((proc / "uptime").read_text().split()[0])
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, round((uptime - ticks / os.sysconf("SC_CLK_TCK")) * 1000))
+
+
 def _tmp_key(jvm: Jvm) -> tuple[int, int] | None:
     """The /tmp a JVM sees (device and inode): JVMs that share it share one staging."""
     try:
@@ -226,6 +237,8 @@ class JavaProbes:
                 "java_version": jvm.version,
                 "probed": True,
                 "seconds": round(seconds, 3),
+                # From the JVM's start to its agent in place (10 ms resolution).
+                "ms_after_start": process_age_ms(jvm.pid),
             }
         )
 

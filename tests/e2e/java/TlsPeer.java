@@ -3,8 +3,13 @@
 // JSON line per event on stdout, as the Python peers do; trusts what javax.net.ssl.trustStore
 // names. Usage:
 //   TlsPeer client MODE URL GO_FILE|- COUNT INTERVAL_MS
-//       MODE: http1 | http2 (java.net.http.HttpClient), urlconnection (HttpsURLConnection).
+//       MODE: http1 | http2 (java.net.http.HttpClient, one per JVM: one keep-alive connection),
+//       http1-new (a new HttpClient, so a new connection, each round), urlconnection
+//       (HttpsURLConnection).
 //       Each round: a GET of URL, then a POST of "java-<round>" to URL.
+//   TlsPeer bench URL SECONDS
+//       java.net.http.HttpClient, HTTP/1.1 keep-alive GETs of URL for SECONDS (bench.slowdown):
+//       prints {"event": "result", "rate": requests per second, "requests": N}.
 //   TlsPeer server KEYSTORE PASSWORD
 //       com.sun.net.httpserver.HttpsServer on 127.0.0.1: POST answers 201 "seen:" + body,
 //       GET answers 200 "hello from java".
@@ -76,8 +81,9 @@ public class TlsPeer {
                 + ", \"ms_since_start\": " + sinceStart());
     }
 
-    static void viaHttpClient(HttpClient.Version version, URI uri, int round) throws Exception {
-        HttpClient client = Client.get(version);
+    static void viaHttpClient(HttpClient.Version version, URI uri, int round, boolean fresh)
+            throws Exception {
+        HttpClient client = fresh ? HttpClient.newBuilder().version(version).build() : Client.get(version);
         HttpResponse<String> got = client.send(HttpRequest.newBuilder(uri).GET().build(),
                 HttpResponse.BodyHandlers.ofString());
         response("GET", round, got.statusCode(), got.body());
@@ -138,10 +144,13 @@ public class TlsPeer {
             }
             switch (mode) {
                 case "http1":
-                    viaHttpClient(HttpClient.Version.HTTP_1_1, URI.create(url), round);
+                    viaHttpClient(HttpClient.Version.HTTP_1_1, URI.create(url), round, false);
+                    break;
+                case "http1-new":
+                    viaHttpClient(HttpClient.Version.HTTP_1_1, URI.create(url), round, true);
                     break;
                 case "http2":
-                    viaHttpClient(HttpClient.Version.HTTP_2, URI.create(url), round);
+                    viaHttpClient(HttpClient.Version.HTTP_2, URI.create(url), round, false);
                     break;
                 case "urlconnection":
                     viaUrlConnection(new URL(url), round);
@@ -188,9 +197,30 @@ public class TlsPeer {
         }
     }
 
+    static void bench(String[] args) throws Exception {
+        URI uri = URI.create(args[1]);
+        long seconds = Long.parseLong(args[2]);
+        HttpClient client = HttpClient.newBuilder().version(HttpClient.Version.HTTP_1_1).build();
+        HttpRequest get = HttpRequest.newBuilder(uri).GET().build();
+        long start = System.nanoTime();
+        long end = start + seconds * 1_000_000_000L;
+        long requests = 0;
+        while (System.nanoTime() < end) {
+            HttpResponse<byte[]> got = client.send(get, HttpResponse.BodyHandlers.ofByteArray());
+            if (got.statusCode() != 200) {
+                throw new IllegalStateException("status " + got.statusCode());
+            }
+            requests++;
+        }
+        double elapsed = (System.nanoTime() - start) / 1e9;
+        say("result", "\"rate\": " + (requests / elapsed) + ", \"requests\": " + requests);
+    }
+
     public static void main(String[] args) throws Exception {
         if (args[0].equals("client")) {
             client(args);
+        } else if (args[0].equals("bench")) {
+            bench(args);
         } else {
             server(args);
         }

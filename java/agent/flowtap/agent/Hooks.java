@@ -96,6 +96,7 @@ public final class Hooks {
     private static void emit(int fd, int flow, byte[] b, int off, int len) {
         if (fd < 0) {
             noFd.incrementAndGet();
+            Native.lost(flow, len); // counted by the sensor: nothing is lost silently
             return;
         }
         if (b == null || off < 0 || len <= 0 || off > b.length - len) {
@@ -185,6 +186,7 @@ public final class Hooks {
             }
             if (fd == null) {
                 unbound.incrementAndGet();
+                Native.lost(call.wrap ? TX : RX, total);
                 return;
             }
             int flow = call.wrap ? TX : RX;

@@ -12,6 +12,9 @@ public final class Native {
     /** The same for a direct buffer: its bytes [pos, pos + len). */
     public static native void dataDirect(int fd, int flow, ByteBuffer direct, int pos, int len);
 
+    /** Tells the sensor len bytes of plaintext could not be tied to a socket (fd -1). */
+    public static native void lost(int flow, long len);
+
     /** 1 while the sensor's uprobe sits on flowtap_java_data, else 0. */
     public static native int active();
 }
