@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,17 +83,21 @@ def _sigquit_caught(status: dict[str, str]) -> bool:
     return bool(mask & (1 << (SIGQUIT - 1)))
 
 
+def _mappings(pid: int) -> Iterator[tuple[str, str]]:
+    """(address range, path) of each file mapping in /proc/PID/maps; OSError when gone."""
+    with open(f"/proc/{pid}/maps", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                yield fields[0], fields[5].rstrip("\n").removesuffix(" (deleted)")
+
+
 def _java_home(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/maps", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 6:
-                    continue
-                path = fields[5].rstrip("\n").removesuffix(" (deleted)")
-                match = _LIBJVM.match(path)
-                if match:
-                    return match.group("home")
+        for _span, path in _mappings(pid):
+            match = _LIBJVM.match(path)
+            if match:
+                return match.group("home")
     except OSError:
         return None
     return None
@@ -122,55 +127,49 @@ def _perfdata(pid: int, nspid: int) -> bytes | None:
     """The JVM's hsperfdata, read through the mapping itself (/proc/PID/map_files: the
     file it maps, whatever has been renamed or planted at its path since)."""
     try:
-        with open(f"/proc/{pid}/maps", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 6:
-                    continue
-                match = _PERFDATA.search(fields[5].rstrip("\n").removesuffix(" (deleted)"))
-                if match and int(match.group(1)) == nspid:
-                    with open(f"/proc/{pid}/map_files/{fields[0]}", "rb") as mapped:
-                        return mapped.read(_PERFDATA_MAX)
+        for span, path in _mappings(pid):
+            match = _PERFDATA.search(path)
+            if match and int(match.group(1)) == nspid:
+                with open(f"/proc/{pid}/map_files/{span}", "rb") as mapped:
+                    return mapped.read(_PERFDATA_MAX)
     except (OSError, ValueError):
         return None
     return None
 
 
-def _perf_strings(data: bytes) -> dict[str, bytes]:
-    """The byte-vector (string) entries of hsperfdata: name -> value (up to its NUL)."""
+def _perf_entries(data: bytes) -> Iterator[tuple[str, int, bytes]]:
+    """hsperfdata's entries: (name, type code, value bytes); strings are byte vectors
+    ("B"), counters scalar longs ("J"). Nothing for a file that is not one."""
     magic, order, *_rest, entry_offset, entries = _PROLOGUE.unpack_from(data)
     if magic != _MAGIC or order != 1:  # 1: little-endian, as on every Linux HotSpot runs
-        return {}
-    found: dict[str, bytes] = {}
+        return
     offset = entry_offset
     for _ in range(min(entries, 10000)):
         length, name_at, vector, kind, _f, _u, _v, data_at = _ENTRY.unpack_from(data, offset)
         if length <= 0 or offset + length > len(data):
-            break
+            return
         name_end = data.find(b"\0", offset + name_at, offset + length)
-        if name_end > 0 and kind == ord("B") and vector > 0:
+        if name_end > 0:
             name = data[offset + name_at : name_end].decode("ascii", errors="replace")
-            value = data[offset + data_at : min(offset + data_at + vector, offset + length)]
-            found[name] = value.split(b"\0", 1)[0]
+            size = vector if vector > 0 else 8
+            yield name, kind, data[offset + data_at : min(offset + data_at + size, offset + length)]
         offset += length
-    return found
+
+
+def _perf_strings(data: bytes) -> dict[str, bytes]:
+    """The byte-vector (string) entries of hsperfdata: name -> value (up to its NUL)."""
+    return {
+        name: value.split(b"\0", 1)[0]
+        for name, kind, value in _perf_entries(data)
+        if kind == ord("B") and value
+    }
 
 
 def _perf_long(data: bytes, wanted: str) -> int | None:
     """A long (scalar) entry of hsperfdata, None when absent."""
-    magic, order, *_rest, entry_offset, entries = _PROLOGUE.unpack_from(data)
-    if magic != _MAGIC or order != 1:
-        return None
-    offset = entry_offset
-    for _ in range(min(entries, 10000)):
-        length, name_at, vector, kind, _f, _u, _v, data_at = _ENTRY.unpack_from(data, offset)
-        if length <= 0 or offset + length > len(data):
-            break
-        name_end = data.find(b"\0", offset + name_at, offset + length)
-        named = name_end > 0 and data[offset + name_at : name_end] == wanted.encode()
-        if named and kind == ord("J") and vector == 0:
-            return int(struct.unpack_from("<q", data, offset + data_at)[0])
-        offset += length
+    for name, kind, value in _perf_entries(data):
+        if name == wanted and kind == ord("J") and len(value) == 8:
+            return int.from_bytes(value, "little", signed=True)
     return None
 
 

@@ -478,19 +478,36 @@ def _access_logs(
         )
     rules: list[CaptureRule] = []
     if "rules" in fields:
-        for index, item in enumerate(reader.sequence(fields["rules"][1], dotted + ".rules")):
-            where = f"{dotted}.rules[{index}]"
-            rule = reader.mapping(item, where, ("name", "expr", "mode"))
-            if "expr" not in rule or "mode" not in rule:
-                raise SettingError(f"{reader.where(item, where)}: a rule needs an expr and a mode")
-            expr_node = rule["expr"][1]
-            expr = reader.string(expr_node, where + ".expr")
-            _check_rule(reader, expr_node, where + ".expr", expr, macros)
-            rule_mode = reader.choice(rule["mode"][1], where + ".mode", MODES)
-            name = reader.string(rule["name"][1], where + ".name") if "name" in rule else expr
-            origin = f"{reader.path}:{expr_node.start_mark.line + 1}"
-            rules.append(CaptureRule(name, expr, MODE_LEVEL[rule_mode], origin))
+        rules = _rules(
+            reader, fields["rules"][1], dotted, macros, key="mode", levels=dict(MODE_LEVEL)
+        )
     return AccessLogs(mode, fmt, tuple(rules))
+
+
+def _rules(
+    reader: _Reader,
+    node: yaml.Node,
+    dotted: str,
+    macros: dict[str, str],
+    *,
+    key: str,
+    levels: dict[str, CaptureLevel],
+) -> list[CaptureRule]:
+    """A plugin's `rules`: each an expr and, under `key`, one of levels (first match wins)."""
+    rules: list[CaptureRule] = []
+    for index, item in enumerate(reader.sequence(node, dotted + ".rules")):
+        where = f"{dotted}.rules[{index}]"
+        rule = reader.mapping(item, where, ("name", "expr", key))
+        if "expr" not in rule or key not in rule:
+            raise SettingError(f"{reader.where(item, where)}: a rule needs an expr and a {key}")
+        expr_node = rule["expr"][1]
+        expr = reader.string(expr_node, where + ".expr")
+        _check_rule(reader, expr_node, where + ".expr", expr, macros)
+        chosen = reader.choice(rule[key][1], f"{where}.{key}", tuple(levels))
+        name = reader.string(rule["name"][1], where + ".name") if "name" in rule else expr
+        origin = f"{reader.path}:{expr_node.start_mark.line + 1}"
+        rules.append(CaptureRule(name, expr, levels[chosen], origin))
+    return rules
 
 
 def _http_capture(
@@ -506,18 +523,9 @@ def _http_capture(
         out["output"] = "json" if chosen == "json" else "console"
     rules: list[CaptureRule] = []
     if "rules" in fields:
-        for index, item in enumerate(reader.sequence(fields["rules"][1], dotted + ".rules")):
-            where = f"{dotted}.rules[{index}]"
-            rule = reader.mapping(item, where, ("name", "expr", "level"))
-            if "expr" not in rule or "level" not in rule:
-                raise SettingError(f"{reader.where(item, where)}: a rule needs an expr and a level")
-            expr_node = rule["expr"][1]
-            expr = reader.string(expr_node, where + ".expr")
-            _check_rule(reader, expr_node, where + ".expr", expr, macros)
-            level = reader.choice(rule["level"][1], where + ".level", tuple(_LEVELS))
-            name = reader.string(rule["name"][1], where + ".name") if "name" in rule else expr
-            origin = f"{reader.path}:{expr_node.start_mark.line + 1}"
-            rules.append(CaptureRule(name, expr, _LEVELS[level], origin))
+        rules = _rules(
+            reader, fields["rules"][1], dotted, macros, key="level", levels=dict(_LEVELS)
+        )
     out["http_rules"] = tuple(rules)
     return out
 
