@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from .helpers import (
     CURL,
     OPENSSL,
     PEER_TIMEOUT_S,
+    REPO,
     Lab,
     Peer,
     Record,
@@ -387,3 +391,83 @@ def test_a_restarted_sensor_captures_the_jvm_again(
     for sensor in (first, second):
         (outcome,) = [j for j in java_stats(sensor)["jvms"] if j["pid"] == client.pid]
         assert outcome["probed"] is True
+
+
+@pytest.fixture
+def outside_tmp(classes: Path, stores: dict[str, Path]) -> Iterator[Path]:
+    """The peer's classes and stores where a JVM with a /tmp of its own still sees them."""
+    base = REPO / "build"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="java-tls-test.", dir=base))
+    shutil.copytree(classes, d / "classes")
+    for name, path in stores.items():
+        shutil.copy(path, d / f"{name}.p12")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_jvm_with_a_private_tmp_as_in_a_container(
+    e2e: Lab, pki: dict[str, Path], outside_tmp: Path
+) -> None:
+    """A JVM in a mount namespace of its own, with its own tmpfs on /tmp (as a container's):
+    the agent and shim are staged there through /proc/PID/root, the attach socket found
+    there, and its plaintext captured on its connection."""
+    _server, port = start_server(e2e, pki)
+    go = outside_tmp / "go"
+    url = f"https://127.0.0.1:{port}/v1/contained/4"
+    trust = [f"-Djavax.net.ssl.trustStore={outside_tmp / 'trust.p12'}",
+             f"-Djavax.net.ssl.trustStorePassword={PASSWORD}"]  # fmt: skip
+    java_argv = [str(JAVAS[RUNTIMES[-1]]), *trust, "-cp", str(outside_tmp / "classes"),
+                 "TlsPeer", "client", "http1", url, str(go), "1", "0"]  # fmt: skip
+    script = 'mount -t tmpfs flowtap-test /tmp && exec "$@"'
+    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *java_argv]
+    client = e2e.spawn(argv, cgroup=e2e.cgroup, stem="contained")
+    client.wait_message("waiting", timeout=PEER_TIMEOUT_S * 3)
+    sensor = e2e.sensor(extra=FULL)
+    go.touch()
+    client.wait_message("done")
+    staged = [p.name for p in Path(f"/proc/{client.pid}/root/tmp").iterdir()]
+    client.finish()
+    records = http_of(sensor, client.pid, 2)
+    connections = sensor.finish()
+
+    assert [n for n in staged if n.startswith(".flowtap-")], staged
+    assert not [p for p in Path("/tmp").glob(".java_pid*") if p.name == f".java_pid{client.pid}"]
+    conn_id = connection_id(connections, pid=client.pid, direction="egress", remote_port=port)
+    assert [r["connection_id"] for r in records] == [conn_id, conn_id]
+    assert [(r["request"]["method"], r["response"]["status"]) for r in records] == [
+        ("GET", 200),
+        ("POST", 201),
+    ]
+    assert body(records[1]["response"]) == b"echo:java-0"
+
+
+def test_jvms_outside_the_filters_are_never_touched(
+    e2e: Lab, pki: dict[str, Path], classes: Path, stores: dict[str, Path]
+) -> None:
+    """A JVM outside the sensor's cgroup, and one inside it with QPOINT_STRATEGY=ignore:
+    never signalled (their output is their own), not in the stats."""
+    _server, port = start_server(e2e, pki)
+    go = e2e.file("go")
+    url = f"https://127.0.0.1:{port}/v1/left/1"
+    argv = [str(JAVAS[RUNTIMES[-1]]), f"-Djavax.net.ssl.trustStore={stores['trust']}",
+            f"-Djavax.net.ssl.trustStorePassword={PASSWORD}", "-cp", str(classes), "TlsPeer",
+            "client", "http1", url, str(go), "1", "0"]  # fmt: skip
+    outside = e2e.spawn(argv, cgroup=None, stem="outside")
+    ignored = e2e.spawn(argv, cgroup=e2e.cgroup, stem="ignored", env={"QPOINT_STRATEGY": "ignore"})
+    for jvm in (outside, ignored):
+        jvm.wait_message("waiting", timeout=PEER_TIMEOUT_S * 3)
+    sensor = e2e.sensor(extra=FULL)
+    go.touch()
+    for jvm in (outside, ignored):
+        assert jvm.wait(timeout=PEER_TIMEOUT_S * 3) == 0
+    sensor.finish()
+
+    assert java_stats(sensor) == {"probed": 0, "not_probed": 0, "jvms": []}
+    for jvm in (outside, ignored):
+        assert [m["event"] for m in map(json.loads, jvm.lines())] == [
+            "waiting", "started", "response", "response", "done"
+        ]  # fmt: skip
+        assert jvm.stderr() == ""
