@@ -10,6 +10,9 @@ Run: .venv/bin/python -m bench.consumer [--transactions N] [--level summary|head
                   with --store: with both sinks beside stdout)
      [--in-process]  (the store and otel sinks in the consumer's process, as before
                   sinks/child.py: to compare)
+     [--otel-down]  (only: the otel sink with its default queue, its collector down for
+                  the whole run: the memory the sensor and the sink's process reach, and
+                  the records counted as lost, none unaccounted for)
 Each run lasts until every sink has written every record (sinks/pipeline.py); an untimed
 warm-up run (stdout alone, a tenth of the records) comes first. Two ratios:
 the consumer's own rate (records turned into records and queued: what decides kernel
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,9 +122,11 @@ def _run(
     store: Path | None = None,
     otel_port: int | None = None,
     in_process: bool = False,
+    otel_queue: int | None = None,
 ) -> tuple[float, float, Sensor, Pipeline]:
     """Until every sink has written every record: queues large enough that none is dropped
-    (this measures throughput, not what a full queue costs)."""
+    (this measures throughput, not what a full queue costs), unless otel_queue says how
+    big the otel sink's is."""
     sinks: list[tuple[str, Sink | BatchSink]] = [
         ("stdout", JsonLinesSink(io.StringIO(), owned=False))
     ]
@@ -135,11 +142,12 @@ def _run(
                 )
             )
     if otel_port is not None:
-        settings = OtelSettings(f"127.0.0.1:{otel_port}", insecure=True, queue=capacity)
+        queue = otel_queue or capacity
+        settings = OtelSettings(f"127.0.0.1:{otel_port}", insecure=True, queue=queue)
         if in_process:
             sinks.append(("otel", OtelSink(settings)))
         else:
-            otel = in_child("otel", "flowtap.sinks.otel", "OtelSink", settings, capacity=capacity)
+            otel = in_child("otel", "flowtap.sinks.otel", "OtelSink", settings, capacity=queue)
             sinks.append(("otel", otel))
     pipeline = Pipeline(sinks, capacity=capacity, flush_s=3600.0)
     sensor = Sensor(config, pipeline)
@@ -193,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the store and otel sinks in the consumer's process (no child processes)",
     )
+    parser.add_argument(
+        "--otel-down",
+        action="store_true",
+        help="only this: the otel sink (default queue) to a collector that is down; prints "
+        "the peak memory of the sensor's process and of the sink's, and what was lost",
+    )
     args = parser.parse_args(argv)
+    if args.otel_down:
+        return _otel_down(args.transactions, args.level)
     receiver: subprocess.Popen[str] | None = None
     otel_port = 0
     if args.otel:
@@ -271,6 +287,53 @@ def main(argv: list[str] | None = None) -> int:
                 f"{consumer / consumer_rates[0]:.2f}, whole run {rate / rates[0]:.2f}"
             )
     return 0
+
+
+def _dead_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _peak_rss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+
+
+def _otel_down(transactions: int, level: str) -> int:
+    """The collector is down for the whole run: the sink's bounded queue fills, its
+    records are counted, and memory stays bounded whatever the number of records."""
+    obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
+    try:
+        btf = Btf(obj)
+        raw = records(btf, transactions)
+        before = _peak_rss_mib(resource.RUSAGE_SELF)
+        elapsed, consumed, sensor, pipeline = _run(
+            SensorConfig(capture_level=level),
+            raw,
+            btf,
+            otel_port=_dead_port(),
+            otel_queue=SensorConfig().sink_queue,
+        )
+    finally:
+        obj.close()
+    otel = pipeline.stats()["otel"]
+    made = sensor.payloads.stats.transactions
+    records_made = sensor.counters.records
+    accounted = otel.written + otel.errors + otel.dropped
+    print(
+        f"otel collector down: {made:,} transactions, {records_made:,} records in "
+        f"{elapsed:.2f} s (the consumer {consumed:.2f} s); otel sink: written {otel.written:,}, "
+        f"errors {otel.errors:,}, dropped {otel.dropped:,} (accounted {accounted:,} of "
+        f"{records_made:,})"
+    )
+    print(
+        f"peak memory: the sensor's process {_peak_rss_mib(resource.RUSAGE_SELF):.0f} MiB "
+        f"({before:.0f} MiB before the run, records built in memory included); the sink's "
+        f"process {_peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB"
+    )
+    return 0 if accounted == records_made else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ PEER_TIMEOUT_S = 20.0 * TIMEOUT_SCALE
 EXEC_HOLD = ["--exec-hold-ms", str(int(4000 * TIMEOUT_SCALE))]
 
 
+def with_private_tmp(argv: Sequence[str]) -> list[str]:
+    """argv in a mount namespace of its own with an empty tmpfs on /tmp, as a container's
+    /tmp is. The checkout stays reachable at its path when it lies under /tmp (a clone
+    there, as CI may make): it is bound to /mnt first, then back over the new /tmp."""
+    script = 'mount -t tmpfs flowtap-test /tmp && exec "$@"'
+    if REPO.is_relative_to("/tmp"):
+        script = (
+            'mount --bind "$0" /mnt && mount -t tmpfs flowtap-test /tmp && mkdir -p "$0" '
+            '&& mount --bind /mnt "$0" && exec "$@"'
+        )
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(REPO), *argv]
+
+
 def flowtap_command() -> str:
     """The venv's flowtap, next to the interpreter running the tests (or the repo's venv)."""
     beside = Path(sys.executable).with_name("flowtap")

@@ -32,7 +32,7 @@ from flowtap.java.attach import AttachError, load_agent, parse_load_reply, reque
 from flowtap.java.jvm import Jvm, find_jvm
 from flowtap.java.staging import stage
 
-from .helpers import REPO, TIMEOUT_SCALE, wait_until
+from .helpers import REPO, TIMEOUT_SCALE, wait_until, with_private_tmp
 
 JAVAS = java_executables()
 pytestmark = [
@@ -342,9 +342,7 @@ def test_jvm_with_a_private_tmp(built: Built, outdir: Path) -> None:
     """A JVM in its own mount namespace with its own tmpfs on /tmp: the trigger, the
     socket and the staged jar all go through /proc/PID/root/tmp."""
     java = JAVAS[sorted(JAVAS)[-1]]
-    script = 'mount -t tmpfs flowtap-test /tmp && exec "$@"'
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
-    with started(argv + sleeper(java, built)) as jvm_process:
+    with started(with_private_tmp(sleeper(java, built))) as jvm_process:
         assert jvm_process.first_line() == b"started\n"
         jvm = wait_jvm(jvm_process.pid)
         staged = stage(jvm, {"agent.jar": str(built.agent_jar)})
@@ -389,9 +387,7 @@ FAKE_LISTENER = textwrap.dedent(
 def fake_listener(mode: str, owner: int = 0) -> Iterator[Jvm]:
     """A Python process (not a JVM) in a private mount namespace listening where a JVM's
     attach socket would be; described as a JVM that already catches SIGQUIT."""
-    script = 'mount -t tmpfs flowtap-test /tmp && exec "$@"'
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
-    argv += [sys.executable, "-c", FAKE_LISTENER, mode, str(owner)]
+    argv = with_private_tmp([sys.executable, "-c", FAKE_LISTENER, mode, str(owner)])
     with started(argv) as process:
         assert process.first_line() == b"ready\n"
         yield Jvm(

@@ -41,6 +41,7 @@ from .helpers import (
     http_of,
     start_server,
     wait_until,
+    with_private_tmp,
 )
 
 JAVAS = java_executables()
@@ -421,9 +422,7 @@ def test_a_jvm_with_a_private_tmp_as_in_a_container(
              f"-Djavax.net.ssl.trustStorePassword={PASSWORD}"]  # fmt: skip
     java_argv = [str(JAVAS[RUNTIMES[-1]]), *trust, "-cp", str(outside_tmp / "classes"),
                  "TlsPeer", "client", "http1", url, str(go), "1", "0"]  # fmt: skip
-    script = 'mount -t tmpfs flowtap-test /tmp && exec "$@"'
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *java_argv]
-    client = e2e.spawn(argv, cgroup=e2e.cgroup, stem="contained")
+    client = e2e.spawn(with_private_tmp(java_argv), cgroup=e2e.cgroup, stem="contained")
     client.wait_message("waiting", timeout=PEER_TIMEOUT_S * 3)
     sensor = e2e.sensor(extra=FULL)
     go.touch()

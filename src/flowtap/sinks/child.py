@@ -297,9 +297,14 @@ class _Reporter:
         self._thread.start()
 
     def _counts(self) -> tuple[int, int, int]:
+        """written, errors, dropped; written without what a sink still holds unsettled
+        (otel: handed to the SDK, not yet exported), so that a child killed at exit has
+        those counted as lost by the parent, not as written."""
         stats = self._worker.stats
+        unsettled = getattr(self._worker.sink, "unsettled", None)
+        held = unsettled() if callable(unsettled) else 0
         with self._worker._lock:
-            return stats.written, stats.errors, stats.dropped
+            return stats.written - held, stats.errors, stats.dropped
 
     def _run(self) -> None:
         while not self._stop.wait(_STATS_S):

@@ -229,6 +229,10 @@ class OtelSink:
     def _failed(self, count: int) -> None:
         self._move(count, to="errors")
 
+    def unsettled(self) -> int:
+        """Records handed to the SDK whose export has not ended yet (sinks/child.py)."""
+        return max(0, self.emitted - self._counting.settled())
+
     def write_batch(self, records: list[Record]) -> None:
         refused = 0
         for record in records:
