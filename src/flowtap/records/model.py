@@ -448,7 +448,84 @@ def _http_json(record: HttpRecord) -> Json:
     return out
 
 
-TypedRecord = ConnectionRecord | HttpRecord
+@_fast_init
+@dataclass(frozen=True, slots=True)
+class AccessLogMessage:
+    """A request or response as Qtap's access log shows it (modes details and full)."""
+
+    headers: tuple[tuple[str, str], ...] | None  # repeated names joined; None: not seen
+    body: str | None = None  # mode full: text, or "<binary>"
+    proto: str | None = None  # requests: "http1" or "http2"
+
+
+@_fast_init
+@dataclass(frozen=True, slots=True)
+class AccessLogRecord:
+    """Qtap's access_logs plugin: one line per transaction, at its rules' mode."""
+
+    connection_id: int
+    timestamp: str
+    mode: str  # summary, details or full
+    format: str  # console or json
+    process: Process | Json
+    direction: str
+    method: str
+    url: str
+    status: int
+    bytes_sent: int = 0  # details and full
+    bytes_received: int = 0
+    request: AccessLogMessage | None = None  # details and full
+    response: AccessLogMessage | None = None
+    tags: Tags | None = None
+
+
+def _access_message_json(out: Json, message: AccessLogMessage | None) -> Json:
+    if message is None:
+        return out
+    if message.proto is not None:
+        out["proto"] = message.proto
+    if message.headers is not None:
+        out["headers"] = dict(message.headers)
+    if message.body is not None:
+        out["body"] = message.body
+    return out
+
+
+def _access_log_json(record: AccessLogRecord) -> Json:
+    out: Json = {
+        "type": "access_log",
+        "timestamp": record.timestamp,
+        "connection_id": record.connection_id,
+        "mode": record.mode,
+        "format": record.format,
+        "msg": "HTTP transaction",
+        "process": process_json(record.process),
+    }
+    process = out["process"]
+    if record.mode == "summary":
+        out["bin"] = process.get("exe") or ""
+        out["direction"] = record.direction
+        out["method"] = record.method
+        out["url"] = record.url
+        out["status"] = record.status
+    else:
+        out["meta"] = {
+            "bytes_sent": record.bytes_sent,
+            "bytes_received": record.bytes_received,
+            "pid": process.get("pid"),
+            "exe": process.get("exe"),
+        }
+        out["direction"] = record.direction
+        out["request"] = _access_message_json(
+            {"url": record.url, "method": record.method}, record.request
+        )
+        out["response"] = _access_message_json({"status": record.status}, record.response)
+    if record.tags is not None:
+        out["tags"] = record.tags
+    return out
+
+
+TypedRecord = ConnectionRecord | HttpRecord | AccessLogRecord
 
 
 def to_dict(record: TypedRecord | Mapping[str, Any]) -> Json:
@@ -458,4 +535,6 @@ def to_dict(record: TypedRecord | Mapping[str, Any]) -> Json:
         return _http_json(record)
     if isinstance(record, ConnectionRecord):
         return _connection_json(record)
+    if isinstance(record, AccessLogRecord):
+        return _access_log_json(record)
     return record if isinstance(record, dict) else dict(record)
