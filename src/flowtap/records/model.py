@@ -6,6 +6,10 @@ record was a copy of the kernel's). Here each record is a frozen value, made by 
 constructors for both paths, and `to_dict` is the only place that knows the JSON field
 names and their order. The order is part of the output (the lines users diff and parse):
 each serializer writes the fields in the order the records always had.
+
+Records leave their builders (the trackers, the capture policy, the proxy's) serialized,
+once: the finisher (records/finish.py) adds the process's tags to that form, and every
+sink reads it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, TypeVar
 
 Json = dict[str, Any]
-Tags = Mapping[str, list[str]]
 _T = TypeVar("_T")
 
 
@@ -130,7 +133,6 @@ class ConnectionRecord:
     closed: ConnectionClose | None = None  # close records only
     capture_source: str | None = None  # "egress" for the proxy's; the kernel's have none
     egress: EgressDetail | None = None  # the proxy's close records
-    tags: Tags | None = None
 
     @property
     def event(self) -> Literal["open", "close"]:
@@ -254,8 +256,6 @@ def _connection_json(record: ConnectionRecord) -> Json:
                 "alpn": egress.alpn,
                 "detail": egress.detail,
             }
-    if record.tags is not None:
-        out["tags"] = record.tags
     return out
 
 
@@ -286,7 +286,6 @@ def connection_from_dict(record: Mapping[str, Any]) -> ConnectionRecord:
         closed=closed,
         capture_source=record.get("capture_source"),
         egress=EgressDetail(**egress) if egress is not None else None,
-        tags=record.get("tags"),
     )
 
 
@@ -358,7 +357,6 @@ class HttpRecord:
     stream_id: int | None
     error: str | None
     streams: int = 1  # HTTP/2 streams this record sums up (reset before any response)
-    tags: Tags | None = None
 
 
 def _body_json(out: Json, body: BodyCapture) -> None:
@@ -443,8 +441,6 @@ def _http_json(record: HttpRecord) -> Json:
     }
     if record.streams != 1:
         out["streams"] = record.streams
-    if record.tags is not None:
-        out["tags"] = record.tags
     return out
 
 
@@ -476,7 +472,6 @@ class AccessLogRecord:
     bytes_received: int = 0
     request: AccessLogMessage | None = None  # details and full
     response: AccessLogMessage | None = None
-    tags: Tags | None = None
 
 
 def _access_message_json(out: Json, message: AccessLogMessage | None) -> Json:
@@ -520,8 +515,6 @@ def _access_log_json(record: AccessLogRecord) -> Json:
             {"url": record.url, "method": record.method}, record.request
         )
         out["response"] = _access_message_json({"status": record.status}, record.response)
-    if record.tags is not None:
-        out["tags"] = record.tags
     return out
 
 
