@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+from flowtap.events import Endpoint
 from flowtap.records.model import (
     BodyCapture,
     ConnectionRecord,
     EgressDetail,
-    Endpoint,
     Process,
     connection_close,
     connection_open,

@@ -3,6 +3,7 @@ produce (capture_source "egress"), and a connection record per proxied connectio
 
 from __future__ import annotations
 
+from flowtap.events import Endpoint
 from flowtap.protocols.messages import Transaction
 from flowtap.proxy.events import ConnectionEvent, ProxyContext
 from flowtap.records.connection import Record, WallClock
@@ -10,7 +11,6 @@ from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_reco
 from flowtap.records.model import (
     ConnectionRecord,
     EgressDetail,
-    Endpoint,
     Process,
     connection_close,
     connection_open,

@@ -12,7 +12,6 @@ from flowtap.events import Conn
 from flowtap.records.cmdline import redact_cmdline
 from flowtap.records.model import (
     ConnectionRecord,
-    Endpoint,
     Process,
     connection_close,
     connection_from_dict,
@@ -79,15 +78,10 @@ def close_status(sock_error: int, established: bool) -> str:
     return "closed"
 
 
-def endpoints(conn: Conn) -> tuple[Endpoint, Endpoint]:
-    return Endpoint(conn.local.ip, conn.local.port), Endpoint(conn.remote.ip, conn.remote.port)
-
-
 def open_value(
     conn: Conn, process: Process | Record, timestamp: str, *, state: str, error: str | None
 ) -> ConnectionRecord:
     """The open record of a socket the kernel reported."""
-    local, remote = endpoints(conn)
     return connection_open(
         conn.conn_id,
         timestamp,
@@ -95,8 +89,8 @@ def open_value(
         family=conn.family,
         socket_protocol=conn.protocol,
         direction=conn.direction,
-        local=local,
-        remote=remote,
+        local=conn.local,
+        remote=conn.remote,
         state=state,
         error=error,
     )
@@ -115,13 +109,12 @@ def close_value(
     l7_protocol: str | None,
     sni: str | None,
 ) -> ConnectionRecord:
-    # The local port may only be known at close (a connect that failed inside connect()).
-    local, remote = endpoints(conn)
     return connection_close(
         opened,
         timestamp,
-        local=local,
-        remote=remote,
+        # The local port may only be known at close (a connect that failed inside connect()).
+        local=conn.local,
+        remote=conn.remote,
         bytes_sent=bytes_sent,
         bytes_received=bytes_received,
         duration_ns=duration_ns,
