@@ -3,13 +3,28 @@ produce (capture_source "egress"), and a connection record per proxied connectio
 
 from __future__ import annotations
 
+from flowtap.events import Endpoint
 from flowtap.protocols.messages import Transaction
 from flowtap.proxy.events import ConnectionEvent, ProxyContext
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+from flowtap.records.model import (
+    ConnectionRecord,
+    EgressDetail,
+    Process,
+    connection_close,
+    connection_open,
+    to_dict,
+)
 from flowtap.records.policy import CapturePolicy
 
-__all__ = ["CAPTURE_SOURCE", "connection_context", "egress_connection_record", "egress_http_record"]
+__all__ = [
+    "CAPTURE_SOURCE",
+    "connection_context",
+    "egress_connection_record",
+    "egress_connection_value",
+    "egress_http_record",
+]
 
 CAPTURE_SOURCE = "egress"
 
@@ -50,42 +65,51 @@ def _family(ip: str) -> str:
     return "ipv6" if ":" in ip else "ipv4"
 
 
-def egress_connection_record(event: ConnectionEvent, process: Record, clock: WallClock) -> Record:
-    """A connection record for a proxied connection, shaped like the kernel's connection
+def egress_connection_value(
+    event: ConnectionEvent, process: Process | Record, clock: WallClock
+) -> ConnectionRecord:
+    """A connection record for a proxied connection, built like the kernel's connection
     records (local: the client's end, remote: the original destination), plus what the
     proxy did (``egress``). The close record carries bytes, duration, outcome and SNI."""
     ctx = event.context
     host, port = ctx.destination
-    record: Record = {
-        "type": "connection",
-        "event": event.event,
-        "connection_id": ctx.connection_id,
-        "timestamp": clock.rfc3339(event.timestamp_ns),
-        "process": process,
-        "family": _family(ctx.client[0]),
-        "socket_protocol": "tcp",
-        "direction": "egress",
-        "capture_source": CAPTURE_SOURCE,
-        "local": {"ip": ctx.client[0], "port": ctx.client[1]},
-        "remote": {"ip": host, "port": port},
-    }
+    opened = connection_open(
+        ctx.connection_id,
+        clock.rfc3339(event.timestamp_ns),
+        process,
+        family=_family(ctx.client[0]),
+        socket_protocol="tcp",
+        direction="egress",
+        local=Endpoint(ctx.client[0], ctx.client[1]),
+        remote=Endpoint(host, port),
+        state="established",
+        error=None,
+        capture_source=CAPTURE_SOURCE,
+    )
     if event.event == "open":
-        record.update(state="established", error=None)
-        return record
-    record.update(
+        return opened
+    return connection_close(
+        opened,
+        opened.timestamp,
+        local=opened.local,
+        remote=opened.remote,
         bytes_sent=event.bytes_from_client,
         bytes_received=event.bytes_to_client,
-        duration_ms=round(max(event.timestamp_ns - ctx.started_ns, 0) / 1e6, 3),
+        duration_ns=max(event.timestamp_ns - ctx.started_ns, 0),
         status="failed" if event.outcome in ("upstream_failed", "rejected") else "closed",
         error=None,  # errno names only, as in the kernel's records: the detail is below
         l7_protocol=ctx.l7_protocol,
         sni=ctx.sni,
-        egress={
-            "mode": ctx.mode,
-            "outcome": event.outcome,
-            "tls": ctx.tls,
-            "alpn": ctx.alpn,
-            "detail": event.error,
-        },
+        egress=EgressDetail(
+            mode=ctx.mode,
+            outcome=event.outcome,
+            tls=ctx.tls,
+            alpn=ctx.alpn,
+            detail=event.error,
+        ),
     )
-    return record
+
+
+def egress_connection_record(event: ConnectionEvent, process: Record, clock: WallClock) -> Record:
+    """egress_connection_value, serialized."""
+    return to_dict(egress_connection_value(event, process, clock))

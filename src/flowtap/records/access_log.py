@@ -19,6 +19,7 @@ from flowtap.protocols.messages import Body, Transaction
 from flowtap.records.cmdline import redact_query
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import CaptureLevel, ConnectionContext, HttpRecordOptions, _target, redact
+from flowtap.records.model import AccessLogMessage, AccessLogRecord, to_dict
 
 if TYPE_CHECKING:
     from flowtap.records.policy import CaptureRule
@@ -46,12 +47,15 @@ class AccessLogs:
     rules: tuple[CaptureRule, ...] = ()
 
 
-def _headers(headers: list[tuple[str, str]], options: HttpRecordOptions) -> dict[str, str]:
+def _headers(
+    headers: list[tuple[str, str]], options: HttpRecordOptions
+) -> tuple[tuple[str, str], ...]:
+    """Qtap's headers are a map: a repeated name's values joined with ", ", in order."""
     shown = redact(headers) if options.redact else headers
     out: dict[str, str] = {}
     for name, value in shown:
         out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
+    return tuple(out.items())
 
 
 def _body_text(body: Body, options: HttpRecordOptions) -> str:
@@ -62,7 +66,7 @@ def _body_text(body: Body, options: HttpRecordOptions) -> str:
         return "<binary>"
 
 
-def access_log_record(
+def access_log_value(
     tx: Transaction,
     ctx: ConnectionContext,
     *,
@@ -70,7 +74,7 @@ def access_log_record(
     fmt: Format,
     options: HttpRecordOptions,
     clock: WallClock,
-) -> Record | None:
+) -> AccessLogRecord | None:
     """The access-log record of one transaction; None at mode none."""
     if mode == "none":
         return None
@@ -84,52 +88,53 @@ def access_log_record(
         url = f"{scheme}://{authority}{path}" if authority else path
         method = request.method
     status = response.status if response else 0
-    record: Record = {
-        "type": "access_log",
-        "timestamp": clock.rfc3339(start),
-        "connection_id": ctx.connection_id,
-        "mode": mode,
-        "format": fmt,
-        "msg": "HTTP transaction",
-        "process": ctx.process,
-    }
-    if mode == "summary":
-        record.update(
-            bin=ctx.process.get("exe") or "",
-            direction=ctx.direction,
-            method=method or "",
-            url=url or "",
-            status=status,
-        )
-        return record
-    sent = request.body.size if request else 0
-    received = response.body.size if response else 0
+    summary = mode == "summary"
+    sent = request.body.size if request and not summary else 0
+    received = response.body.size if response and not summary else 0
     if ctx.direction == "ingress":
         sent, received = received, sent
     full = mode == "full"
-    req: Record = {"url": url or "", "method": method or ""}
-    if request is not None:
-        req["proto"] = "http2" if request.version == "2" else "http1"
-        req["headers"] = _headers(request.headers, options)
-        if full:
-            req["body"] = _body_text(request.body, options)
-    resp: Record = {"status": status}
-    if response is not None:
-        resp["headers"] = _headers(response.headers, options)
-        if full:
-            resp["body"] = _body_text(response.body, options)
-    record.update(
-        meta={
-            "bytes_sent": sent,
-            "bytes_received": received,
-            "pid": ctx.process.get("pid"),
-            "exe": ctx.process.get("exe"),
-        },
-        direction=ctx.direction,
-        request=req,
-        response=resp,
+    req = resp = None
+    if request is not None and not summary:
+        req = AccessLogMessage(
+            _headers(request.headers, options),
+            _body_text(request.body, options) if full else None,
+            "http2" if request.version == "2" else "http1",
+        )
+    if response is not None and not summary:
+        resp = AccessLogMessage(
+            _headers(response.headers, options),
+            _body_text(response.body, options) if full else None,
+        )
+    return AccessLogRecord(
+        ctx.connection_id,
+        clock.rfc3339(start),
+        mode,
+        fmt,
+        ctx.process,
+        ctx.direction,
+        method or "",
+        url or "",
+        status,
+        sent,
+        received,
+        req,
+        resp,
     )
-    return record
+
+
+def access_log_record(
+    tx: Transaction,
+    ctx: ConnectionContext,
+    *,
+    mode: Mode,
+    fmt: Format,
+    options: HttpRecordOptions,
+    clock: WallClock,
+) -> Record | None:
+    """access_log_value, serialized."""
+    value = access_log_value(tx, ctx, mode=mode, fmt=fmt, options=options, clock=clock)
+    return to_dict(value) if value is not None else None
 
 
 def console_line(record: Record) -> str:

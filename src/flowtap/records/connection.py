@@ -1,4 +1,5 @@
-"""Connection records: the JSON-ready form documented in docs/records.md."""
+"""Connection records from the kernel's events (records/model.py has the typed values and
+their JSON form, documented in docs/records.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from typing import Any
 
 from flowtap.events import Conn
 from flowtap.records.cmdline import redact_cmdline
+from flowtap.records.model import (
+    ConnectionRecord,
+    Process,
+    connection_close,
+    connection_from_dict,
+    connection_open,
+    to_dict,
+)
 from flowtap.tracking.processes import ProcessInfo
 
 Record = dict[str, Any]
@@ -30,17 +39,22 @@ class WallClock:
         return f"{self._stamp}.{nanos // 1000:06d}Z"
 
 
+def process_value(info: ProcessInfo, tid: int) -> Process:
+    return Process(
+        pid=info.pid,
+        tid=tid,
+        exe=info.exe,
+        comm=info.comm,
+        cmdline=redact_cmdline(info.cmdline),  # credentials never leave the host
+        uid=info.uid,
+        user=info.user,
+        container_id=info.container_id,
+    )
+
+
 def process_record(info: ProcessInfo, tid: int) -> Record:
-    return {
-        "pid": info.pid,
-        "tid": tid,
-        "exe": info.exe,
-        "comm": info.comm,
-        "cmdline": list(redact_cmdline(info.cmdline)),  # credentials never leave the host
-        "uid": info.uid,
-        "user": info.user,
-        "container_id": info.container_id,
-    }
+    """The process as records carry it, serialized (the egress controller keeps these)."""
+    return process_value(info, tid).to_dict()
 
 
 def errno_name(value: int) -> str | None:
@@ -64,23 +78,58 @@ def close_status(sock_error: int, established: bool) -> str:
     return "closed"
 
 
+def open_value(
+    conn: Conn, process: Process | Record, timestamp: str, *, state: str, error: str | None
+) -> ConnectionRecord:
+    """The open record of a socket the kernel reported."""
+    return connection_open(
+        conn.conn_id,
+        timestamp,
+        process,
+        family=conn.family,
+        socket_protocol=conn.protocol,
+        direction=conn.direction,
+        local=conn.local,
+        remote=conn.remote,
+        state=state,
+        error=error,
+    )
+
+
+def close_value(
+    opened: ConnectionRecord,
+    conn: Conn,
+    timestamp: str,
+    *,
+    bytes_sent: int,
+    bytes_received: int,
+    duration_ns: int,
+    status: str,
+    error: str | None,
+    l7_protocol: str | None,
+    sni: str | None,
+) -> ConnectionRecord:
+    return connection_close(
+        opened,
+        timestamp,
+        # The local port may only be known at close (a connect that failed inside connect()).
+        local=conn.local,
+        remote=conn.remote,
+        bytes_sent=bytes_sent,
+        bytes_received=bytes_received,
+        duration_ns=duration_ns,
+        status=status,
+        error=error,
+        l7_protocol=l7_protocol,
+        sni=sni,
+    )
+
+
 def open_record(
     conn: Conn, process: Record, timestamp: str, *, state: str, error: str | None
 ) -> Record:
-    return {
-        "type": "connection",
-        "event": "open",
-        "connection_id": conn.conn_id,
-        "timestamp": timestamp,
-        "process": process,
-        "family": conn.family,
-        "socket_protocol": conn.protocol,
-        "direction": conn.direction,
-        "local": {"ip": conn.local.ip, "port": conn.local.port},
-        "remote": {"ip": conn.remote.ip, "port": conn.remote.port},
-        "state": state,
-        "error": error,
-    }
+    """open_value, serialized."""
+    return to_dict(open_value(conn, process, timestamp, state=state, error=error))
 
 
 def close_record(
@@ -96,20 +145,18 @@ def close_record(
     l7_protocol: str | None,
     sni: str | None,
 ) -> Record:
-    record = dict(opened)
-    del record["state"]  # the open record's view; the close record has status
-    record.update(
-        event="close",
-        timestamp=timestamp,
-        # The local port may only be known at close (a connect that failed inside connect()).
-        local={"ip": conn.local.ip, "port": conn.local.port},
-        remote={"ip": conn.remote.ip, "port": conn.remote.port},
-        bytes_sent=bytes_sent,
-        bytes_received=bytes_received,
-        duration_ms=round(duration_ns / 1e6, 3),
-        status=status,
-        error=error,
-        l7_protocol=l7_protocol,
-        sni=sni,
+    """close_value of a serialized open record, serialized."""
+    return to_dict(
+        close_value(
+            connection_from_dict(opened),
+            conn,
+            timestamp,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+            duration_ns=duration_ns,
+            status=status,
+            error=error,
+            l7_protocol=l7_protocol,
+            sni=sni,
+        )
     )
-    return record

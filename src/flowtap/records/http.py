@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from flowtap.protocols.messages import Body, Request, Response, Transaction
 from flowtap.records.cmdline import AUTH_SCHEMES, redact_query
 from flowtap.records.connection import Record, WallClock
+from flowtap.records.model import BodyCapture, Grpc, HttpRecord, RequestPart, ResponsePart, to_dict
 
 CaptureLevel = Literal["none", "summary", "headers", "full"]
 CAPTURE_LEVELS: tuple[CaptureLevel, ...] = ("none", "summary", "headers", "full")
@@ -114,13 +115,6 @@ def first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
     return values
 
 
-def _body(body: Body, options: HttpRecordOptions) -> tuple[str, bool]:
-    """(base64 of the first max_body_bytes, truncated)."""
-    kept = bytes(body.data[: options.max_body_bytes])
-    truncated = body.truncated or len(kept) < body.size
-    return base64.b64encode(kept).decode("ascii"), truncated
-
-
 def _target(request: Request, tls: bool) -> tuple[str, str | None, str]:
     """(scheme, authority, path) from the request line or pseudo-headers; an absolute-form
     target (a proxy request) carries its own scheme and authority."""
@@ -137,93 +131,100 @@ def _target(request: Request, tls: bool) -> tuple[str, str | None, str]:
     return scheme, authority, path
 
 
-def _grpc(path: str, content_type: str | None) -> dict[str, str] | None:
+def _grpc(path: str, content_type: str | None) -> Grpc | None:
     """gRPC service and method from /package.Service/Method."""
     if not content_type or not content_type.startswith("application/grpc"):
         return None
     parts = path.lstrip("/").split("/")
     if len(parts) != 2:
         return None
-    return {"service": parts[0], "method": parts[1]}
+    return Grpc(service=parts[0], method=parts[1])
 
 
 def _protocol(version: str) -> str:
     return "HTTP/2" if version == "2" else f"HTTP/{version}"
 
 
-def request_part(request: Request, ctx: ConnectionContext, options: HttpRecordOptions) -> Record:
+def request_part(
+    request: Request, ctx: ConnectionContext, options: HttpRecordOptions
+) -> RequestPart:
     scheme, authority, path = _target(request, ctx.tls)
     if options.redact:
         path = redact_query(path)
     named = first_values(request.headers)
     content_type = named.get("content-type")
-    part: Record = {
-        "method": request.method,
-        "scheme": scheme,
-        "authority": authority,
-        "path": path,
-        "url": f"{scheme}://{authority}{path}" if authority else path,
-        "protocol": _protocol(request.version),
-        "user_agent": named.get("user-agent"),
-        "content_type": content_type,
-        "body_size": request.body.size,
-    }
-    grpc = _grpc(path, content_type)
-    if grpc is not None:
-        part["grpc"] = grpc
-    _add_detail(part, request.headers, request.body, options)
-    return part
+    headers, body = _detail(request.headers, request.body, options)
+    # Positional: records are built thousands a second, and a frozen value's keywords cost.
+    return RequestPart(
+        request.method,
+        scheme,
+        authority,
+        path,
+        f"{scheme}://{authority}{path}" if authority else path,
+        _protocol(request.version),
+        named.get("user-agent"),
+        content_type,
+        request.body.size,
+        _grpc(path, content_type),
+        headers,
+        body,
+    )
 
 
-def response_part(response: Response, options: HttpRecordOptions) -> Record:
+def response_part(response: Response, options: HttpRecordOptions) -> ResponsePart:
     named = first_values(response.headers)
-    part: Record = {
-        "status": response.status,
-        "reason": response.reason,
-        "content_type": named.get("content-type"),
-        "body_size": response.body.size,
-    }
-    if response.informational:
-        part["informational"] = list(response.informational)
     grpc_status = named.get("grpc-status")
-    if grpc_status is not None:
-        part["grpc_status"] = int(grpc_status) if grpc_status.isdigit() else grpc_status
-    _add_detail(part, response.headers, response.body, options)
-    return part
+    headers, body = _detail(response.headers, response.body, options)
+    return ResponsePart(
+        response.status,
+        response.reason,
+        named.get("content-type"),
+        response.body.size,
+        tuple(response.informational),
+        int(grpc_status) if grpc_status is not None and grpc_status.isdigit() else grpc_status,
+        headers,
+        body,
+    )
 
 
-def _add_detail(
-    part: Record, headers: list[tuple[str, str]], body: Body, options: HttpRecordOptions
-) -> None:
-    if options.level in ("headers", "full"):
-        shown = redact(headers) if options.redact else headers
-        part["headers"] = [[name, value] for name, value in shown]
-    if options.level == "full" and options.objects is not None:
-        _to_objects(part, body, options, options.objects)
-    elif options.level == "full":
-        part["body"], part["body_truncated"] = _body(body, options)
+def _detail(
+    headers: list[tuple[str, str]], body: Body, options: HttpRecordOptions
+) -> tuple[tuple[tuple[str, str], ...] | None, BodyCapture | None]:
+    """The headers (levels headers and full) and the body (full) a part carries."""
+    if options.level not in ("headers", "full"):
+        return None, None
+    shown = tuple(redact(headers) if options.redact else headers)
+    if options.level != "full":
+        return shown, None
+    kept = bytes(body.data[: options.max_body_bytes])
+    truncated = body.truncated or len(kept) < body.size
+    if options.objects is not None:
+        return shown, _to_objects(kept, truncated, shown, options.objects)
+    return shown, BodyCapture(truncated, base64.b64encode(kept).decode("ascii"))
 
 
-def _to_objects(part: Record, body: Body, options: HttpRecordOptions, store: ObjectPut) -> None:
+def _to_objects(
+    kept: bytes, truncated: bool, headers: tuple[tuple[str, str], ...], store: ObjectPut
+) -> BodyCapture:
     """The captured body and the (redacted) headers as objects: body_url and headers_url.
     Bytes the store cannot take stay inline, and the record says so (body_object_error)."""
-    kept = bytes(body.data[: options.max_body_bytes])
-    part["body_truncated"] = body.truncated or len(kept) < body.size
     url = store.put(kept) if kept else None
+    listed = [[name, value] for name, value in headers]
+    headers_url = store.put(json.dumps(listed, separators=(",", ":")).encode())
     if url is not None:
-        part["body_url"] = url
-    else:
-        part["body"] = base64.b64encode(kept).decode("ascii")
-        if kept:
-            part["body_object_error"] = "upload queue full"
-    headers_url = store.put(json.dumps(part["headers"], separators=(",", ":")).encode())
-    if headers_url is not None:
-        part["headers_url"] = headers_url
+        return BodyCapture(truncated, in_objects=True, url=url, headers_url=headers_url)
+    return BodyCapture(
+        truncated,
+        base64.b64encode(kept).decode("ascii"),
+        in_objects=True,
+        object_error="upload queue full" if kept else None,
+        headers_url=headers_url,
+    )
 
 
-def http_record(
+def http_value(
     tx: Transaction, ctx: ConnectionContext, options: HttpRecordOptions, clock: WallClock
-) -> Record | None:
+) -> HttpRecord | None:
     """The record for one transaction; None at capture level none."""
     if options.level == "none":
         return None
@@ -232,32 +233,30 @@ def http_record(
     end = response.end_ns if response else request.end_ns if request else start
     request_bytes = request.body.size if request else 0
     response_bytes = response.body.size if response else 0
-    request_rec = request_part(request, ctx, options) if request else None
-    response_rec = response_part(response, options) if response else None
     # The traced program sends the request when it is the client, the response otherwise.
     sent, received = (request_bytes, response_bytes)
     if ctx.direction == "ingress":
         sent, received = received, sent
-    record: Record = {
-        "type": "http",
-        "connection_id": ctx.connection_id,
-        "timestamp": clock.rfc3339(start),
-        "process": ctx.process,
-        "direction": ctx.direction,
-        "capture_source": ctx.capture_source,
-        "request": request_rec,
-        "response": response_rec,
-        "duration_ms": round(max(end - start, 0) / 1e6, 3),
-        "bytes_sent": sent,
-        "bytes_received": received,
-        "stream_id": tx.stream_id,
-        "error": tx.error,
-        "truncated": {
-            "request_body": bool(request_rec and request_rec.get("body_truncated")),
-            "response_body": bool(response_rec and response_rec.get("body_truncated")),
-        },
-    }
-    if tx.count != 1:
-        # A summary of HTTP/2 streams reset before any response (a rapid-reset flood).
-        record["streams"] = tx.count
-    return record
+    return HttpRecord(
+        ctx.connection_id,
+        clock.rfc3339(start),
+        ctx.process,
+        ctx.direction,
+        ctx.capture_source,
+        request_part(request, ctx, options) if request else None,
+        response_part(response, options) if response else None,
+        round(max(end - start, 0) / 1e6, 3),
+        sent,
+        received,
+        tx.stream_id,
+        tx.error,
+        tx.count,  # a summary of HTTP/2 streams reset before any response: more than 1
+    )
+
+
+def http_record(
+    tx: Transaction, ctx: ConnectionContext, options: HttpRecordOptions, clock: WallClock
+) -> Record | None:
+    """http_value, serialized."""
+    value = http_value(tx, ctx, options, clock)
+    return to_dict(value) if value is not None else None

@@ -17,12 +17,13 @@ from flowtap.protocols.sniff import describe_sni, guess_l7
 from flowtap.records.connection import (
     Record,
     WallClock,
-    close_record,
     close_status,
+    close_value,
     errno_name,
-    open_record,
-    process_record,
+    open_value,
+    process_value,
 )
+from flowtap.records.model import ConnectionRecord, to_dict
 from flowtap.tracking.processes import ProcessInfo, ProcessRegistry
 
 log = logging.getLogger("flowtap.connections")
@@ -33,7 +34,7 @@ _RECENTLY_CLOSED = 4096
 
 @dataclass(slots=True)
 class _Entry:
-    opened: Record | None
+    opened: ConnectionRecord | None
     visible: bool
     conn: Conn
 
@@ -52,6 +53,8 @@ class TrackerStats:
 
 
 class ConnectionTracker:
+    """emit gets each record serialized (records/model.py: to_dict), once."""
+
     def __init__(
         self,
         registry: ProcessRegistry,
@@ -87,7 +90,7 @@ class ConnectionTracker:
             return
         entry = self._start(event.task, event.conn, event)
         if entry.visible and entry.opened is not None:
-            self._emit(entry.opened)
+            self._emit_value(entry.opened)
 
     def on_close(self, event: ConnClose, *, status: str | None = None) -> None:
         """Emits the close record; status overrides the one derived from the socket."""
@@ -105,7 +108,7 @@ class ConnectionTracker:
                 self.stats.opens_synthesized += 1
                 self.stats.opens_lost += event.open_lost
                 if entry.visible and entry.opened is not None:
-                    self._emit(entry.opened)
+                    self._emit_value(entry.opened)
         self._remember_closed(conn.conn_id)
         self.stats.closed += 1
         if not entry.visible or entry.opened is None:
@@ -114,8 +117,8 @@ class ConnectionTracker:
         error = errno_name(event.sock_error)
         first_tx = event.sniff if event.sniff_flow == "tx" else None
         first_rx = event.sniff if event.sniff_flow == "rx" else None
-        self._emit(
-            close_record(
+        self._emit_value(
+            close_value(
                 entry.opened,
                 conn,
                 self._clock.rfc3339(event.timestamp_ns),
@@ -131,7 +134,10 @@ class ConnectionTracker:
             )
         )
 
-    def visible_connection(self, conn_id: int) -> tuple[Record, Conn] | None:
+    def _emit_value(self, record: ConnectionRecord) -> None:
+        self._emit(to_dict(record))
+
+    def visible_connection(self, conn_id: int) -> tuple[ConnectionRecord, Conn] | None:
         """The open record and identity of a connection being reported, if it is."""
         entry = self._open.get(conn_id)
         if entry is None or not entry.visible or entry.opened is None:
@@ -153,8 +159,8 @@ class ConnectionTracker:
             lost += 1
             if not entry.visible or entry.opened is None:
                 continue
-            self._emit(
-                close_record(
+            self._emit_value(
+                close_value(
                     entry.opened,
                     entry.conn,
                     self._clock.rfc3339(now_ns),
@@ -194,9 +200,9 @@ class ConnectionTracker:
             state, error = "connecting", None
         else:
             state, error = "failed", errno_name(event.sock_error)
-        opened = open_record(
+        opened = open_value(
             conn,
-            process_record(info, task.tid),
+            process_value(info, task.tid),
             # When the kernel registered it (SYN_SENT, or the end of the handshake for
             # ingress), so open <= close always.
             self._clock.rfc3339(conn.start_ns),

@@ -20,6 +20,7 @@ from flowtap.protocols.http2 import Http2Parser
 from flowtap.protocols.messages import Side, Transaction
 from flowtap.records.connection import Record, WallClock
 from flowtap.records.http import ConnectionContext, HttpRecordOptions, http_record
+from flowtap.records.model import ConnectionRecord, process_json
 from flowtap.records.policy import CapturePolicy
 from flowtap.tls import plugins
 
@@ -82,7 +83,8 @@ class _Stream:
     skip_rx: int = 0
 
 
-ConnectionLookup = Callable[[int], tuple[Record, Conn] | None]
+# A connection's open record (typed, or serialized) and identity, if it is reported.
+ConnectionLookup = Callable[[int], tuple[ConnectionRecord | Record, Conn] | None]
 # Tells the kernel not to copy a connection's socket bytes before these positions
 # (tx, rx); (0, 0) when the connection is over.
 SkipWriter = Callable[[int, int, int], None]
@@ -207,9 +209,10 @@ class PayloadTracker:
             self.stats.unknown_connection += 1
             return None
         opened, conn = found
+        process = opened.process if isinstance(opened, ConnectionRecord) else opened["process"]
         ctx = ConnectionContext(
             connection_id=conn_id,
-            process=opened["process"],
+            process=process_json(process),
             direction=conn.direction,
             tls=source != SOCKET_SOURCE,
             capture_source=_CAPTURE_SOURCES[source],
