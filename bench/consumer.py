@@ -37,6 +37,7 @@ from flowtap.events import EventDecoder
 from flowtap.loader.btf import Btf
 from flowtap.loader.libbpf import BpfObject
 from flowtap.loader.system import bpf_object_path
+from flowtap.records.http import CaptureLevel
 from flowtap.records.policy import CaptureRule
 from flowtap.sensor import Sensor
 from flowtap.sinks.base import Sink
@@ -301,7 +302,7 @@ def _peak_rss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
-def _otel_down(transactions: int, level: str) -> int:
+def _otel_down(transactions: int, level: CaptureLevel) -> int:
     """The collector is down for the whole run: the sink's bounded queue fills, its
     records are counted, and memory stays bounded whatever the number of records."""
     obj = BpfObject.open(bpf_object_path("conn.bpf.o"))
