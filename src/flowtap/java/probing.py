@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ log = logging.getLogger("flowtap.java")
 # to look meanwhile.
 _READY_WAIT_S = 10.0
 _POLL_S = 0.025
-# A file bigger than this is no JVM launcher (the java launcher is ~15 KB).
-_MAX_LAUNCHER_BYTES = 4 << 20
+# How much of an executable is searched for the launcher's library name, and how many
+# executables' answers are kept.
+_LAUNCHER_READ_BYTES = 256 << 10
+_MAX_KNOWN_EXECUTABLES = 4096
 _LAUNCHER_MARK = b"libjli.so"
 # Outcomes kept for --stats-file: the most recent ones.
 _MAX_OUTCOMES = 200
@@ -71,15 +74,29 @@ def java_files_missing() -> str | None:
     return None
 
 
-def is_launcher(pid: int, proc: Path = Path("/proc")) -> bool:
-    """Whether the process's executable loads a JVM (links libjli, as `java` does)."""
-    try:
-        with open(proc / str(pid) / "exe", "rb") as exe:
-            if os.fstat(exe.fileno()).st_size > _MAX_LAUNCHER_BYTES:
-                return False
-            return _LAUNCHER_MARK in exe.read(_MAX_LAUNCHER_BYTES)
-    except OSError:
-        return False
+class LauncherCache:
+    """Whether an executable loads a JVM (links libjli, as `java` does), read once per
+    file identity: every traced exec asks, and most are the same few programs."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self._known: OrderedDict[tuple[int, int, int, int], bool] = OrderedDict()
+
+    def is_launcher(self, pid: int) -> bool:
+        try:
+            with open(self._proc / str(pid) / "exe", "rb") as exe:
+                st = os.fstat(exe.fileno())
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                known = self._known.get(key)
+                if known is None:
+                    # The name sits in .dynstr, near the start of the file.
+                    known = _LAUNCHER_MARK in exe.read(_LAUNCHER_READ_BYTES)
+                    self._known[key] = known
+                    if len(self._known) > _MAX_KNOWN_EXECUTABLES:
+                        self._known.popitem(last=False)
+                return known
+        except OSError:
+            return False
 
 
 def process_age_ms(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -121,6 +138,7 @@ class JavaProbes:
         self._order = itertools.count()
         self._seen: set[int] = set()  # pids considered since their last exec
         self._staged: dict[tuple[int, int], Staged] = {}  # by the JVM's /tmp
+        self._launchers = LauncherCache()
         self._busy = False  # the thread is at work on one item
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -204,7 +222,7 @@ class JavaProbes:
     def _step(self, pid: int, deadline: float, state: _State) -> bool:
         """One look at pid; True to look again shortly (a JVM still starting)."""
         if state != "wait":  # the first look: is it ours to probe at all
-            if state == "exec" and not is_launcher(pid):
+            if state == "exec" and not self._launchers.is_launcher(pid):
                 return False
             if not self._in_scope(pid):
                 return False
@@ -247,6 +265,8 @@ class JavaProbes:
         the shim probed before the agent loads, so that its first call is seen."""
         key = _tmp_key(jvm)
         staged = self._staged.get(key) if key is not None else None
+        if staged is not None and not all(map(os.path.exists, staged.host_paths.values())):
+            staged = None  # removed meanwhile (a /tmp cleaner): staged again
         if staged is None:
             staged = stage(jvm, {AGENT_JAR.name: str(AGENT_JAR), SHIM.name: str(SHIM)})
             if key is not None:
