@@ -19,7 +19,7 @@ FLOWTAP_ARGS ?=
 # make test-kernels: which kernels (5.10 6.1 6.12 host), guests at once, seconds per guest.
 KERNELS ?= 5.10 6.1 6.1~fentry 6.12
 KERNEL_JOBS ?= 2
-KERNEL_TIMEOUT ?= 900
+KERNEL_TIMEOUT ?= 1200
 
 .PHONY: all setup deps venv bpf java test-bpf runtimes run test test-fallbacks test-kernels lint clean
 
