@@ -6,12 +6,11 @@
  * the descriptor is resolved here, in the calling process's file table, so the plaintext
  * lands on the very connection whichever thread calls (HttpClient wraps on one thread and
  * writes on another). A call with fd -1 reports plaintext the agent could not tie to a
- * socket: counted, as is a descriptor that is no socket. java_data comes in the full build and the bounded one (compat.h).
+ * socket: counted, as is a descriptor that is no socket. A call longer than the copy's
+ * bound is copied in part, the rest a gap (emit_plaintext). java_data comes in the full
+ * build and the bounded one (compat.h).
  */
 #include "tls.h"
-
-/* Each call's length is the agent's buffer range; more than this is cut (a gap). */
-#define FT_JAVA_MAX_CALL (64 << 20)
 
 static __always_inline void java_data(struct pt_regs *ctx, const __u32 hook)
 {
@@ -28,7 +27,7 @@ static __always_inline void java_data(struct pt_regs *ctx, const __u32 hook)
 		count(FT_CNT_JAVA_UNRESOLVED);
 		return;
 	}
-	if (length <= 0 || length > FT_JAVA_MAX_CALL || (flow != FT_FLOW_TX && flow != FT_FLOW_RX))
+	if (length <= 0 || (flow != FT_FLOW_TX && flow != FT_FLOW_RX))
 		return;
 	sk = socket_of_fd(current_task(), fd);
 	if (!sk) {

@@ -36,6 +36,7 @@ from .helpers import (
     Peer,
     Record,
     Sensor,
+    assert_well_formed,
     body,
     connection_id,
     http_of,
@@ -382,10 +383,17 @@ def test_a_restarted_sensor_captures_the_jvm_again(
     first.finish()
     second = e2e.sensor(extra=FULL)
     records = http_of(second, client.pid, 4)
-    second.finish()
+    stats = second.stop()
     client.finish()
 
+    # Connections opened while no sensor ran, or before the agent saw the new one (it asks
+    # every 100 ms): their engines were tied to no channel, so what they move after that is
+    # counted unresolved, never recorded (docs/tls.md). A round every 100 ms: a few pieces.
+    lost = {name: n for name, n in stats["drops"].items() if n}
+    assert set(lost) <= {"java_unresolved"} and lost.get("java_unresolved", 0) <= 12, lost
+
     assert all(r["capture_source"] == "java" for r in records)
+    assert_well_formed(second.records())
     posts = [body(r["request"]) for r in records if r["request"]["method"] == "POST"]
     rounds = [int((text or b"").decode().removeprefix("java-")) for text in posts]
     assert rounds == list(range(rounds[0], rounds[0] + len(rounds)))

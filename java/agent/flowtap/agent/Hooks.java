@@ -12,7 +12,8 @@ import javax.net.ssl.SSLEngineResult;
 public final class Hooks {
     static final int TX = 1;
     static final int RX = 2;
-    private static final long RECHECK_NANOS = 500_000_000L;
+    // Short: until a new sensor is seen, new connections are not tied to their channel.
+    private static final long RECHECK_NANOS = 100_000_000L;
     private static final int CAP = 16384;
     private static final int PENDING_MAX = 1 << 16;
 
@@ -52,7 +53,7 @@ public final class Hooks {
         nextCheck = System.nanoTime(); // ask now
     }
 
-    /** Whether a sensor probes the shim: asked at most every 500 ms. */
+    /** Whether a sensor probes the shim: asked at most every 100 ms. */
     static boolean on() {
         long now = System.nanoTime();
         if (now - nextCheck < 0) {
