@@ -22,6 +22,7 @@ import pytest
 from .helpers import (
     CURL,
     PYTHON,
+    READY_TIMEOUT_S,
     RECORD_TIMEOUT_S,
     TIMEOUT_SCALE,
     Cgroup,
@@ -148,7 +149,11 @@ def egress(e2e: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
             cgroup=None
             if request.node.get_closest_marker("sensor_outside")
             else e2e.cgroup.child("sensor"),
+            wait=False,
         )
+        # The proxy's TLS stack is the slowest import of a start: in a kernel-matrix guest's
+        # first test (nothing cached yet, under emulation) the whole start passed 80 s.
+        sensor.wait_ready(READY_TIMEOUT_S * 2)
         try:
             yield Egress(
                 e2e,
