@@ -382,6 +382,14 @@ def _headers_json(headers: tuple[tuple[str, str], ...]) -> list[list[str]]:
     return [[name, value] for name, value in headers]
 
 
+def _detail_json(out: Json, part: RequestPart | ResponsePart) -> None:
+    """Headers and body, last, in both messages (levels headers and full)."""
+    if part.headers is not None:
+        out["headers"] = _headers_json(part.headers)
+    if part.body is not None:
+        _body_json(out, part.body)
+
+
 def _request_json(part: RequestPart) -> Json:
     out: Json = {
         "method": part.method,
@@ -396,10 +404,7 @@ def _request_json(part: RequestPart) -> Json:
     }
     if part.grpc is not None:
         out["grpc"] = {"service": part.grpc.service, "method": part.grpc.method}
-    if part.headers is not None:
-        out["headers"] = _headers_json(part.headers)
-    if part.body is not None:
-        _body_json(out, part.body)
+    _detail_json(out, part)
     return out
 
 
@@ -414,10 +419,7 @@ def _response_json(part: ResponsePart) -> Json:
         out["informational"] = list(part.informational)
     if part.grpc_status is not None:
         out["grpc_status"] = part.grpc_status
-    if part.headers is not None:
-        out["headers"] = _headers_json(part.headers)
-    if part.body is not None:
-        _body_json(out, part.body)
+    _detail_json(out, part)
     return out
 
 
